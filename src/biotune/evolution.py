@@ -1,0 +1,491 @@
+"""The paper's evolutionary search over genomes, as a pure, seedable ask/tell object.
+
+The search knows nothing about training: a runner asks for candidates, evaluates them and tells
+their fitness back, so evaluations can run anywhere and the search can be saved and resumed.
+Fitness is lower-is-better (1 - validation accuracy, in [0, 1]).
+
+Two corrections of the authors' code shape this module. The data fold rotates every generation,
+so fitness values from different generations are never ranked against each other: elites are
+re-evaluated on the new fold, and a child is only compared with parents scored on its own fold.
+And the genes stored after the elite local search are exactly the clipped genes evaluated.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from biotune.errors import BioTuneError
+
+ROLES = ("initial", "elite", "local", "child", "immigrant")
+_STATE_FORMAT = 1
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class EvolutionConfig:
+    """Settings of the search; the defaults are the paper's: population 10, elite 3, 10 generations.
+
+    ``children_batch`` sets how many children one ``ask()`` returns: 1 is the paper's sequential
+    order (the mating pool changes after every child), None asks all of a generation's children at
+    once so a runner can evaluate them in parallel.
+    """
+
+    population_size: int = 10
+    generations: int = 10
+    elite: int = 3
+    local_search_step: float = 0.25
+    children_batch: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("population_size", "generations", "elite"):
+            value = getattr(self, name)
+            if not _is_int(value):
+                raise BioTuneError(f"{name} must be an integer (got {value!r})")
+        if self.population_size < 2:
+            raise BioTuneError(f"population_size must be at least 2 (got {self.population_size})")
+        if self.generations < 0:
+            raise BioTuneError(f"generations must be at least 0 (got {self.generations})")
+        if self.elite < 0:
+            raise BioTuneError(f"elite must be at least 0 (got {self.elite})")
+        if self.elite >= self.population_size:
+            raise BioTuneError(
+                "elite must be smaller than population_size "
+                f"(got elite={self.elite}, population_size={self.population_size})"
+            )
+        step = self.local_search_step
+        if isinstance(step, bool) or not isinstance(step, (int, float, np.number)):
+            raise BioTuneError(f"local_search_step must be a number in (0, 1] (got {step!r})")
+        if not 0.0 < float(step) <= 1.0:
+            raise BioTuneError(f"local_search_step must be in (0, 1] (got {step})")
+        batch = self.children_batch
+        if batch is not None and (not _is_int(batch) or batch < 1):
+            raise BioTuneError(f"children_batch must be None or an integer >= 1 (got {batch!r})")
+
+    @property
+    def total_evaluations(self) -> int:
+        """Evaluations of a whole search, for progress reports and cost estimates."""
+        per_generation = 3 * self.elite + self.population_size - self.elite
+        return self.population_size + self.generations * per_generation
+
+
+@dataclass(frozen=True, eq=False)
+class Candidate:
+    """One genome to evaluate: B+1 block genes then the threshold gene, all in [0, 1].
+
+    ``parents`` holds the ids it was made from: the elite for "elite" and "local" candidates,
+    (parent a, parent b, prototype) for a child, nothing for "initial" and "immigrant".
+    """
+
+    id: int
+    genes: np.ndarray
+    generation: int
+    role: str
+    parents: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        genes = np.array(self.genes, dtype=np.float64)
+        if genes.ndim != 1 or genes.size < 2:
+            raise BioTuneError(
+                f"genes must be a 1-D array of at least 2 genes (got shape {genes.shape})"
+            )
+        if not np.all((genes >= 0.0) & (genes <= 1.0)):
+            raise BioTuneError(f"genes must lie in [0, 1] (candidate {self.id})")
+        if self.role not in ROLES:
+            raise BioTuneError(f"role must be one of {', '.join(ROLES)} (got {self.role!r})")
+        genes.setflags(write=False)
+        object.__setattr__(self, "genes", genes)
+        object.__setattr__(self, "parents", tuple(int(p) for p in self.parents))
+
+    @property
+    def valid(self) -> bool:
+        """A genome that selects no block would train nothing, so it is never evaluated."""
+        return bool(np.any(self.genes[:-1] > self.genes[-1]))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Candidate):
+            return NotImplemented
+        return (self.id, self.generation, self.role, self.parents) == (
+            other.id,
+            other.generation,
+            other.role,
+            other.parents,
+        ) and np.array_equal(self.genes, other.genes)
+
+    def __hash__(self) -> int:
+        return hash((self.id, self.generation, self.role, self.parents))
+
+
+_DEFAULT_CONFIG = EvolutionConfig()
+
+
+class BioTuneEvolution:
+    """The search as an ask/tell loop: ``ask()`` candidates, evaluate them, ``tell()`` fitnesses.
+
+    Each generation g >= 1 first re-evaluates every elite on the new fold next to its two local
+    variants (one ``ask()``), then makes children until the population is full (``children_batch``
+    at a time). Everything random comes from one seeded generator whose state is saved by
+    ``state_dict()``, so a resumed search asks exactly what the original would have.
+    """
+
+    def __init__(
+        self, num_blocks: int, config: EvolutionConfig = _DEFAULT_CONFIG, seed: int = 0
+    ) -> None:
+        if not _is_int(num_blocks) or num_blocks < 1:
+            raise BioTuneError(f"num_blocks must be an integer >= 1 (got {num_blocks!r})")
+        if not isinstance(config, EvolutionConfig):
+            raise BioTuneError(f"config must be an EvolutionConfig (got {type(config).__name__})")
+        if not _is_int(seed) or seed < 0:
+            raise BioTuneError(f"seed must be an integer >= 0 (got {seed!r})")
+        self._num_blocks = int(num_blocks)
+        self._config = config
+        self._seed = int(seed)
+        self._rng = np.random.Generator(np.random.PCG64(self._seed))
+        self._next_id = 0
+        self._generation = 0
+        self._phase = "initial"  # "initial", "elite", "children" or "done"
+        # The latest finished generation, best first, with its extinction probabilities.
+        self._population: list[tuple[Candidate, float]] = []
+        self._extinction: list[float] = []
+        self._pending: list[Candidate] = []
+        # The generation being built: the best of each elite's three, the elites' fitness on
+        # this generation's fold, the children told so far, and the mating pool (indices into
+        # the previous population, best first).
+        self._survivors: list[tuple[Candidate, float]] = []
+        self._elite_fitness: list[float] = []
+        self._children: list[tuple[Candidate, float]] = []
+        self._pool: list[int] = []
+        self._history: list[dict[str, Any]] = []
+
+    # -- public view -------------------------------------------------------------------------
+
+    @property
+    def config(self) -> EvolutionConfig:
+        return self._config
+
+    @property
+    def num_blocks(self) -> int:
+        return self._num_blocks
+
+    @property
+    def done(self) -> bool:
+        return self._phase == "done"
+
+    @property
+    def generation(self) -> int:
+        """The generation being evaluated (the last one once the search is done)."""
+        return self._generation
+
+    @property
+    def population(self) -> list[tuple[Candidate, float]]:
+        """The latest finished generation, best first; all its scores come from one fold."""
+        return list(self._population)
+
+    @property
+    def best(self) -> tuple[Candidate, float]:
+        """Best of the latest finished generation; scores of older folds are not comparable."""
+        if not self._population:
+            raise BioTuneError("no generation has finished yet: tell() the initial population")
+        return self._population[0]
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """One summary per finished generation: generation, best, mean, fitness, best_id."""
+        return copy.deepcopy(self._history)
+
+    # -- ask / tell --------------------------------------------------------------------------
+
+    def ask(self) -> list[Candidate]:
+        """Candidates to evaluate next; the same list until told; empty once the search is done."""
+        if self._pending or self._phase == "done":
+            return list(self._pending)
+        if self._phase == "initial":
+            self._pending = [
+                self._new_candidate(self._random_valid_genes(), "initial")
+                for _ in range(self._config.population_size)
+            ]
+        elif self._phase == "elite":
+            self._pending = self._ask_elite()
+        else:
+            self._pending = self._ask_children()
+        return list(self._pending)
+
+    def tell(self, fitness: Mapping[int, float]) -> None:
+        """Record the fitness of every pending candidate (NaN counts as the worst, 1.0).
+
+        Candidates are processed in id order, so the result does not depend on the order in
+        which a parallel runner got its results.
+        """
+        if not self._pending:
+            raise BioTuneError("tell() without pending candidates: call ask() first")
+        expected = [c.id for c in self._pending]
+        missing = [i for i in expected if i not in fitness]
+        if missing:
+            raise BioTuneError(f"tell() is missing the fitness of candidates {missing}")
+        unknown = sorted(int(i) for i in set(fitness) - set(expected))
+        if unknown:
+            raise BioTuneError(f"tell() got fitness for candidates that are not pending: {unknown}")
+        told = [(c, _checked_fitness(c.id, fitness[c.id])) for c in self._pending]
+        self._pending = []
+        if self._phase == "initial":
+            self._finish_generation(told)
+        elif self._phase == "elite":
+            self._tell_elite(told)
+        else:
+            self._tell_children(told)
+
+    # -- persistence -------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The whole state as JSON-serialisable values, random generator included."""
+        return {
+            "format": _STATE_FORMAT,
+            "num_blocks": self._num_blocks,
+            "seed": self._seed,
+            "config": asdict(self._config),
+            "rng": copy.deepcopy(self._rng.bit_generator.state),
+            "next_id": self._next_id,
+            "generation": self._generation,
+            "phase": self._phase,
+            "population": [[_candidate_to_dict(c), f] for c, f in self._population],
+            "extinction": list(self._extinction),
+            "pending": [_candidate_to_dict(c) for c in self._pending],
+            "survivors": [[_candidate_to_dict(c), f] for c, f in self._survivors],
+            "elite_fitness": list(self._elite_fitness),
+            "children": [[_candidate_to_dict(c), f] for c, f in self._children],
+            "pool": list(self._pool),
+            "history": copy.deepcopy(self._history),
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Any]) -> BioTuneEvolution:
+        """Rebuild a search saved by ``state_dict()``; it continues bit-identically."""
+        if not isinstance(state, Mapping) or state.get("format") != _STATE_FORMAT:
+            raise BioTuneError(f"not a BioTune evolution state of format {_STATE_FORMAT}")
+        try:
+            evo = cls(state["num_blocks"], EvolutionConfig(**state["config"]), state["seed"])
+            evo._rng.bit_generator.state = copy.deepcopy(dict(state["rng"]))
+            evo._next_id = int(state["next_id"])
+            evo._generation = int(state["generation"])
+            evo._phase = str(state["phase"])
+            evo._population = [(_candidate_from_dict(c), float(f)) for c, f in state["population"]]
+            evo._extinction = [float(p) for p in state["extinction"]]
+            evo._pending = [_candidate_from_dict(c) for c in state["pending"]]
+            evo._survivors = [(_candidate_from_dict(c), float(f)) for c, f in state["survivors"]]
+            evo._elite_fitness = [float(f) for f in state["elite_fitness"]]
+            evo._children = [(_candidate_from_dict(c), float(f)) for c, f in state["children"]]
+            evo._pool = [int(i) for i in state["pool"]]
+            evo._history = copy.deepcopy(list(state["history"]))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BioTuneError(f"not a BioTune evolution state: {exc!r}") from exc
+        if evo._phase not in ("initial", "elite", "children", "done"):
+            raise BioTuneError(f"not a BioTune evolution state: unknown phase {evo._phase!r}")
+        return evo
+
+    # -- the algorithm -----------------------------------------------------------------------
+
+    def _new_candidate(
+        self, genes: np.ndarray, role: str, parents: tuple[int, ...] = ()
+    ) -> Candidate:
+        candidate = Candidate(self._next_id, genes, self._generation, role, parents)
+        self._next_id += 1
+        return candidate
+
+    def _random_valid_genes(self) -> np.ndarray:
+        while True:
+            genes = self._rng.random(self._num_blocks + 1)
+            if np.any(genes[:-1] > genes[-1]):
+                return genes
+
+    def _ask_elite(self) -> list[Candidate]:
+        """Each elite, re-evaluated on this generation's fold, and its two local variants."""
+        step = float(self._config.local_search_step)
+        asked = []
+        for elite, _ in self._population[: self._config.elite]:
+            asked.append(self._new_candidate(elite.genes, "elite", (elite.id,)))
+            gene = self._local_search_gene(elite.genes)
+            delta = step * self._rng.uniform(-1.0, 1.0)
+            for sign in (1.0, -1.0):
+                genes = elite.genes.copy()
+                genes[gene] = np.clip(genes[gene] + sign * delta, 0.0, 1.0)
+                asked.append(self._new_candidate(genes, "local", (elite.id,)))
+        return asked
+
+    def _local_search_gene(self, genes: np.ndarray) -> int:
+        """A random selected block gene; any block gene if an (invalid) elite selects none."""
+        selected = np.flatnonzero(genes[:-1] > genes[-1])
+        if selected.size == 0:
+            selected = np.arange(self._num_blocks)
+        return int(selected[self._rng.integers(selected.size)])
+
+    def _tell_elite(self, told: list[tuple[Candidate, float]]) -> None:
+        for start in range(0, len(told), 3):
+            trio = told[start : start + 3]
+            self._elite_fitness.append(trio[0][1])
+            # Strictly better only: on ties the re-evaluated original (listed first) is kept.
+            self._survivors.append(min(trio, key=lambda cf: cf[1]))
+        self._phase = "children"
+
+    def _ask_children(self) -> list[Candidate]:
+        remaining = self._config.population_size - self._config.elite - len(self._children)
+        batch = self._config.children_batch
+        count = remaining if batch is None else min(batch, remaining)
+        return [self._make_child() for _ in range(count)]
+
+    def _make_child(self) -> Candidate:
+        """Crossover, mutation and adoption of three rank-selected pool members."""
+        if len(self._pool) <= 2:
+            return self._new_candidate(self._random_valid_genes(), "immigrant")
+        picks = _linear_ranking_draw(self._rng, len(self._pool), 3)
+        index_a, index_b, index_proto = (self._pool[k] for k in picks)
+        a = self._population[index_a][0]
+        b = self._population[index_b][0]
+        prototype = self._population[index_proto][0]
+        extinction = 0.5 * (self._extinction[index_a] + self._extinction[index_b])
+        genes = _crossover(self._rng, a.genes, b.genes)
+        genes = _mutate(self._rng, genes, extinction)
+        genes = _adopt(self._rng, genes, a.genes, b.genes, prototype.genes)
+        return self._new_candidate(genes, "child", (a.id, b.id, prototype.id))
+
+    def _tell_children(self, told: list[tuple[Candidate, float]]) -> None:
+        for child, fitness in told:
+            self._children.append((child, fitness))
+            if child.role == "child":
+                self._update_pool(child, fitness)
+        if len(self._children) == self._config.population_size - self._config.elite:
+            self._finish_generation(self._survivors + self._children)
+
+    def _update_pool(self, child: Candidate, fitness: float) -> None:
+        """A parent beaten by its child leaves the mating pool, if both were scored on one fold.
+
+        Our correction of the authors' fold defect: only elites have a score on this
+        generation's fold (their re-evaluation), so only they can be beaten; the other parents
+        carry previous-fold scores, are never compared, and stay in the pool. The prototype is
+        not a parent and is never removed.
+        """
+        index_of = {c.id: i for i, (c, _) in enumerate(self._population)}
+        for parent_id in child.parents[:2]:
+            index = index_of[parent_id]
+            if (
+                index < len(self._elite_fitness)
+                and index in self._pool
+                and fitness < self._elite_fitness[index]
+            ):
+                self._pool.remove(index)
+
+    def _finish_generation(self, members: list[tuple[Candidate, float]]) -> None:
+        ranked = sorted(members, key=lambda cf: (cf[1], cf[0].id))
+        fitness = [f for _, f in ranked]
+        self._population = ranked
+        self._extinction = _extinction_probabilities(fitness).tolist()
+        self._history.append(
+            {
+                "generation": self._generation,
+                "best": fitness[0],
+                "mean": float(np.mean(fitness)),
+                "fitness": fitness,
+                "best_id": ranked[0][0].id,
+            }
+        )
+        self._survivors, self._elite_fitness, self._children = [], [], []
+        if self._generation >= self._config.generations:
+            self._phase = "done"
+            self._pool = []
+            return
+        self._generation += 1
+        self._pool = list(range(len(ranked)))
+        self._phase = "elite" if self._config.elite > 0 else "children"
+
+    def _pool_ids(self) -> list[int]:
+        """Candidate ids in the mating pool, best first (for tests and debugging)."""
+        return [self._population[i][0].id for i in self._pool]
+
+
+def _checked_fitness(candidate_id: int, value: float) -> float:
+    value = float(value)
+    if math.isnan(value):
+        return 1.0
+    if not 0.0 <= value <= 1.0:
+        raise BioTuneError(
+            f"fitness must be in [0, 1] (1 - accuracy; got {value} for candidate {candidate_id})"
+        )
+    return value
+
+
+def _linear_ranking_draw(rng: np.random.Generator, size: int, count: int) -> list[int]:
+    """Distinct positions of a best-first list; rank r of N is drawn with weight N - r."""
+    if not 0 < count <= size:
+        raise BioTuneError(f"cannot draw {count} distinct members from {size}")
+    weights = np.arange(size, 0, -1, dtype=np.float64)
+    picks = []
+    for _ in range(count):
+        cumulative = np.cumsum(weights)
+        pick = int(np.searchsorted(cumulative, rng.random() * cumulative[-1], side="right"))
+        picks.append(pick)
+        weights[pick] = 0.0
+    return picks
+
+
+def _crossover(rng: np.random.Generator, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per gene, a random convex combination of the two parents."""
+    w = rng.random(a.size)
+    return w * a + (1.0 - w) * b
+
+
+def _mutate(rng: np.random.Generator, genes: np.ndarray, extinction: float) -> np.ndarray:
+    """Parents likely to go extinct mutate their children more often and further."""
+    n = genes.size
+    probability = (extinction * (n - 1) + 1.0) / n
+    hit = rng.random(n) < probability
+    change = rng.uniform(-1.0, 1.0, n) * extinction
+    return genes + np.where(hit, change, 0.0)
+
+
+def _adopt(
+    rng: np.random.Generator,
+    child: np.ndarray,
+    a: np.ndarray,
+    b: np.ndarray,
+    prototype: np.ndarray,
+) -> np.ndarray:
+    """Pull the child part of the way toward its parents' mean and toward the prototype."""
+    to_parents, to_prototype = rng.random(2)
+    moved = child + to_parents * (0.5 * (a + b) - child) + to_prototype * (prototype - child)
+    return np.clip(moved, 0.0, 1.0)
+
+
+def _extinction_probabilities(sorted_fitness: list[float] | np.ndarray) -> np.ndarray:
+    """p_i = (f_i + f_min * (i / (N - 1) - 1)) / f_max over a best-first population: 0 .. 1."""
+    f = np.asarray(sorted_fitness, dtype=np.float64)
+    if f.size < 2 or f.max() <= 0.0:
+        return np.zeros(f.size)
+    rank = np.arange(f.size) / (f.size - 1)
+    return np.clip((f + f.min() * (rank - 1.0)) / f.max(), 0.0, 1.0)
+
+
+def _candidate_to_dict(candidate: Candidate) -> dict[str, Any]:
+    return {
+        "id": candidate.id,
+        "genes": candidate.genes.tolist(),
+        "generation": candidate.generation,
+        "role": candidate.role,
+        "parents": list(candidate.parents),
+    }
+
+
+def _candidate_from_dict(data: Mapping[str, Any]) -> Candidate:
+    return Candidate(
+        int(data["id"]),
+        np.asarray(data["genes"], dtype=np.float64),
+        int(data["generation"]),
+        str(data["role"]),
+        tuple(int(p) for p in data["parents"]),
+    )
