@@ -1,0 +1,3 @@
+"""biotune: evolutionary selective fine-tuning of pretrained image classifiers (BioTune)."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,482 @@
+"""The paper's baselines, each one fine-tuning run built on :func:`biotune.training.fine_tune`.
+
+Every baseline differs from full fine-tuning only in what it trains and how: its param groups and
+its :class:`~biotune.training.TrainHooks`. The optimizer, schedule, early stopping, seeds and data
+are the shared recipe, so a comparison measures the method and nothing else.
+
+* ``full``: every parameter at the base learning rate.
+* ``linear``: linear probing, only the new head trains.
+* ``autorgn``: one param group per tensor; before each epoch, relative gradient norms
+  ``||grad|| / ||w||`` averaged over a few training mini-batches set each tensor's learning rate to
+  ``schedule(epoch) * base_lr * RGN / max RGN`` (Lee et al. 2023). The ratios really reach the
+  optimizer, unlike the authors' code.
+* ``lora``: PEFT LoRA adapters on the convolution and linear layers, base weights frozen, the new
+  head trained fully; grouped convolutions PEFT cannot adapt are skipped and reported.
+* ``l2sp`` / ``l1sp``: full fine-tuning plus ``alpha/2 * ||w - w0||^2`` (``alpha * |w - w0|_1``)
+  on the pretrained weights and ``beta/2 * ||w_head||^2`` on the new head (Li et al. 2018).
+* ``plan``: a given :class:`~biotune.plan.FineTunePlan` (BioTune's winner) under the same recipe.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import math
+import re
+import warnings
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from biotune.blocks import BlockPartition
+from biotune.errors import BioTuneError
+from biotune.plan import FineTunePlan, apply_plan
+from biotune.runner import Workbench
+from biotune.training import (
+    TrainConfig,
+    TrainHooks,
+    TrainResult,
+    count_parameters,
+    default_device,
+    fine_tune,
+    reinit_head,
+    seed_everything,
+    train_plan,
+)
+
+#: L2-SP / L1-SP strengths. Li et al. choose alpha and beta by validation; 0.01 / 0.01 is their
+#: usual setting and the one most reproductions use. Sums over elements, as in the paper.
+SP_ALPHA = 0.01
+SP_BETA = 0.01
+#: LoRA rank and scaling numerator (scaling = alpha / rank), the common defaults.
+LORA_RANK = 8
+LORA_ALPHA = 16
+#: Mini-batches AutoRGN averages its gradient norms over, each epoch.
+RGN_BATCHES = 3
+
+
+@dataclass
+class BaselineRun:
+    """One trained model, what its training measured, and how many parameters it trained."""
+
+    model: nn.Module
+    result: TrainResult
+    trainable_params: int
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+Method = Callable[..., BaselineRun]
+
+
+# ---------------------------------------------------------------------------------------------
+# full fine-tuning, linear probing, a given plan
+
+
+def _run_plan(
+    bench: Workbench, plan: FineTunePlan, config: TrainConfig, seed: int,
+    device: torch.device | None, hooks: TrainHooks | None = None, model: nn.Module | None = None,
+) -> BaselineRun:
+    model, result = train_plan(
+        model if model is not None else bench.model, bench.partition, plan, bench.splits.train,
+        bench.splits.val, config, seed=seed, device=device, hooks=hooks,
+        copy_model=model is None,
+    )
+    return BaselineRun(model, result, count_parameters(model, trainable_only=True))
+
+
+def run_full(
+    bench: Workbench, config: TrainConfig, seed: int = 0, device: torch.device | None = None
+) -> BaselineRun:
+    """Full fine-tuning: every block at the base learning rate."""
+    return _run_plan(bench, FineTunePlan.full(bench.partition.names), config, seed, device)
+
+
+def run_linear(
+    bench: Workbench, config: TrainConfig, seed: int = 0, device: torch.device | None = None
+) -> BaselineRun:
+    """Linear probing: the backbone is frozen (BatchNorm statistics included), the head trains."""
+    return _run_plan(bench, FineTunePlan.head_only(bench.partition.names), config, seed, device)
+
+
+def run_given_plan(
+    bench: Workbench, config: TrainConfig, seed: int = 0, device: torch.device | None = None,
+    *, plan: FineTunePlan,
+) -> BaselineRun:
+    """A searched plan (BioTune's winner), trained exactly like the baselines."""
+    plan.check_fits(bench.partition)
+    return _run_plan(bench, plan, config, seed, device)
+
+
+# ---------------------------------------------------------------------------------------------
+# AutoRGN
+
+
+def schedule_factor(config: TrainConfig, epoch: int) -> float:
+    """The learning-rate schedule's multiplier at the start of ``epoch`` (cosine, eta_min 0).
+
+    The closed form of ``CosineAnnealingLR(T_max=config.epochs)``, which ``fine_tune`` uses.
+    """
+    if config.scheduler == "none":
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * epoch / config.epochs))
+
+
+class AutoRGNHooks(TrainHooks):
+    """Per-tensor learning rates from relative gradient norms, recomputed before every epoch.
+
+    The optimizer must hold one param group per tensor (``per_tensor_groups``). Before each epoch
+    the hook measures ``||grad|| / ||w||`` per tensor on ``batches`` training mini-batches (in
+    train mode, BatchNorm statistics restored afterwards, gradients cleared), normalises by the
+    largest, and sets ``lr = initial_lr * schedule_factor(epoch) * ratio``: the cosine schedule and
+    the ratios compose as a product, and the scheduler's own step is overwritten each epoch. A
+    tensor whose weights are all zero has no scale to be relative to and gets ratio 1.
+    ``history`` keeps, per epoch, the measured RGN, the ratios and the learning rates set.
+    """
+
+    def __init__(self, config: TrainConfig, batches: int = RGN_BATCHES) -> None:
+        if batches < 1:
+            raise BioTuneError(f"AutoRGN needs at least one mini-batch to measure (got {batches})")
+        self.config = config
+        self.batches = batches
+        self.history: list[dict[str, Any]] = []
+
+    def on_epoch_start(
+        self, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer, batches: Any
+    ) -> None:
+        groups = optimizer.param_groups
+        if any(len(g["params"]) != 1 for g in groups):
+            raise BioTuneError("AutoRGN needs one optimizer param group per tensor")
+        params = [g["params"][0] for g in groups]
+        rgn = measure_rgn(model, params, batches(), self.batches)
+        top = max((r for r in rgn if math.isfinite(r)), default=0.0)
+        ratios = [1.0 if not math.isfinite(r) or top <= 0 else r / top for r in rgn]
+        factor = schedule_factor(self.config, epoch)
+        for g, ratio in zip(groups, ratios, strict=True):
+            g["lr"] = g["initial_lr"] * factor * ratio
+        names = [str(g.get("name", i)) for i, g in enumerate(groups)]
+        self.history.append(
+            {
+                "epoch": epoch,
+                "rgn": dict(zip(names, rgn, strict=True)),
+                "ratio": dict(zip(names, ratios, strict=True)),
+                "lr": {n: g["lr"] for n, g in zip(names, groups, strict=True)},
+            }
+        )
+
+
+def measure_rgn(
+    model: nn.Module, params: Sequence[nn.Parameter],
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]], count: int,
+) -> list[float]:
+    """Mean ``||grad|| / ||w||`` per tensor over ``count`` mini-batches; ``inf`` where ``w = 0``.
+
+    Measuring trains nothing: gradients are cleared and BatchNorm running statistics restored.
+    """
+    device = params[0].device
+    buffers = [b.detach().clone() for b in model.buffers()]
+    norms = [float(p.detach().norm()) for p in params]
+    sums = [0.0] * len(params)
+    seen = 0
+    for x, y in batches:
+        if seen == count:
+            break
+        for p in params:
+            p.grad = None
+        out = model(x.to(device))
+        nn.functional.cross_entropy(out.float(), y.to(device)).backward()
+        for i, p in enumerate(params):
+            if p.grad is not None:
+                sums[i] += float(p.grad.detach().norm())
+        seen += 1
+    for p in params:
+        p.grad = None
+    with torch.no_grad():
+        for b, saved in zip(model.buffers(), buffers, strict=True):
+            b.copy_(saved)
+    if seen == 0:
+        raise BioTuneError("AutoRGN: the training split yielded no mini-batch")
+    means = [s / seen for s in sums]
+    return [
+        g / n if n > 0 else (math.inf if g > 0 else 0.0)
+        for g, n in zip(means, norms, strict=True)
+    ]
+
+
+def per_tensor_groups(model: nn.Module, groups: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Split block param groups into one group per tensor, named after the parameter."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [
+        {"params": [p], "lr": g["lr"], "name": names[id(p)], "block": g.get("name")}
+        for g in groups
+        for p in g["params"]
+    ]
+
+
+def run_autorgn(
+    bench: Workbench, config: TrainConfig, seed: int = 0, device: torch.device | None = None,
+    *, rgn_batches: int = RGN_BATCHES,
+) -> BaselineRun:
+    """AutoRGN: full fine-tuning with per-tensor learning rates from relative gradient norms."""
+    model = copy.deepcopy(bench.model)
+    seed_everything(seed)
+    reinit_head(model, bench.partition, seed)
+    plan = FineTunePlan.full(bench.partition.names)
+    groups = apply_plan(model, bench.partition, plan, config.base_lr,
+                        frozen_eval=config.frozen_eval)
+    hooks = AutoRGNHooks(config, rgn_batches)
+    result = fine_tune(
+        model, per_tensor_groups(model, groups), bench.splits.train, bench.splits.val, config,
+        seed, device, hooks,
+    )
+    last = hooks.history[-1]["ratio"] if hooks.history else {}
+    return BaselineRun(
+        model, result, count_parameters(model, trainable_only=True),
+        {"rgn_batches": rgn_batches, "last_ratios": last},
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# L2-SP and L1-SP
+
+
+class SPRegularizer(TrainHooks):
+    """The "starting point" penalty of Li et al. (2018), added to every mini-batch loss.
+
+    ``alpha/2 * sum (w - w0)^2`` (``norm=2``) or ``alpha * sum |w - w0|`` (``norm=1``) over the
+    pretrained tensors, plus ``beta/2 * sum w^2`` over the new head (which has no starting point).
+    Sums over elements, as in the paper; zero at the pretrained weights, and its gradient points
+    back to them.
+    """
+
+    def __init__(
+        self, pretrained: Sequence[nn.Parameter], head: Sequence[nn.Parameter],
+        alpha: float = SP_ALPHA, beta: float = SP_BETA, norm: int = 2,
+    ) -> None:
+        if norm not in (1, 2):
+            raise BioTuneError(f"SP penalty norm must be 1 or 2 (got {norm})")
+        if alpha < 0 or beta < 0:
+            raise BioTuneError(f"SP strengths must be >= 0 (got alpha={alpha}, beta={beta})")
+        if not pretrained and not head:
+            raise BioTuneError("SP penalty: no parameters to regularise")
+        self.pretrained = list(pretrained)
+        self.anchors = [p.detach().clone() for p in self.pretrained]
+        self.head = list(head)
+        self.alpha, self.beta, self.norm = alpha, beta, norm
+
+    @classmethod
+    def for_model(
+        cls, model: nn.Module, partition: BlockPartition, alpha: float = SP_ALPHA,
+        beta: float = SP_BETA, norm: int = 2,
+    ) -> SPRegularizer:
+        """Anchor every non-head tensor of ``model`` at its current (pretrained) value."""
+        head_name = partition.names[-1]
+        pretrained = [p for n in partition.names[:-1] for p in partition.parameters(model, n)]
+        return cls(pretrained, partition.parameters(model, head_name), alpha, beta, norm)
+
+    def penalty(self, model: nn.Module) -> torch.Tensor:
+        total = torch.zeros((), device=(self.pretrained or self.head)[0].device)
+        if self.alpha > 0 and self.pretrained:
+            pairs = zip(self.pretrained, self.anchors, strict=True)
+            if self.norm == 2:
+                total = total + 0.5 * self.alpha * sum((p - w0).pow(2).sum() for p, w0 in pairs)
+            else:
+                total = total + self.alpha * sum((p - w0).abs().sum() for p, w0 in pairs)
+        if self.beta > 0 and self.head:
+            total = total + 0.5 * self.beta * sum(p.pow(2).sum() for p in self.head)
+        return total
+
+
+def _run_sp(
+    bench: Workbench, config: TrainConfig, seed: int, device: torch.device | None,
+    alpha: float, beta: float, norm: int,
+) -> BaselineRun:
+    model = copy.deepcopy(bench.model).to(device or default_device())
+    hooks = SPRegularizer.for_model(model, bench.partition, alpha, beta, norm)
+    run = _run_plan(bench, FineTunePlan.full(bench.partition.names), config, seed, device,
+                    hooks=hooks, model=model)
+    run.info = {"alpha": alpha, "beta": beta, "norm": norm}
+    return run
+
+
+def run_l2sp(
+    bench: Workbench, config: TrainConfig, seed: int = 0, device: torch.device | None = None,
+    *, sp_alpha: float = SP_ALPHA, sp_beta: float = SP_BETA,
+) -> BaselineRun:
+    """L2-SP: full fine-tuning pulled back toward the pretrained weights by a squared distance."""
+    return _run_sp(bench, config, seed, device, sp_alpha, sp_beta, 2)
+
+
+def run_l1sp(
+    bench: Workbench, config: TrainConfig, seed: int = 0, device: torch.device | None = None,
+    *, sp_alpha: float = SP_ALPHA, sp_beta: float = SP_BETA,
+) -> BaselineRun:
+    """L1-SP: like L2-SP with an absolute distance, which lets most weights stay exactly put."""
+    return _run_sp(bench, config, seed, device, sp_alpha, sp_beta, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA
+
+
+def lora_targets(
+    model: nn.Module, partition: BlockPartition, rank: int
+) -> tuple[list[str], list[str]]:
+    """(adapted, skipped) module names: convolutions and linear layers outside the head.
+
+    PEFT adapts a grouped convolution only when the rank is a multiple of its groups; for a
+    depthwise convolution that would mean a rank of at least its channel count, so such layers
+    are skipped (and reported) rather than given a full-rank "adapter".
+    """
+    head = set(partition[partition.names[-1]].module_names)
+    adapted, skipped = [], []
+    for name, module in model.named_modules():
+        if name in head or not isinstance(module, nn.Conv2d | nn.Linear):
+            continue
+        groups = getattr(module, "groups", 1)
+        if groups > 1 and rank % groups != 0:
+            skipped.append(name)
+        else:
+            adapted.append(name)
+    return adapted, skipped
+
+
+def run_lora(
+    bench: Workbench, config: TrainConfig, seed: int = 0, device: torch.device | None = None,
+    *, lora_rank: int = LORA_RANK, lora_alpha: float = LORA_ALPHA,
+) -> BaselineRun:
+    """LoRA on the convolutions and linear layers (PEFT), the new head trained fully.
+
+    Base parameters never change. BatchNorm layers of the base run in train mode like in any PEFT
+    fine-tuning, so their running statistics follow the adapted features.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    if lora_rank < 1:
+        raise BioTuneError(f"LoRA rank must be a positive integer (got {lora_rank})")
+    model = copy.deepcopy(bench.model)
+    seed_everything(seed)
+    reinit_head(model, bench.partition, seed)
+    head = bench.partition.parameters(model, bench.partition.names[-1])
+    adapted, skipped = lora_targets(model, bench.partition, lora_rank)
+    if not adapted:
+        raise BioTuneError("LoRA: the model has no convolution or linear layer outside the head")
+    if skipped:
+        warnings.warn(
+            f"LoRA: skipped {len(skipped)} of {len(adapted) + len(skipped)} conv/linear layers "
+            f"(grouped convolutions whose groups do not divide rank {lora_rank}), e.g. "
+            f"{', '.join(skipped[:3])}",
+            stacklevel=2,
+        )
+    # An anchored regex names exactly these modules; PEFT's list form matches name suffixes.
+    exact = "|".join(re.escape(n) for n in adapted)
+    lora_config = LoraConfig(
+        r=lora_rank, lora_alpha=lora_alpha, lora_dropout=0.0, bias="none",
+        target_modules=f"^(?:{exact})$",
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*groups > 1.*")
+        model = get_peft_model(model, lora_config)
+    # The head trains in place (PEFT's modules_to_save would pick modules by name suffix, which
+    # can catch other layers); PEFT has frozen everything else.
+    for p in head:
+        p.requires_grad_(True)
+    adapters = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
+    groups = [{"params": adapters, "lr": config.base_lr, "name": "lora"},
+              {"params": head, "lr": config.base_lr, "name": "head"}]
+    result = fine_tune(model, groups, bench.splits.train, bench.splits.val, config, seed,
+                       device)
+    return BaselineRun(
+        model, result, count_parameters(model, trainable_only=True),
+        {"rank": lora_rank, "alpha": lora_alpha, "adapted": len(adapted),
+         "skipped": skipped},
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# registry and learning-rate selection
+
+METHODS: dict[str, Method] = {
+    "full": run_full,
+    "linear": run_linear,
+    "autorgn": run_autorgn,
+    "lora": run_lora,
+    "l2sp": run_l2sp,
+    "l1sp": run_l1sp,
+    "plan": run_given_plan,
+}
+
+#: Display names for tables and plots.
+LABELS = {
+    "full": "Full fine-tuning",
+    "linear": "Linear probing",
+    "autorgn": "AutoRGN",
+    "lora": "LoRA",
+    "l2sp": "L2-SP",
+    "l1sp": "L1-SP",
+    "plan": "Plan",
+}
+
+
+def run_baseline(
+    name: str, bench: Workbench, config: TrainConfig, seed: int = 0,
+    device: torch.device | None = None, **options: Any,
+) -> BaselineRun:
+    """Train ``bench.model`` (a copy; the bench is never changed) with baseline ``name``."""
+    try:
+        method = METHODS[name]
+    except KeyError:
+        raise BioTuneError(
+            f"unknown method {name!r}; choose from {', '.join(METHODS)}"
+        ) from None
+    unknown = set(options) - set(method_options(name))
+    if unknown:
+        raise BioTuneError(
+            f"method {name!r} takes no option {', '.join(sorted(unknown))}; its options: "
+            f"{', '.join(method_options(name)) or 'none'}"
+        )
+    return method(bench, config, seed, device, **options)
+
+
+def method_options(name: str) -> tuple[str, ...]:
+    """The keyword options a method takes (e.g. ``lora_rank``), so callers can route options."""
+    params = inspect.signature(METHODS[name]).parameters.values()
+    return tuple(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
+
+
+@dataclass
+class LrSelection:
+    """The base learning rate chosen on validation, every grid value's score, the winning run."""
+
+    lr: float
+    val: dict[float, float]
+    best: BaselineRun
+    seconds: float
+
+
+def select_lr(
+    name: str, bench: Workbench, config: TrainConfig, grid: Sequence[float] = (1e-4, 1e-3, 1e-2),
+    seed: int = 0, device: torch.device | None = None, **options: Any,
+) -> LrSelection:
+    """Pick the base learning rate from ``grid`` by the validation metric (never the test split).
+
+    One run per grid value with ``seed``; ties go to the earlier grid value. The winning run is
+    returned so that it can serve as that seed's final run (same recipe, same seed).
+    """
+    if not grid:
+        raise BioTuneError("the learning-rate grid is empty")
+    val: dict[float, float] = {}
+    best: BaselineRun | None = None
+    best_lr, best_score, seconds = grid[0], -math.inf, 0.0
+    for lr in grid:
+        run = run_baseline(name, bench, replace(config, base_lr=float(lr)), seed, device,
+                           **options)
+        score = run.result.val.get(config.metric) if run.result.status != "diverged" else 0.0
+        val[float(lr)] = score
+        seconds += run.result.seconds
+        if score > best_score:
+            best_lr, best_score, best = float(lr), score, run
+    assert best is not None
+    return LrSelection(best_lr, val, best, seconds)

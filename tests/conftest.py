@@ -1,0 +1,58 @@
+"""Shared fixtures: a tiny CNN with BatchNorm and a tiny in-memory dataset."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(2)
+
+
+class TinyData(torch.utils.data.Dataset):
+    """In-memory images with ``.images`` and ``.targets``, like biotune's offline datasets."""
+
+    def __init__(self, images: torch.Tensor, targets: np.ndarray) -> None:
+        self.images = images
+        self.targets = np.asarray(targets)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.images[i], int(self.targets[i])
+
+
+def make_tiny_data(n: int = 96, classes: int = 3, size: int = 8, seed: int = 0) -> TinyData:
+    """Learnable toy images: class c has a bright patch in a class-specific place."""
+    g = torch.Generator().manual_seed(seed)
+    targets = np.arange(n) % classes
+    images = torch.randn(n, 3, size, size, generator=g) * 0.3
+    for i, c in enumerate(targets):
+        images[i, :, c * 2 : c * 2 + 3, 1:4] += 2.0
+    return TinyData(images, targets)
+
+
+def make_tiny_cnn(classes: int = 3) -> nn.Module:
+    return nn.Sequential(
+        nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()),
+        nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()),
+        nn.Sequential(nn.Conv2d(8, 16, 3, padding=1, stride=2), nn.BatchNorm2d(16), nn.ReLU()),
+        nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten()),
+        nn.Linear(16, classes),
+    )
+
+
+@pytest.fixture
+def tiny_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return make_tiny_cnn()
+
+
+@pytest.fixture
+def tiny_data() -> TinyData:
+    return make_tiny_data()
