@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-import pytest
-import torch
-from torch import nn
-
+# Tiny models on a shared 2-core machine run fastest on one thread (no OpenMP spin-waits);
+# set before torch is imported so that subprocesses started by tests inherit it too.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(2)
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
 
 
 class TinyData(torch.utils.data.Dataset):

@@ -118,9 +118,11 @@ def test_same_seed_same_splits_and_another_seed_others() -> None:
     assert set(_image_hashes(a.test)) != set(_image_hashes(c.test))
 
 
-def test_asking_for_more_images_than_a_split_has_is_an_error() -> None:
-    with pytest.raises(BioTuneError, match="train_size=5000 is more than"):
-        load_dataset("digits", 8, HALF, HALF, train_size=5000)
+def test_sizes_are_caps_so_small_datasets_are_used_whole() -> None:
+    whole = load_dataset("digits", 8, HALF, HALF)
+    capped = load_dataset("digits", 8, HALF, HALF, train_size=5000, val_size=50)
+    assert len(capped.train) == len(whole.train)
+    assert len(capped.val) == 50
 
 
 def test_dataset_names_ignore_case_and_dash_or_underscore() -> None:

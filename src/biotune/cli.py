@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,8 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
                    help="start from random weights instead of pretrained ones")
     g.add_argument("--dataset", help="offline: animal-shape, mnist-5k, digits, textures; "
                    "torchvision: flowers102, fgvc-aircraft, dtd, cifar10, stl10, mnist, usps, "
-                   "svhn; or a folder with one sub-folder of images per class (default: animal-shape)")
+                   "svhn; or a folder with one sub-folder of images per class "
+                   "(default: animal-shape)")
     g.add_argument("--data-root", help="where torchvision datasets live or are downloaded to")
     g.add_argument("--download", action="store_true", default=None,
                    help="download torchvision datasets (needs internet)")
@@ -63,9 +65,10 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--native-size", action="store_true",
                    help="use the model's native input resolution (224 for ResNet-50)")
     g.add_argument("--train-size", type=_positive_int,
-                   help="stratified subsample of the training split (default 1000)")
-    g.add_argument("--val-size", type=_positive_int, help="validation subsample (default 500)")
-    g.add_argument("--test-size", type=_positive_int, help="test subsample (default 1500)")
+                   help="use at most this many training images, a stratified subsample "
+                   "(default 1000)")
+    g.add_argument("--val-size", type=_positive_int, help="at most this many validation images (default 500)")
+    g.add_argument("--test-size", type=_positive_int, help="at most this many test images (default 1500)")
     g.add_argument("--full-data", action="store_true",
                    help="use the whole splits (no subsampling)")
     g.add_argument("--split-seed", type=int, help="seed of the train/val/test split (default 0)")
@@ -166,7 +169,10 @@ def cmd_search(args: argparse.Namespace) -> int:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path("runs") / f"{Path(config.data.dataset).name}-{config.data.model}-{stamp}"
     print(f"run directory: {run_dir}", file=sys.stderr)
-    search = Search(config, run_dir, progress=None if args.quiet else SearchProgress())
+    search = Search(
+        config, run_dir, progress=None if args.quiet else SearchProgress(),
+        executor=args.executor, workers=args.workers, ray_address=args.ray_address,
+    )
     try:
         result = search.run_search(resume=bool(args.resume), final=not args.no_final)
     except KeyboardInterrupt:
@@ -225,13 +231,20 @@ def cmd_blocks(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (which option, what was expected), exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="biotune",
         description="Evolutionary selective fine-tuning (BioTune): search which blocks of a "
         "pretrained image classifier to fine-tune and at what learning rate.",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     s = sub.add_parser("search", help="search a fine-tuning plan, then train and test it",
                        description="Search a fine-tuning plan with the evolutionary algorithm, "
@@ -248,6 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-final", action="store_true",
                    help="stop after the search, without training the best plan")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
+    g = s.add_argument_group("execution (does not change results)")
+    g.add_argument("--executor", choices=["inprocess", "process", "ray"], default="inprocess",
+                   help="where evaluations run: this process (default), a local process pool, "
+                   "or a Ray cluster")
+    g.add_argument("--workers", type=_positive_int, default=1,
+                   help="parallel workers for --executor process/ray (default 1)")
+    g.add_argument("--ray-address", help="address of an existing Ray cluster (default: start a "
+                   "local one)")
     _add_data_options(s)
     g = s.add_argument_group("evolution")
     g.add_argument("--population", type=_positive_int, help="population size")
@@ -285,7 +306,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001
+    return f"biotune: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.formatwarning = _one_line_warning
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -569,11 +569,7 @@ def _subsample_sizes(
             continue
         if n < 1:
             raise BioTuneError(f"{split}_size must be at least 1, got {n}")
-        if n > lengths[split]:
-            raise BioTuneError(
-                f"{split}_size={n} is more than the {lengths[split]} {split} images of '{name}'"
-            )
-        sizes[split] = n
+        sizes[split] = min(n, lengths[split])  # a cap: small datasets are used whole
     return sizes
 
 

@@ -4,6 +4,11 @@ An evaluation decodes the genome into a plan, fine-tunes a fresh copy of the pre
 one stratified fold of the training data for each seed, and scores it on the validation split.
 Fitness = 1 - mean validation metric (lower is better). The fold is chosen by the generation, and
 the evolution never ranks scores from different folds.
+
+Three things make an evaluation cheaper without changing what it measures: frozen-prefix feature
+caching (exact: the frozen first blocks' output is computed once, see ``features.py``), early
+termination of runs clearly worse than this generation's elites at the same epoch (``PruneConfig``),
+and memoisation of equivalent plans (in the runner). Each record says what it cost (``cost.py``).
 """
 
 from __future__ import annotations
@@ -14,15 +19,71 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 from torch import nn
 
+from biotune import cost
 from biotune.blocks import BlockPartition
 from biotune.data import DatasetSplits, stratified_folds, subset
 from biotune.errors import BioTuneError
+from biotune.features import FeatureCache, FeatureDataset, block_chain, train_plan_cached
 from biotune.plan import decode_genome, genome_is_valid
-from biotune.training import TrainConfig, TrainHooks, default_device, train_plan
+from biotune.training import TrainConfig, TrainHooks, batches, default_device, train_plan
 
 WORST_FITNESS = 1.0
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Early termination: stop a run that is clearly worse than the elites at the same epoch.
+
+    After ``min_epochs`` epochs, a run whose best metric so far lies more than ``margin`` below
+    the ``quantile`` of the reference runs' best-so-far at that epoch stops ("pruned"), in the
+    spirit of median stopping. References are this generation's elite-phase curves, so only
+    children and immigrants can be pruned, and a run with no reference never is.
+    """
+
+    enabled: bool = True
+    min_epochs: int = 1
+    quantile: float = 0.5
+    margin: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.min_epochs, int) or self.min_epochs < 1:
+            raise BioTuneError(f"prune min_epochs must be an integer >= 1 (got {self.min_epochs})")
+        if not (0.0 <= self.quantile <= 1.0):
+            raise BioTuneError(f"prune quantile must be in [0, 1] (got {self.quantile})")
+        if not math.isfinite(self.margin):
+            raise BioTuneError(f"prune margin must be a finite number (got {self.margin})")
+
+
+class PruneHooks(TrainHooks):
+    """Asks after each epoch whether the run is clearly worse than the reference runs."""
+
+    def __init__(
+        self, reference: list[list[float]], config: PruneConfig, last_epoch: int | None = None
+    ) -> None:
+        self.reference = [np.maximum.accumulate(np.asarray(c, dtype=float)) for c in reference if c]
+        self.config = config
+        self.last_epoch = last_epoch  # stopping after it saves nothing, so it is never "pruned"
+        self.best = -math.inf
+
+    def threshold(self, epoch: int) -> float:
+        """The bar at ``epoch``: a quantile of the references' best-so-far (finished runs hold)."""
+        values = [c[min(epoch, len(c) - 1)] for c in self.reference]
+        return float(np.quantile(values, self.config.quantile)) - self.config.margin
+
+    def should_stop(self, epoch: int, metric: float) -> bool:
+        if math.isfinite(metric):
+            self.best = max(self.best, metric)
+        if (
+            not self.config.enabled
+            or not self.reference
+            or epoch + 1 < self.config.min_epochs
+            or epoch == self.last_epoch
+        ):
+            return False
+        return self.best < self.threshold(epoch)
 
 
 @dataclass(frozen=True)
@@ -33,8 +94,15 @@ class SearchProtocol:
     seeds: tuple[int, ...] = (0, 1, 2)
     train: TrainConfig = field(default_factory=TrainConfig)
     memoize: bool = True  # an equivalent plan on the same fold and seeds is not retrained
+    cache_features: bool = False  # train on cached outputs of the frozen first blocks (exact)
+    cache_budget_mb: float = 1024.0  # memory for cached features, per worker
+    prune: PruneConfig | None = None  # early termination of clearly worse runs; None: off
 
     def __post_init__(self) -> None:
+        if not (self.cache_budget_mb >= 0 and math.isfinite(self.cache_budget_mb)):
+            raise BioTuneError(
+                f"cache_budget_mb must be a non-negative number (got {self.cache_budget_mb})"
+            )
         if not (0 < self.data_fraction <= 1):
             raise BioTuneError(
                 f"data_fraction must be in (0, 1] (got {self.data_fraction})"
@@ -54,11 +122,15 @@ class SearchProtocol:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SearchProtocol:
+        prune = d.get("prune")
         return cls(
             data_fraction=d["data_fraction"],
             seeds=tuple(d["seeds"]),
             train=TrainConfig(**d["train"]),
             memoize=d["memoize"],
+            cache_features=d.get("cache_features", False),
+            cache_budget_mb=d.get("cache_budget_mb", 1024.0),
+            prune=PruneConfig(**prune) if prune else None,
         )
 
 
@@ -82,13 +154,23 @@ class Evaluation:
     epochs: list[int]
     curves: list[list[float]] = field(default_factory=list)  # validation metric per epoch, per seed
     reused_from: int | None = None  # memoised: the candidate whose identical evaluation this copies
+    work: float = 0.0  # training + validation work in forward FLOPs (cost.py), cache excluded
+    cached_prefix: int = 0  # leading blocks served from the feature cache (0: not cached)
+    pruned_at: int | None = None  # epochs the pruned seed ran before early termination
+    # Building cache entries: it falls to whichever evaluation first needs an entry in its worker,
+    # so like ``seconds`` these two depend on the executor; nothing else in a record does.
+    cache_work: float = 0.0
+    cache_images: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 class Evaluator:
-    """Scores genomes for one model and dataset; holds the folds so every worker agrees on them."""
+    """Scores genomes for one model and dataset; holds the folds so every worker agrees on them.
+
+    Each worker process builds its own evaluator, with its own feature cache.
+    """
 
     def __init__(
         self,
@@ -110,6 +192,31 @@ class Evaluator:
             if protocol.folds == 1
             else stratified_folds(targets, protocol.folds, fold_seed)
         )
+        sample, _ = next(batches(splits.val, 2))
+        self.flops = cost.block_flops(model, partition, sample[0])
+        self.cache, self.cache_status = self._make_cache(sample)
+
+    def _make_cache(self, sample: torch.Tensor) -> tuple[FeatureCache | None, str]:
+        """The feature cache, or None and why not (the reason goes into the run's summary)."""
+        if not self.protocol.cache_features:
+            return None, "off"
+        if not self.protocol.train.frozen_eval:
+            return None, "off: frozen blocks train in train mode (frozen_eval=False)"
+        stages = block_chain(self.model, self.partition, sample)
+        if stages is None:
+            return None, f"off: cannot run {type(self.model).__name__} block by block"
+        budget = int(self.protocol.cache_budget_mb * 2**20)
+        train = self.protocol.train
+        return FeatureCache(
+            self.model, stages, budget, train.eval_batch_size, self.device, train.amp
+        ), "on"
+
+    @property
+    def ft_work(self) -> float:
+        """One FT-equivalent for this model, data and epoch budget (the search's cost unit)."""
+        return cost.ft_work(
+            self.flops, len(self.splits.train), len(self.splits.val), self.protocol.train.epochs
+        )
 
     def fold_of(self, generation: int) -> int:
         return generation % len(self.folds)
@@ -117,8 +224,14 @@ class Evaluator:
     def hooks_for(
         self, candidate: int, seed: int, reference: list[list[float]] | None
     ) -> TrainHooks | None:
-        """Per-run hooks (early termination plugs in here)."""
-        return None
+        """Early termination against ``reference``; none without a prune config or reference."""
+        prune = self.protocol.prune
+        if prune is None or not prune.enabled or not reference:
+            return None
+        last_seed = seed == self.protocol.seeds[-1]
+        return PruneHooks(
+            reference, prune, self.protocol.train.epochs - 1 if last_seed else None
+        )
 
     def evaluate(
         self,
@@ -128,7 +241,10 @@ class Evaluator:
         role: str = "",
         reference: list[list[float]] | None = None,
     ) -> Evaluation:
-        """Score one genome; ``reference`` holds validation curves of this generation's elites."""
+        """Score one genome; ``reference`` holds validation curves of this generation's elites.
+
+        A pruned seed ends the evaluation: its fitness is 1 - the mean best metric so far.
+        """
         genes = np.asarray(genes, dtype=float)
         plan = decode_genome(genes, self.partition.names)
         fold = self.fold_of(generation)
@@ -140,14 +256,26 @@ class Evaluator:
                 [], WORST_FITNESS, "invalid", 0.0, 0, 0, [],
             )
         train = subset(self.splits.train, self.folds[fold])
+        before = list(self.cache.stage_images) if self.cache is not None else [0] * len(self.flops)
+        cached = self._cached(fold, train, plan.frozen_prefix)
+        k = plan.frozen_prefix if cached is not None else 0
+        after = list(self.cache.stage_images) if self.cache is not None else before
+        built = [a - b for a, b in zip(after, before, strict=True)]
         scores, epochs, curves, status = [], [], [], "ok"
         train_images = eval_images = 0
+        pruned_at = None
         for seed in seeds:
-            _, result = train_plan(
-                self.model, self.partition, plan, train, self.splits.val,
-                self.protocol.train, seed=seed, device=self.device,
-                hooks=self.hooks_for(candidate, seed, reference),
-            )
+            hooks = self.hooks_for(candidate, seed, reference)
+            if cached is not None:
+                _, result = train_plan_cached(
+                    self.model, self.partition, plan, cached[0], cached[1],
+                    self.protocol.train, seed=seed, device=self.device, hooks=hooks,
+                )
+            else:
+                _, result = train_plan(
+                    self.model, self.partition, plan, train, self.splits.val,
+                    self.protocol.train, seed=seed, device=self.device, hooks=hooks,
+                )
             curves.append([h[f"val_{self.protocol.train.metric}"] for h in result.history])
             train_images += result.train_images
             eval_images += result.eval_images
@@ -156,11 +284,27 @@ class Evaluator:
                 status = result.status
             score = result.val.get(self.protocol.train.metric)
             scores.append(score if math.isfinite(score) else 0.0)
-            if status == "diverged":
+            if status == "pruned":
+                pruned_at = result.epochs_run
+            if status in ("diverged", "pruned"):
                 break
         fitness = WORST_FITNESS if status == "diverged" else 1.0 - float(np.mean(scores))
+        work = cost.run_work(self.flops, k, plan.frozen_prefix, train_images, eval_images)
         return Evaluation(
             candidate, generation, role, genes.tolist(), plan.to_dict(), fold, seeds, scores,
             fitness, status, time.perf_counter() - start, train_images, eval_images, epochs,
-            curves,
+            curves, work=work, cached_prefix=k, pruned_at=pruned_at,
+            cache_work=cost.cache_work(self.flops, built), cache_images=sum(built),
         )
+
+    def _cached(
+        self, fold: int, train: Any, k: int
+    ) -> tuple[FeatureDataset, FeatureDataset] | None:
+        """Training fold and validation split after the first k (frozen) blocks, if cacheable."""
+        if self.cache is None or k < 1:
+            return None
+        train_features = self.cache.features(("fold", fold), train, k)
+        val_features = self.cache.features("val", self.splits.val, k)
+        if train_features is None or val_features is None:
+            return None
+        return train_features, val_features

@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import json
 import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,24 @@ def write_json_atomic(path: Path, data: Any) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _failpoint(where: str, f: Any, line: str) -> None:
+    """Crash-test hook: with BIOTUNE_FAILPOINT=append:N the N-th append writes half its line,
+    then the process kills itself with SIGKILL (what a power cut or ``kill -9`` would leave)."""
+    spec = os.environ.get("BIOTUNE_FAILPOINT", "")
+    if not spec.startswith(where + ":"):
+        return
+    global _appends
+    _appends += 1
+    if _appends == int(spec.split(":", 1)[1]):
+        f.write(line[: len(line) // 2])
+        f.flush()
+        os.fsync(f.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+_appends = 0
 
 
 class RunDirectory:
@@ -99,6 +118,7 @@ class RunDirectory:
         """Append one JSON line and fsync it: after this returns the record survives a crash."""
         line = json.dumps(record, separators=(",", ":")) + "\n"
         with open(self.path / name, "a") as f:
+            _failpoint("append", f, line)
             f.write(line)
             f.flush()
             os.fsync(f.fileno())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -187,7 +188,8 @@ class Search:
         self.ray_address = ray_address
 
     # setup
-    def _check_or_write_config(self, resume: bool) -> None:
+    def _check_config(self, resume: bool) -> bool:
+        """Refuse to mix searches in one directory; True when this is a new search."""
         wanted = self.config.to_dict()
         stored = self.run.read(CONFIG) if self.run.exists() else None
         if stored is None:
@@ -197,8 +199,7 @@ class Search:
                 raise BioTuneError(
                     f"run directory {self.run.path} already holds files; choose a new one"
                 )
-            self.run.write(CONFIG, {"biotune": __version__, "search": wanted})
-            return
+            return True
         if not resume:
             raise BioTuneError(
                 f"run directory {self.run.path} already holds a search; use --resume to continue "
@@ -211,6 +212,7 @@ class Search:
                 + "; ".join(diff[:3]) + (f"; and {len(diff) - 3} more" if len(diff) > 3 else "")
                 + ")"
             )
+        return False
 
     def _evolution(self, num_blocks: int) -> BioTuneEvolution:
         state = self.run.read(STATE)
@@ -220,10 +222,22 @@ class Search:
 
     # the loop
     def run_search(self, resume: bool = False, final: bool = True) -> SearchResult:
+        """Run (or continue) the search, then the final training; safe to kill at any point."""
+        created = not self.run.path.exists()
+        try:
+            return self._run_locked(resume, final)
+        except BioTuneError:
+            if created and not self.run.exists():  # refused before anything was recorded
+                shutil.rmtree(self.run.path, ignore_errors=True)
+            raise
+
+    def _run_locked(self, resume: bool, final: bool) -> SearchResult:
         with self.run.locked():
-            self._check_or_write_config(resume)
+            new = self._check_config(resume)
             bench = self.bench or prepare(self.config.data)
             self.bench = bench
+            if new:
+                self.run.write(CONFIG, {"biotune": __version__, "search": self.config.to_dict()})
             self.run.write(
                 "blocks.json",
                 [{"name": n, "params": p, "share": s} for n, p, s in bench.partition.summary()],
