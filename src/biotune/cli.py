@@ -67,8 +67,10 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--train-size", type=_positive_int,
                    help="use at most this many training images, a stratified subsample "
                    "(default 1000)")
-    g.add_argument("--val-size", type=_positive_int, help="at most this many validation images (default 500)")
-    g.add_argument("--test-size", type=_positive_int, help="at most this many test images (default 1500)")
+    g.add_argument("--val-size", type=_positive_int,
+                   help="at most this many validation images (default 500)")
+    g.add_argument("--test-size", type=_positive_int,
+                   help="at most this many test images (default 1500)")
     g.add_argument("--full-data", action="store_true",
                    help="use the whole splits (no subsampling)")
     g.add_argument("--split-seed", type=int, help="seed of the train/val/test split (default 0)")

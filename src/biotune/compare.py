@@ -275,11 +275,12 @@ def comparison_notes(
     methods: Sequence[str],
 ) -> list[str]:
     """What a reader of the table must know to judge it."""
+    grid_text = ", ".join(f"{lr:g}" for lr in grid)
     notes = [
-        f"Every method: {config.optimizer}, cosine schedule, up to {config.epochs} epochs, early "
-        f"stopping (patience {config.patience}) on validation {config.metric} accuracy, batch "
-        f"{config.batch_size}; base lr chosen from {{{', '.join(f'{lr:g}' for lr in grid)}}} on "
-        f"validation with seed {seeds[0]}; test mean +- std over seeds {list(seeds)}.",
+        f"Every method: {config.optimizer}, {config.scheduler} schedule, up to {config.epochs} "
+        f"epochs, early stopping (patience {config.patience}) on validation {config.metric} "
+        f"accuracy, batch {config.batch_size}; base lr chosen from {{{grid_text}}} "
+        f"on validation with seed {seeds[0]}; test mean +- std over seeds {list(seeds)}.",
         "BioTune rows: the search's best plan (validation only), trained like every other row; "
         "search cost in FT-equivalents (images trained on / (training split x the search's "
         "epochs)) and seconds of training.",
@@ -364,19 +365,20 @@ def plot_accuracy_vs_params(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for r in rows:
+    fig, ax = plt.subplots(figsize=(7.6, 4.4))
+    markers = "osD^vP<>Xh"
+    for k, r in enumerate(rows):
         x = max(r["trainable_pct"], 1e-3)
         y, err = 100 * r["test_top1"]["mean"], 100 * r["test_top1"]["std"]
         biotune = r["method"] in BIOTUNE_PRESETS
-        ax.errorbar(x, y, yerr=err, fmt="*" if biotune else "o", ms=12 if biotune else 7,
-                    capsize=3, label=r["label"])
-        ax.annotate(r["label"], (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        ax.errorbar(x, y, yerr=err, fmt="*" if biotune else markers[k % len(markers)],
+                    ms=13 if biotune else 7, capsize=3, alpha=0.85, label=r["label"])
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (% of the model, log scale)")
     ax.set_ylabel("test top-1 accuracy (%)")
     ax.set_title(title or "accuracy against trainable parameters")
     ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

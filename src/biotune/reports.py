@@ -155,8 +155,8 @@ def plot_block_selection(run: Mapping[str, Any], path: Path) -> None:
             for j, v in enumerate(row):
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
                         color="white" if v < 0.5 else "black")
-    fig.colorbar(image, ax=ax, label="share of evaluated candidates fine-tuning the block")
-    ax.set_title("which blocks the search fine-tuned")
+    fig.colorbar(image, ax=ax, label="share fine-tuning the block")
+    ax.set_title("which blocks the evaluated candidates fine-tuned", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -177,9 +177,10 @@ def plot_plan(run: Mapping[str, Any], path: Path) -> None:
         if b["train"]:
             ax.bar(i, b["lr_mult"] - floor, bottom=floor, color="tab:blue")
             ax.text(i, b["lr_mult"] * 1.1, f"x{b['lr_mult']:.2g}", ha="center", fontsize=7)
-        else:
-            ax.bar(i, 0.1 - floor, bottom=floor, color="white", edgecolor="0.5", hatch="//")
-            ax.text(i, 0.11, "frozen", ha="center", fontsize=7, rotation=90, va="bottom")
+        else:  # the whole column hatched: a frozen block has no learning rate at all
+            ax.axvspan(i - 0.4, i + 0.4, facecolor="none", edgecolor="0.6", hatch="//")
+            ax.text(i, 0.5, "frozen", ha="center", va="center", rotation=90, fontsize=8,
+                    bbox={"facecolor": "white", "edgecolor": "none"})
     ax.set_yscale("log")
     ax.set_ylim(floor, 20)
     ax.axhline(1.0, color="0.4", lw=0.8, ls=":")
@@ -190,9 +191,9 @@ def plot_plan(run: Mapping[str, Any], path: Path) -> None:
         params = {b["name"]: b["params"] for b in run["blocks"]}
         total = sum(params.values())
         trained = sum(params.get(b["name"], 0) for b in blocks if b["train"])
-        share = f", {100 * trained / total:.1f}% of parameters trained" if total else ""
+        share = f"; {100 * trained / total:.1f}% of parameters trained" if total else ""
     fitness = plan.get("fitness")
-    acc = f" (val accuracy {1 - fitness:.3f}{share})" if fitness is not None else ""
+    acc = f"\nvalidation accuracy {1 - fitness:.3f}{share}" if fitness is not None else ""
     ax.set_title(f"winning plan{acc}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
