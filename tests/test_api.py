@@ -1,0 +1,74 @@
+"""The Python API end to end: a tiny real search (ImageNet Lite0 weights, offline data)."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+import biotune
+from biotune.evolution import EvolutionConfig
+from biotune.fitness import SearchProtocol
+from biotune.presets import default
+from biotune.training import TrainConfig
+
+
+def _tiny_config():
+    config = default()
+    return replace(
+        config,
+        data=replace(config.data, image_size=32, train_size=60, val_size=30, test_size=30),
+        evolution=EvolutionConfig(population_size=4, generations=1, elite=1),
+        protocol=replace(config.protocol, seeds=(0,), train=TrainConfig(epochs=1)),
+        final=TrainConfig(epochs=2, patience=1),
+        final_seeds=(0, 1),
+    )
+
+
+def test_tiny_search_with_real_pretrained_weights(tmp_path):
+    result = biotune.search(tmp_path / "run", _tiny_config(), progress=False)
+    run = tmp_path / "run"
+    records = [json.loads(x) for x in (run / "evaluations.jsonl").read_text().splitlines()]
+    assert len(records) == 4 + 1 * (3 * 1 + 3)
+    assert {r["fold"] for r in records if r["generation"] == 0} == {0}
+    assert {r["fold"] for r in records if r["generation"] == 1} == {1}
+    assert all(0.0 <= r["fitness"] <= 1.0 for r in records)
+    best = json.loads((run / "best_plan.json").read_text())
+    assert biotune.FineTunePlan.from_dict(best) == result.best_plan
+    assert result.best_plan.trained
+    last_generation = [r for r in records if r["generation"] == 1]
+    assert result.best_fitness == min(r["fitness"] for r in last_generation)
+    final = json.loads((run / "final.json").read_text())
+    assert len(final["runs"]) == 2
+    assert 0.0 <= final["test_top1"]["mean"] <= 1.0
+    assert 0 < final["trainable_share"] <= 1
+
+
+def test_a_plan_applies_in_a_users_own_loop():
+    loaded = biotune.load_model("efficientnet_lite0", num_classes=3)
+    blocks = biotune.partition_blocks(loaded.model)
+    genes = [0.9 if name in ("blocks.6", "neck", "head") else 0.1 for name in blocks.names]
+    plan = biotune.decode_genome([*genes, 0.5], blocks.names)
+    groups = biotune.apply_plan(loaded.model, blocks, plan, base_lr=1e-3)
+    optimizer = torch.optim.Adam(groups)
+    assert [g["name"] for g in optimizer.param_groups] == ["blocks.6", "neck", "head"]
+    stem_before = loaded.model.bn1.running_mean.clone()
+    loaded.model.train()
+    x = torch.randn(4, 3, 32, 32)
+    loss = loaded.model(x).logsumexp(1).mean()
+    loss.backward()
+    optimizer.step()
+    assert torch.equal(stem_before, loaded.model.bn1.running_mean)
+    assert loaded.model.conv_stem.weight.grad is None
+
+
+@pytest.mark.slow
+def test_the_readme_python_example_runs(tmp_path, monkeypatch):
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    code = re.search(r"### Python\n\n```python\n(.*?)```", readme, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
