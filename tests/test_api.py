@@ -12,7 +12,6 @@ import torch
 
 import biotune
 from biotune.evolution import EvolutionConfig
-from biotune.fitness import SearchProtocol
 from biotune.presets import default
 from biotune.training import TrainConfig
 

@@ -1,16 +1,33 @@
 """Where evaluations run. The evolution stays in the driver; executors only train and score.
 
 Every executor gets the same tasks and returns the same records (an evaluation is a pure
-function of genome, fold and seeds), so the search's result does not depend on which one runs it.
+function of genome, fold, seeds and reference curves), so the search's result does not depend on
+which one runs it or on how many workers it has. Results reach ``on_result`` in the driver as
+they finish, so the runner can persist each one at once; their order may vary, their content not
+(except the measured ``seconds`` and the cache-building cost, see ``Evaluation``).
+
+* ``inprocess``: one task after another in this process (the default);
+* ``process``: a local pool of spawned processes, one per GPU or the CPU cores split among them;
+* ``ray``: Ray actors on an existing cluster (``ray_address``) or a local one started here.
+
+Workers build their own evaluator once, from a picklable factory
+(``functools.partial(runner.build_evaluator, config)``): the model and data are loaded in each.
 """
 
 from __future__ import annotations
 
+import concurrent.futures as cf
+import multiprocessing as mp
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from biotune.errors import BioTuneError
 from biotune.fitness import Evaluation, Evaluator
+
+EXECUTORS = ("inprocess", "process", "ray")
+RAY_MISSING = "--executor ray needs ray: pip install 'biotune[ray]'"
 
 
 @dataclass(frozen=True)
@@ -20,6 +37,21 @@ class Task:
     generation: int
     role: str
     reference: tuple[tuple[float, ...], ...] = ()  # elite validation curves (early termination)
+
+
+class Executor(Protocol):
+    name: str
+
+    def run(self, tasks: Sequence[Task], on_result: Callable[[Evaluation], None]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def run_task(evaluator: Evaluator, task: Task) -> Evaluation:
+    """The one way every executor turns a task into a record."""
+    return evaluator.evaluate(
+        task.candidate, task.genes, task.generation, task.role, [list(c) for c in task.reference]
+    )
 
 
 class InProcessExecutor:
@@ -32,14 +64,175 @@ class InProcessExecutor:
 
     def run(self, tasks: Sequence[Task], on_result: Callable[[Evaluation], None]) -> None:
         for t in tasks:
-            on_result(
-                self.evaluator.evaluate(
-                    t.candidate, t.genes, t.generation, t.role, [list(c) for c in t.reference]
-                )
-            )
+            on_result(run_task(self.evaluator, t))
 
     def close(self) -> None:
         pass
+
+
+# ------------------------------------------------------------------------------ local processes
+
+_WORKER_EVALUATOR: Evaluator | None = None
+
+
+def _cuda_devices() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # no usable CUDA: CPU workers
+        return 0
+
+
+def threads_per_worker(workers: int) -> int:
+    """CPU threads for each of ``workers`` workers sharing this machine's cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // max(1, workers))
+
+
+def _init_worker(
+    factory: Callable[[], Evaluator], threads: int, devices: Any, lock: Any
+) -> None:
+    """Runs once in each new worker: pin it to a GPU (if any), split the cores, build the evaluator.
+
+    ``devices`` is a queue of GPU ids (empty on CPU machines); a worker takes one before torch
+    touches CUDA, so each worker sees exactly one GPU.
+    """
+    global _WORKER_EVALUATOR
+    with lock:
+        if not devices.empty():
+            os.environ["CUDA_VISIBLE_DEVICES"] = str(devices.get())
+    import torch
+
+    torch.set_num_threads(threads)
+    _WORKER_EVALUATOR = factory()
+
+
+def _worker_run(task: Task) -> Evaluation:
+    assert _WORKER_EVALUATOR is not None, "worker started without an evaluator"
+    return run_task(_WORKER_EVALUATOR, task)
+
+
+class ProcessPoolExecutor:
+    """A pool of spawned worker processes on this machine, each with its own evaluator.
+
+    On a GPU machine there is one worker per GPU (at most ``workers``); on CPU the cores are split
+    evenly between the workers. Workers live until ``close()``, so the model and data are loaded
+    once per worker, not once per generation.
+    """
+
+    name = "process"
+
+    def __init__(self, factory: Callable[[], Evaluator], workers: int = 2) -> None:
+        gpus = _cuda_devices()
+        self.workers = max(1, min(workers, gpus) if gpus else workers)
+        ctx = mp.get_context("spawn")
+        devices = ctx.Queue()
+        for i in range(gpus if gpus else 0):
+            devices.put(i)
+        self._pool = cf.ProcessPoolExecutor(
+            max_workers=self.workers,
+            mp_context=ctx,
+            initializer=_init_worker,
+            initargs=(factory, threads_per_worker(self.workers), devices, ctx.Lock()),
+        )
+
+    def run(self, tasks: Sequence[Task], on_result: Callable[[Evaluation], None]) -> None:
+        futures = [self._pool.submit(_worker_run, t) for t in tasks]
+        try:
+            for future in cf.as_completed(futures):
+                on_result(future.result())
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+# ------------------------------------------------------------------------------------------- Ray
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise BioTuneError(RAY_MISSING) from None
+    return ray
+
+
+class _RayWorker:
+    """A Ray actor holding one evaluator (wrapped by ``ray.remote`` at run time)."""
+
+    def __init__(self, factory: Callable[[], Evaluator], threads: int) -> None:
+        import torch
+
+        torch.set_num_threads(threads)
+        self.evaluator = factory()
+
+    def evaluate(self, task: Task) -> Evaluation:
+        return run_task(self.evaluator, task)
+
+
+class RayExecutor:
+    """Ray actors, each holding an evaluator; the driver hands out one task per idle actor.
+
+    Connects to ``address`` (an existing cluster, "auto" for the local one) or starts a local
+    Ray instance, which ``close()`` shuts down again; a Ray already initialised by the caller is
+    used as is and left running.
+    """
+
+    name = "ray"
+
+    def __init__(
+        self, factory: Callable[[], Evaluator], workers: int = 1, address: str | None = None
+    ) -> None:
+        ray = _import_ray()
+        self._ray = ray
+        self._started = False
+        if not ray.is_initialized():
+            try:
+                ray.init(
+                    address=address or None, include_dashboard=False, log_to_driver=False,
+                    configure_logging=False,
+                )
+            except ConnectionError as exc:
+                raise BioTuneError(f"cannot connect to the Ray cluster at {address}: {exc}") from None
+            self._started = True
+        resources = ray.cluster_resources()
+        gpus = int(resources.get("GPU", 0))
+        cpus = max(1, int(resources.get("CPU", 1)))
+        self.workers = max(1, workers)
+        threads = max(1, cpus // self.workers) if not gpus else max(1, cpus // max(1, gpus))
+        actor = ray.remote(num_cpus=min(threads, cpus), num_gpus=1 if gpus else 0)(_RayWorker)
+        self._actors = [actor.remote(factory, threads) for _ in range(self.workers)]
+
+    def run(self, tasks: Sequence[Task], on_result: Callable[[Evaluation], None]) -> None:
+        ray = self._ray
+        queue = list(tasks)[::-1]
+        running: dict[Any, Any] = {}
+        idle = list(self._actors)
+        try:
+            while queue or running:
+                while queue and idle:
+                    worker = idle.pop()
+                    running[worker.evaluate.remote(queue.pop())] = worker
+                ready, _ = ray.wait(list(running), num_returns=1)
+                for ref in ready:
+                    idle.append(running.pop(ref))
+                    on_result(ray.get(ref))
+        except BaseException:
+            for ref in running:
+                ray.cancel(ref, force=True)
+            raise
+
+    def close(self) -> None:
+        for actor in self._actors:
+            self._ray.kill(actor)
+        self._actors = []
+        if self._started:
+            self._ray.shutdown()
 
 
 def make_executor(
@@ -48,8 +241,12 @@ def make_executor(
     evaluator_factory: Callable[[], Evaluator],
     workers: int = 1,
     ray_address: str | None = None,
-) -> InProcessExecutor:
+) -> Executor:
     """The executor called ``name``; workers of other processes build their own evaluator."""
     if name == "inprocess":
         return InProcessExecutor(evaluator)
-    raise BioTuneError(f"unknown executor {name!r}; choose inprocess")
+    if name == "process":
+        return ProcessPoolExecutor(evaluator_factory, workers)
+    if name == "ray":
+        return RayExecutor(evaluator_factory, workers, ray_address)
+    raise BioTuneError(f"unknown executor {name!r}; choose one of {', '.join(EXECUTORS)}")
