@@ -243,7 +243,7 @@ def test_sp_penalty_decays_the_new_head_toward_zero(bench):
 def test_l2sp_training_stays_closer_to_the_pretrained_weights_than_full(bench):
     config = replace(CONFIG, epochs=2)
     full = run_baseline("full", bench, config, seed=0)
-    l2sp = run_baseline("l2sp", bench, config, seed=0, sp_alpha=50.0)
+    l2sp = run_baseline("l2sp", bench, config, seed=0, l2sp_alpha=50.0)
     body = [n for n, _ in bench.model.named_parameters() if n not in _head_names(bench)]
     start = dict(bench.model.named_parameters())
 

@@ -17,7 +17,7 @@ TINY = [
     "--population", "4", "--generations", "1", "--elite", "1", "--seeds", "1",
     "--epochs", "1", "--final-epochs", "1", "--final-seeds", "1", "--quiet",
 ]
-TIMING_KEYS = {"seconds"}
+TIMING_KEYS = {"seconds", "cache_work", "cache_images"}
 
 
 def _search(run_dir: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:

@@ -61,7 +61,7 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--download", action="store_true", default=None,
                    help="download torchvision datasets (needs internet)")
     g.add_argument("--image-size", type=_positive_int,
-                   help="image side in pixels (default 64; --native-size for the model's own)")
+                   help="image side in pixels (default 32; --native-size for the model's own)")
     g.add_argument("--native-size", action="store_true",
                    help="use the model's native input resolution (224 for ResNet-50)")
     g.add_argument("--train-size", type=_positive_int,

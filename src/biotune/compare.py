@@ -109,25 +109,29 @@ def _log_stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def search_config(method: str, data: DataConfig, scale: SearchScale | None) -> SearchConfig:
+    """The preset search of a BioTune method on ``data``, scaled (invalid scales fail here)."""
+    from biotune.presets import preset
+
+    config = replace(preset(BIOTUNE_PRESETS[method]), data=data)
+    return scale.apply(config) if scale is not None else config
+
+
 def _search_plan(
-    method: str, bench: Workbench, data: DataConfig, out_dir: Path,
+    method: str, config: SearchConfig, bench: Workbench, out_dir: Path,
     scale: SearchScale | None, log: Callable[[str], None],
 ) -> tuple[Any, dict[str, Any]]:
     """Run (or resume) the method's search in its own run directory; the plan and its cost."""
-    from biotune.presets import preset
     from biotune.rundir import RunDirectory
-    from biotune.runner import Search, search_cost
+    from biotune.runner import Search
 
-    config = replace(preset(BIOTUNE_PRESETS[method]), data=data)
-    if scale is not None:
-        config = scale.apply(config)
     run_dir = out_dir / f"search-{method}"
     resume = RunDirectory(run_dir).exists()
     log(f"[{method}] {'resuming' if resume else 'running'} the search in {run_dir} "
         f"({config.evolution.total_evaluations} evaluations x {len(config.protocol.seeds)} seeds)")
     start = time.perf_counter()
     result = Search(config, run_dir, bench=bench).run_search(resume=resume, final=False)
-    cost = search_cost(result.evaluations, len(bench.splits.train), config.protocol.train.epochs)
+    cost = result.cost
     search = {
         "preset": BIOTUNE_PRESETS[method],
         "scaling": scale.describe() if scale is not None else "",
@@ -211,7 +215,7 @@ def compare(
     """Run ``methods`` on one dataset and model; write compare.{md,csv,json,png} to ``out_dir``.
 
     ``scales`` shrinks a BioTune method's search (``{"biotune-paper": SearchScale(...)}``);
-    ``options`` are method options (``lora_rank``, ``sp_alpha``, ``rgn_batches``, ...), each given
+    ``options`` are method options (``lora_rank``, ``l2sp_alpha``, ``rgn_batches``, ...), each given
     to the methods that take it; ``meta`` is stored in the JSON (e.g. the command line). A BioTune
     search resumes from its run directory under ``out_dir`` if one is there.
     """
@@ -231,6 +235,8 @@ def compare(
     for m in scales:
         if m not in BIOTUNE_PRESETS:
             raise BioTuneError(f"a search scale applies to {', '.join(BIOTUNE_PRESETS)}, not {m!r}")
+    searches = {m: search_config(m, data, scales.get(m)) for m in methods
+                if m in BIOTUNE_PRESETS}
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -241,7 +247,8 @@ def compare(
     rows = []
     for method in methods:
         if method in BIOTUNE_PRESETS:
-            plan, search = _search_plan(method, bench, data, out, scales.get(method), log)
+            plan, search = _search_plan(method, searches[method], bench, out,
+                                        scales.get(method), log)
             log(f"[{method}] plan: {search['plan_text']}")
             row = compare_method(method, bench, config, seeds, grid, options=options, plan=plan,
                                  log=log)
@@ -251,6 +258,14 @@ def compare(
             row = compare_method(method, bench, config, seeds, grid, options=options, log=log)
         rows.append(row)
     notes = comparison_notes(config, seeds, grid, scales, options, methods)
+    for row in rows:
+        if row["method"] == "lora":
+            info = row["info"]
+            notes.append(
+                f"LoRA: rank {info['rank']}, alpha {info['alpha']}, adapters on "
+                f"{info['adapted']} conv/linear layers; {len(info['skipped'])} grouped "
+                "convolutions skipped (PEFT needs the rank to be a multiple of their groups)."
+            )
     write_outputs(rows, out, notes, {
         "data": asdict(data), "train": config.to_dict(), "seeds": seeds, "lr_grid": grid,
         **dict(meta or {}),
@@ -464,8 +479,10 @@ def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
     g = p.add_argument_group("baseline options")
     g.add_argument("--lora-rank", type=_positive_int, help="LoRA rank (default 8)")
     g.add_argument("--lora-alpha", type=float, help="LoRA alpha; scaling = alpha/rank (16)")
-    g.add_argument("--sp-alpha", type=float, help="L2-SP/L1-SP pull toward the pretrained "
+    g.add_argument("--l2sp-alpha", type=float, help="L2-SP pull toward the pretrained "
                    "weights (default 0.01)")
+    g.add_argument("--l1sp-alpha", type=float, help="L1-SP pull toward the pretrained "
+                   "weights (default 1e-4)")
     g.add_argument("--sp-beta", type=float, help="L2-SP/L1-SP weight decay of the head (0.01)")
     g.add_argument("--rgn-batches", type=_positive_int,
                    help="AutoRGN: mini-batches its gradient norms average over (default 3)")
@@ -492,7 +509,7 @@ def scales_from_args(args: argparse.Namespace) -> dict[str, SearchScale]:
 
 
 def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    names = ("lora_rank", "lora_alpha", "sp_alpha", "sp_beta", "rgn_batches")
+    names = ("lora_rank", "lora_alpha", "l2sp_alpha", "l1sp_alpha", "sp_beta", "rgn_batches")
     return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
 
 

@@ -198,14 +198,17 @@ class RayExecutor:
                     configure_logging=False,
                 )
             except ConnectionError as exc:
-                raise BioTuneError(f"cannot connect to the Ray cluster at {address}: {exc}") from None
+                raise BioTuneError(
+                    f"cannot connect to the Ray cluster at {address}: {exc}"
+                ) from None
             self._started = True
         resources = ray.cluster_resources()
         gpus = int(resources.get("GPU", 0))
         cpus = max(1, int(resources.get("CPU", 1)))
-        self.workers = max(1, workers)
-        threads = max(1, cpus // self.workers) if not gpus else max(1, cpus // max(1, gpus))
-        actor = ray.remote(num_cpus=min(threads, cpus), num_gpus=1 if gpus else 0)(_RayWorker)
+        # More actors than GPUs (or CPUs) would wait forever for resources: cap them.
+        self.workers = max(1, min(workers, gpus or cpus))
+        threads = max(1, cpus // self.workers)
+        actor = ray.remote(num_cpus=threads, num_gpus=1 if gpus else 0)(_RayWorker)
         self._actors = [actor.remote(factory, threads) for _ in range(self.workers)]
 
     def run(self, tasks: Sequence[Task], on_result: Callable[[Evaluation], None]) -> None:
@@ -213,19 +216,14 @@ class RayExecutor:
         queue = list(tasks)[::-1]
         running: dict[Any, Any] = {}
         idle = list(self._actors)
-        try:
-            while queue or running:
-                while queue and idle:
-                    worker = idle.pop()
-                    running[worker.evaluate.remote(queue.pop())] = worker
-                ready, _ = ray.wait(list(running), num_returns=1)
-                for ref in ready:
-                    idle.append(running.pop(ref))
-                    on_result(ray.get(ref))
-        except BaseException:
-            for ref in running:
-                ray.cancel(ref, force=True)
-            raise
+        while queue or running:
+            while queue and idle:
+                worker = idle.pop()
+                running[worker.evaluate.remote(queue.pop())] = worker
+            ready, _ = ray.wait(list(running), num_returns=1)
+            for ref in ready:
+                idle.append(running.pop(ref))
+                on_result(ray.get(ref))  # a worker's exception is raised here
 
     def close(self) -> None:
         for actor in self._actors:

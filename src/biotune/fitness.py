@@ -13,8 +13,10 @@ and memoisation of equivalent plans (in the runner). Each record says what it co
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -31,6 +33,9 @@ from biotune.plan import decode_genome, genome_is_valid
 from biotune.training import TrainConfig, TrainHooks, batches, default_device, train_plan
 
 WORST_FITNESS = 1.0
+#: Fields of an ``Evaluation`` that measure where and when it ran, not what it found: they may
+#: differ between executors, worker counts and resumed runs; every other field may not.
+MEASURED_FIELDS = ("seconds", "cache_work", "cache_images")
 
 
 @dataclass(frozen=True)
@@ -97,8 +102,16 @@ class SearchProtocol:
     cache_features: bool = False  # train on cached outputs of the frozen first blocks (exact)
     cache_budget_mb: float = 1024.0  # memory for cached features, per worker
     prune: PruneConfig | None = None  # early termination of clearly worse runs; None: off
+    # torch CPU threads per evaluation. On the CPU the thread count changes the floating-point
+    # sums, so pinning it makes a search's result independent of the executor and its worker
+    # count; parallelism comes from workers. None leaves torch's setting alone.
+    cpu_threads: int | None = 1
 
     def __post_init__(self) -> None:
+        if self.cpu_threads is not None and (
+            not isinstance(self.cpu_threads, int) or self.cpu_threads < 1
+        ):
+            raise BioTuneError(f"cpu_threads must be None or >= 1 (got {self.cpu_threads})")
         if not (self.cache_budget_mb >= 0 and math.isfinite(self.cache_budget_mb)):
             raise BioTuneError(
                 f"cache_budget_mb must be a non-negative number (got {self.cache_budget_mb})"
@@ -131,6 +144,7 @@ class SearchProtocol:
             cache_features=d.get("cache_features", False),
             cache_budget_mb=d.get("cache_budget_mb", 1024.0),
             prune=PruneConfig(**prune) if prune else None,
+            cpu_threads=d.get("cpu_threads"),
         )
 
 
@@ -256,39 +270,39 @@ class Evaluator:
                 [], WORST_FITNESS, "invalid", 0.0, 0, 0, [],
             )
         train = subset(self.splits.train, self.folds[fold])
-        before = list(self.cache.stage_images) if self.cache is not None else [0] * len(self.flops)
-        cached = self._cached(fold, train, plan.frozen_prefix)
-        k = plan.frozen_prefix if cached is not None else 0
-        after = list(self.cache.stage_images) if self.cache is not None else before
-        built = [a - b for a, b in zip(after, before, strict=True)]
         scores, epochs, curves, status = [], [], [], "ok"
         train_images = eval_images = 0
         pruned_at = None
-        for seed in seeds:
-            hooks = self.hooks_for(candidate, seed, reference)
-            if cached is not None:
-                _, result = train_plan_cached(
-                    self.model, self.partition, plan, cached[0], cached[1],
-                    self.protocol.train, seed=seed, device=self.device, hooks=hooks,
-                )
-            else:
-                _, result = train_plan(
-                    self.model, self.partition, plan, train, self.splits.val,
-                    self.protocol.train, seed=seed, device=self.device, hooks=hooks,
-                )
-            curves.append([h[f"val_{self.protocol.train.metric}"] for h in result.history])
-            train_images += result.train_images
-            eval_images += result.eval_images
-            epochs.append(result.epochs_run)
-            if result.status != "ok":
-                status = result.status
-            score = result.val.get(self.protocol.train.metric)
-            scores.append(score if math.isfinite(score) else 0.0)
-            if status == "pruned":
-                pruned_at = result.epochs_run
-            if status in ("diverged", "pruned"):
-                break
+        with self._pinned_threads():
+            before = self._cache_images()
+            cached = self._cached(fold, train, plan.frozen_prefix)
+            built = [a - b for a, b in zip(self._cache_images(), before, strict=True)]
+            for seed in seeds:
+                hooks = self.hooks_for(candidate, seed, reference)
+                if cached is not None:
+                    _, result = train_plan_cached(
+                        self.model, self.partition, plan, cached[0], cached[1],
+                        self.protocol.train, seed=seed, device=self.device, hooks=hooks,
+                    )
+                else:
+                    _, result = train_plan(
+                        self.model, self.partition, plan, train, self.splits.val,
+                        self.protocol.train, seed=seed, device=self.device, hooks=hooks,
+                    )
+                curves.append([h[f"val_{self.protocol.train.metric}"] for h in result.history])
+                train_images += result.train_images
+                eval_images += result.eval_images
+                epochs.append(result.epochs_run)
+                if result.status != "ok":
+                    status = result.status
+                score = result.val.get(self.protocol.train.metric)
+                scores.append(score if math.isfinite(score) else 0.0)
+                if status == "pruned":
+                    pruned_at = result.epochs_run
+                if status in ("diverged", "pruned"):
+                    break
         fitness = WORST_FITNESS if status == "diverged" else 1.0 - float(np.mean(scores))
+        k = plan.frozen_prefix if cached is not None else 0
         work = cost.run_work(self.flops, k, plan.frozen_prefix, train_images, eval_images)
         return Evaluation(
             candidate, generation, role, genes.tolist(), plan.to_dict(), fold, seeds, scores,
@@ -297,11 +311,34 @@ class Evaluator:
             cache_work=cost.cache_work(self.flops, built), cache_images=sum(built),
         )
 
+    def _cache_images(self) -> list[int]:
+        """Images the feature cache has pushed through each block so far (its own work)."""
+        return list(self.cache.stage_images) if self.cache else [0] * len(self.flops)
+
+    @contextlib.contextmanager
+    def _pinned_threads(self) -> Iterator[None]:
+        """Run with the protocol's CPU thread count (results depend on it), then restore."""
+        threads = self.protocol.cpu_threads
+        if threads is None or torch.device(self.device).type != "cpu":
+            yield
+            return
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(previous)
+
     def _cached(
         self, fold: int, train: Any, k: int
     ) -> tuple[FeatureDataset, FeatureDataset] | None:
         """Training fold and validation split after the first k (frozen) blocks, if cacheable."""
         if self.cache is None or k < 1:
+            return None
+        if self.cache.entry_bytes(train, k) + self.cache.entry_bytes(self.splits.val, k) > (
+            self.cache.budget_bytes
+        ):
+            self.cache.skipped += 1
             return None
         train_features = self.cache.features(("fold", fold), train, k)
         val_features = self.cache.features("val", self.splits.val, k)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from biotune.errors import BioTuneError
 from biotune.evolution import EvolutionConfig
-from biotune.fitness import SearchProtocol
+from biotune.fitness import PruneConfig, SearchProtocol
 from biotune.runner import DataConfig, SearchConfig
 from biotune.training import TrainConfig
 
 #: The final training of the winning plan (and of every baseline in ``biotune compare``).
-FINAL_TRAINING = TrainConfig(epochs=10, patience=3, batch_size=64, eval_batch_size=256)
+FINAL_TRAINING = TrainConfig(epochs=8, patience=2, batch_size=64, eval_batch_size=256)
 
 
 def paper() -> SearchConfig:
@@ -33,11 +33,13 @@ def default() -> SearchConfig:
     """Our default: the same algorithm at a fraction of the cost (one seed, short training)."""
     return SearchConfig(
         data=DataConfig(),
-        evolution=EvolutionConfig(population_size=8, generations=4, elite=2),
+        evolution=EvolutionConfig(population_size=6, generations=3, elite=2),
         protocol=SearchProtocol(
             data_fraction=0.5,
             seeds=(0,),
-            train=TrainConfig(epochs=3, patience=1, batch_size=64, eval_batch_size=256),
+            train=TrainConfig(epochs=2, patience=1, batch_size=64, eval_batch_size=256),
+            cache_features=True,
+            prune=PruneConfig(min_epochs=1, quantile=0.5),
         ),
         final=FINAL_TRAINING,
         final_seeds=(0, 1, 2),

@@ -11,6 +11,7 @@ import functools
 import os
 import platform
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from biotune import __version__
+from biotune import cost as costs
 from biotune.blocks import BlockPartition, partition_blocks
 from biotune.data import DatasetSplits, load_dataset
 from biotune.errors import BioTuneError
@@ -44,7 +46,7 @@ class DataConfig:
     download: bool = False
     pretrained: bool = True
     checkpoint: str | None = None
-    image_size: int | None = 64  # None: the model's native resolution
+    image_size: int | None = 32  # None: the model's native resolution
     train_size: int | None = 1000
     val_size: int | None = 500
     test_size: int | None = 1500
@@ -139,6 +141,7 @@ class SearchResult:
     best_fitness: float
     evaluations: list[dict[str, Any]]
     final: dict[str, Any] | None
+    cost: dict[str, Any] = field(default_factory=dict)
 
 
 def _config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
@@ -150,19 +153,6 @@ def _config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list
         elif va != vb:
             out.append(f"{prefix}{key}: {va!r} -> {vb!r}")
     return out
-
-
-def search_cost(evaluations: list[dict[str, Any]], n_train: int, epochs: int) -> dict[str, float]:
-    """Images trained on, and the same in FT-equivalents (full fine-tunings of the whole split)."""
-    images = sum(e["train_images"] for e in evaluations)
-    return {
-        "evaluations": len(evaluations),
-        "trained": sum(1 for e in evaluations if e["status"] != "invalid"),
-        "train_images": images,
-        "eval_images": sum(e["eval_images"] for e in evaluations),
-        "seconds": sum(e["seconds"] for e in evaluations),
-        "ft_equivalents": images / max(1, n_train * epochs),
-    }
 
 
 class Search:
@@ -182,6 +172,7 @@ class Search:
         self.config = config
         self.run = RunDirectory(run_dir)
         self.bench = bench
+        self.bench_given = bench is not None
         self.progress = progress
         self.executor = executor
         self.workers = workers
@@ -246,8 +237,18 @@ class Search:
                 bench.model, bench.partition, bench.splits, self.config.protocol,
                 fold_seed=self.config.seed,
             )
+            # Workers rebuild the evaluator: from the configuration, or from the given bench
+            # (pickled to them) when the caller brought its own model or data.
+            factory = (
+                functools.partial(
+                    Evaluator, bench.model, bench.partition, bench.splits,
+                    self.config.protocol, fold_seed=self.config.seed,
+                )
+                if self.bench_given
+                else functools.partial(build_evaluator, self.config)
+            )
             executor = make_executor(
-                self.executor, evaluator, functools.partial(build_evaluator, self.config),
+                self.executor, evaluator, factory,
                 workers=self.workers, ray_address=self.ray_address,
             )
             done = {r["candidate"]: r for r in self.run.records(EVALUATIONS, repair=True)}
@@ -255,6 +256,7 @@ class Search:
             total = self._total_evaluations()
             if self.progress is not None:
                 self.progress.start(total, len(done))
+            started = time.perf_counter()
             try:
                 while not evo.done:
                     candidates = evo.ask()
@@ -289,13 +291,16 @@ class Search:
                  "genes": [float(g) for g in best.genes]},
             )
             evaluations = [done[k] for k in sorted(done)]
-            cost = search_cost(
-                evaluations, len(bench.splits.train), self.config.protocol.train.epochs
+            cost = costs.search_cost(
+                evaluations, evaluator.ft_work, wall_seconds=time.perf_counter() - started
             )
+            cost["cache"] = evaluator.cache_status
             self.run.write("search_summary.json", {"cost": cost, "best_fitness": best_fitness,
                                                    "best_plan": plan.to_dict()})
             final_result = self._final(plan) if final else None
-            return SearchResult(self.run.path, plan, best_fitness, evaluations, final_result)
+            return SearchResult(
+                self.run.path, plan, best_fitness, evaluations, final_result, cost
+            )
 
     def _record(
         self, done: dict[int, dict[str, Any]], results: dict[int, float], evo: Any,

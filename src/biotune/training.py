@@ -137,25 +137,26 @@ def accuracy(preds: np.ndarray, targets: np.ndarray) -> tuple[float, float]:
 def batches(
     dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Mini-batches of (images, labels); in-memory tensor datasets are sliced directly (fast)."""
+    """Mini-batches of (images, labels); in-memory tensor datasets are sliced directly (fast).
+
+    Both paths visit the items in the same order for a seed and leave the global RNG alone, so a
+    dataset read lazily and the same data in memory (or cached features) train identically.
+    """
     images = getattr(dataset, "images", None)
     n = len(dataset)  # type: ignore[arg-type]
+    order = (
+        torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        if shuffle
+        else torch.arange(n)
+    )
     if isinstance(images, torch.Tensor):
         labels = torch.as_tensor(np.asarray(dataset.targets), dtype=torch.long)
-        order = (
-            torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-            if shuffle
-            else torch.arange(n)
-        )
         for start in range(0, n, batch_size):
             idx = order[start : start + batch_size]
             yield images[idx], labels[idx]
         return
     loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
-        generator=torch.Generator().manual_seed(seed) if shuffle else None,
+        dataset, batch_size=batch_size, sampler=order.tolist(), generator=torch.Generator()
     )
     for x, y in loader:
         yield x, torch.as_tensor(y, dtype=torch.long)

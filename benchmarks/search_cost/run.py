@@ -1,0 +1,240 @@
+"""Search cost: the paper's protocol against our default search, in one run (benchmarks.md, §2).
+
+Both searches run on the same machine, model (ImageNet EfficientNet-Lite0) and data (Animal-Shape,
+32 px, 300 train / 150 val / 1000 test by default), in this process, one after the other. The
+paper side keeps the paper's population (10), generations (10), elite (3), seeds (3), data
+fraction (1/2), patience (3) and batch sizes, with no caching, no memoisation and no early
+termination; only the epoch cap and the data are scaled down to fit 2 CPU cores, the same for both
+sides: each evaluation trains at most ``--epochs`` epochs (ours: its own epoch count if smaller).
+Each search's best plan is then trained by one final recipe on the whole training split with 3
+seeds and tested once.
+
+Cost unit: one FT-equivalent = fine-tuning every block on the whole training split for
+``--epochs`` epochs with validation after each (``biotune.cost``), the same unit for both sides.
+
+    python benchmarks/search_cost/run.py            # about an hour on 2 free CPU cores
+    python benchmarks/search_cost/run.py --quick    # a smoke run (small data, small populations)
+
+Writes results/search_cost.{json,md} (search_cost-quick.* with --quick) next to this file, with
+the date, the machine and the exact command. Run directories go to runs/search_cost/; a rerun
+with the same settings resumes the searches (the final runs are redone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shlex
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[1] / "src"))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from biotune import cost, presets  # noqa: E402
+from biotune.evolution import EvolutionConfig  # noqa: E402
+from biotune.rundir import write_json_atomic  # noqa: E402
+from biotune.runner import (  # noqa: E402
+    DataConfig,
+    Search,
+    SearchConfig,
+    final_training_run,
+    machine_description,
+    prepare,
+    summarize_final,
+)
+
+TARGET_FT_RATIO = 20.0
+TARGET_WALL_RATIO = 10.0
+TARGET_ACCURACY_POINTS = 1.0
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: tiny data and small populations (NOT the paper's protocol)")
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--train-size", type=int, default=300)
+    p.add_argument("--val-size", type=int, default=150)
+    p.add_argument("--test-size", type=int, default=1000)
+    p.add_argument("--epochs", type=int, default=3,
+                   help="epoch cap of every search evaluation, both sides (paper: 30)")
+    p.add_argument("--final-epochs", type=int, default=presets.FINAL_TRAINING.epochs,
+                   help="epochs of the final training of each found plan (same for both)")
+    p.add_argument("--executor", default="inprocess", choices=["inprocess", "process", "ray"],
+                   help="where both searches run their evaluations (the same for both)")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads of this process (1: steadiest on a shared 2-core box)")
+    p.add_argument("--runs", type=Path, default=Path("runs/search_cost"),
+                   help="where the run directories go (resumed if present)")
+    p.add_argument("--out", type=Path, default=HERE / "results")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.train_size, args.val_size, args.test_size = 80, 40, 200
+        args.epochs, args.final_epochs = 2, 2
+    return args
+
+
+def configs(args: argparse.Namespace) -> dict[str, SearchConfig]:
+    """The two searches on the same data, with the same epoch cap and final recipe."""
+    data = DataConfig(
+        image_size=args.image_size, train_size=args.train_size, val_size=args.val_size,
+        test_size=args.test_size,
+    )
+    final = replace(presets.FINAL_TRAINING, epochs=args.final_epochs)
+    out = {}
+    for name, base in (("paper", presets.paper()), ("default", presets.default())):
+        train = replace(base.protocol.train, epochs=min(args.epochs, base.protocol.train.epochs))
+        evolution = base.evolution
+        if args.quick:  # a smoke run only: small populations on both sides
+            evolution = EvolutionConfig(
+                population_size=4, generations=1, elite=1,
+                children_batch=evolution.children_batch,
+            )
+        out[name] = replace(
+            base, data=data, evolution=evolution,
+            protocol=replace(base.protocol, train=train), final=final, final_seeds=(0, 1, 2),
+        )
+    return out
+
+
+def _run_dir(root: Path, name: str, config: SearchConfig) -> Path:
+    digest = hashlib.sha1(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()
+    return root / f"{name}-{digest[:10]}"
+
+
+def run_side(name: str, config: SearchConfig, args: argparse.Namespace, unit_epochs: int) -> dict:
+    """One search, then its plan's final training; wall times measured here, in this process."""
+    run_dir = _run_dir(args.runs, name, config)
+    resume = (run_dir / "config.json").exists()
+    bench = prepare(config.data)
+    search = Search(config, run_dir, bench=bench, executor=args.executor, workers=args.workers)
+    start = time.perf_counter()
+    result = search.run_search(resume=resume, final=False)
+    search_wall = time.perf_counter() - start
+    flops = cost.block_flops(bench.model, bench.partition, bench.splits.val[0][0])
+    unit = cost.ft_work(flops, len(bench.splits.train), len(bench.splits.val), unit_epochs)
+    summary = cost.search_cost(result.evaluations, unit, search_wall)
+    if resume:
+        summary["note"] = "resumed: wall time covers only the part run this time"
+    start = time.perf_counter()
+    plan = result.best_plan
+    runs = [final_training_run(bench, plan, config.final, s) for s in config.final_seeds]
+    final = summarize_final(runs, result.best_plan, bench)
+    final_wall = time.perf_counter() - start
+    print(f"{name}: {summary['evaluations']} evaluations ({summary['by_status']}), "
+          f"{summary['ft_equivalents']:.2f} FT-equivalents, {search_wall:.0f} s search; "
+          f"test balanced {final['test_balanced']['mean']:.4f}", flush=True)
+    return {
+        "run_dir": str(run_dir),
+        "settings": {
+            "evolution": config.evolution.__dict__,
+            "protocol": config.protocol.to_dict(),
+            "final": config.final.to_dict(),
+            "final_seeds": list(config.final_seeds),
+        },
+        "cost": summary,
+        "search_wall_seconds": search_wall,
+        "final_wall_seconds": final_wall,
+        "best_plan": result.best_plan.describe(),
+        "best_fitness": result.best_fitness,
+        "final": {k: final[k] for k in ("test_top1", "test_balanced", "trainable_share")},
+        "block_flops": flops,
+    }
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b > 0 else float("inf")
+
+
+def markdown(report: dict[str, Any]) -> str:
+    p, d = report["paper"], report["default"]
+    r = report["ratios"]
+
+    def acc(side: dict, key: str) -> str:
+        s = side["final"][key]
+        return f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}"
+
+    rows = [
+        ("evaluations (trained)", f"{p['cost']['evaluations']} ({p['cost']['trained']})",
+         f"{d['cost']['evaluations']} ({d['cost']['trained']})", ""),
+        ("FT-equivalents", f"{p['cost']['ft_equivalents']:.2f}",
+         f"{d['cost']['ft_equivalents']:.2f}", f"{r['ft_equivalents']:.1f}x"),
+        ("search wall time (s)", f"{p['search_wall_seconds']:.0f}",
+         f"{d['search_wall_seconds']:.0f}", f"{r['wall_seconds']:.1f}x"),
+        ("test top-1 % (3 seeds)", acc(p, "test_top1"), acc(d, "test_top1"), ""),
+        ("test balanced % (3 seeds)", acc(p, "test_balanced"), acc(d, "test_balanced"),
+         f"{r['balanced_points']:+.2f} points"),
+        ("found plan", p["best_plan"], d["best_plan"], ""),
+    ]
+    lines = [
+        f"# Search cost: paper protocol vs default ({report['date']})",
+        "",
+        f"Machine: {report['machine']}  ",
+        f"Command: `{report['command']}`  ",
+        f"Data: {report['data']}; every search evaluation capped at {report['epochs']} epochs "
+        f"(paper: 30), the same for both; FT-equivalent = {report['epochs']} epochs of full "
+        "fine-tuning on the whole training split, validation included.",
+        "",
+        "| | paper protocol | default | ratio |",
+        "|---|---|---|---|",
+        *[f"| {a} | {b} | {c} | {e} |" for a, b, c, e in rows],
+        "",
+        "Targets: >= 20x fewer FT-equivalents: " + ("met" if report["targets"]["ft"] else "NOT met")
+        + "; >= 10x less wall time: " + ("met" if report["targets"]["wall"] else "NOT met")
+        + "; test accuracy within 1 point or better: "
+        + ("met" if report["targets"]["accuracy"] else "NOT met") + ".",
+    ]
+    if report["quick"]:
+        lines += ["", "**Quick smoke run: populations shrunk, NOT the paper's protocol.**"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    torch.set_num_threads(args.threads)
+    sides = configs(args)
+    report: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": machine_description(),
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "quick": args.quick,
+        "data": f"Animal-Shape, EfficientNet-Lite0, {args.image_size} px, train {args.train_size}"
+                f" / val {args.val_size} / test {args.test_size}",
+        "epochs": args.epochs,
+        "threads": args.threads,
+        "executor": f"{args.executor} x{args.workers}",
+    }
+    for name, config in sides.items():
+        report[name] = run_side(name, config, args, args.epochs)
+    p, d = report["paper"], report["default"]
+    points = 100 * (d["final"]["test_balanced"]["mean"] - p["final"]["test_balanced"]["mean"])
+    report["ratios"] = {
+        "ft_equivalents": _ratio(p["cost"]["ft_equivalents"], d["cost"]["ft_equivalents"]),
+        "wall_seconds": _ratio(p["search_wall_seconds"], d["search_wall_seconds"]),
+        "balanced_points": points,
+    }
+    report["targets"] = {
+        "ft": report["ratios"]["ft_equivalents"] >= TARGET_FT_RATIO,
+        "wall": report["ratios"]["wall_seconds"] >= TARGET_WALL_RATIO,
+        "accuracy": bool(np.isfinite(points) and points >= -TARGET_ACCURACY_POINTS),
+    }
+    stem = "search_cost-quick" if args.quick else "search_cost"
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(args.out / f"{stem}.json", report)
+    text = markdown(report)
+    (args.out / f"{stem}.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

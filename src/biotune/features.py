@@ -1,0 +1,401 @@
+"""Frozen-prefix feature caching: compute what the frozen first blocks output once, not every epoch.
+
+When a plan freezes blocks 0..k-1 (and frozen blocks run in eval mode), their output for an image
+never changes during training. The search then computes those features once per fold (and once
+for the validation split), keeps them in memory within a byte budget, and trains only blocks
+k..end on them. That needs the model as a chain of per-block stages, which this module builds for
+the families we know and checks numerically; for any other model caching is simply off.
+
+Memory policy: entries live in memory, least recently used first out, and never add up to more
+than the budget; an evaluation whose two entries (its fold and the validation split) would not fit
+together trains uncached (``cached_prefix`` 0). Nothing spills to disk: at the sizes a search
+uses, recomputing a prefix is cheaper than reading it back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from biotune.blocks import BlockPartition
+from biotune.plan import FineTunePlan, apply_plan
+from biotune.training import (
+    TrainConfig,
+    TrainHooks,
+    TrainResult,
+    _autocast,
+    batches,
+    fine_tune,
+    reinit_head,
+    seed_everything,
+)
+
+Stage = Callable[[torch.Tensor], torch.Tensor]
+
+_ATOL = 1e-5
+
+
+@dataclass(frozen=True)
+class _Op:
+    """One step of a model's forward: a submodule (by path) or a parameter-free function.
+
+    ``attach`` says where a parameter-free step goes: "prev" (pooling, activations: with the block
+    before it, so a cached prefix includes it) or "next" (dropout: it must run while training).
+    """
+
+    path: str | None
+    fn: Stage
+    attach: str = "prev"
+
+
+class _Chain:
+    """Per-block lists of steps; ``run(x)`` over all of them equals the model's forward."""
+
+    def __init__(self, stages: Sequence[Sequence[Stage]]) -> None:
+        self.stages = [list(s) for s in stages]
+
+    def __len__(self) -> int:
+        return len(self.stages)
+
+    def run(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        for stage in self.stages[start:stop]:
+            for fn in stage:
+                x = fn(x)
+        return x
+
+
+def block_chain(
+    model: nn.Module, partition: BlockPartition, sample: torch.Tensor | None = None
+) -> list[Stage] | None:
+    """One callable per block (partition order) whose composition is ``model.forward``, or None.
+
+    With ``sample`` (a small input batch) the chain is checked against the model in eval mode and
+    None is returned if they disagree; None as well for model families we cannot split.
+    """
+    chain = _build_chain(model, partition)
+    if chain is None:
+        return None
+    if sample is not None and not _chain_matches(model, chain, sample):
+        return None
+    return [_stage_fn(chain, i) for i in range(len(chain))]
+
+
+def _stage_fn(chain: _Chain, i: int) -> Stage:
+    return lambda x: chain.run(x, i, i + 1)
+
+
+def _chain_matches(model: nn.Module, chain: _Chain, sample: torch.Tensor) -> bool:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            expected = model(sample)
+            got = chain.run(sample)
+    except Exception:  # a chain that cannot even run is just "no chain"
+        return False
+    finally:
+        model.train(was_training)
+    return (
+        isinstance(got, torch.Tensor)
+        and got.shape == expected.shape
+        and torch.allclose(got, expected, rtol=1e-4, atol=_ATOL)
+    )
+
+
+# --------------------------------------------------------------------------------- family specs
+
+
+def _family_ops(model: nn.Module) -> list[_Op] | None:
+    """A model's forward as a flat list of steps, for the families whose forward we know."""
+    kind = type(model)
+    module = kind.__module__
+    drop = getattr(model, "drop_rate", 0.0) or 0.0
+
+    def dropout(p: float) -> _Op:
+        return _Op(None, lambda x: F.dropout(x, p=float(p), training=model.training), "next")
+
+    flatten = _Op(None, lambda x: torch.flatten(x, 1))
+    if module.startswith("timm.models.efficientnet") and kind.__name__ == "EfficientNet":
+        ops = [_mod(model, n) for n in ("conv_stem", "bn1", "blocks", "conv_head", "bn2")]
+        return [*ops, _mod(model, "global_pool"), dropout(drop), _mod(model, "classifier")]
+    if module.startswith("timm.models.resnet") and kind.__name__ == "ResNet":
+        names = ("conv1", "bn1", "act1", "maxpool", "layer1", "layer2", "layer3", "layer4")
+        return [*(_mod(model, n) for n in names), _mod(model, "global_pool"), dropout(drop),
+                _mod(model, "fc")]
+    if module.startswith("torchvision.models"):
+        return _torchvision_ops(model, flatten)
+    if isinstance(model, nn.Sequential):
+        return [_mod(model, name) for name, _ in model.named_children()]
+    return None
+
+
+def _torchvision_ops(model: nn.Module, flatten: _Op) -> list[_Op] | None:
+    from torchvision import models as tv
+
+    if isinstance(model, tv.ResNet):
+        names = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4",
+                 "avgpool")
+        return [*(_mod(model, n) for n in names), flatten, _mod(model, "fc")]
+    if isinstance(model, tv.RegNet):
+        names = ("stem", "trunk_output", "avgpool")
+        return [*(_mod(model, n) for n in names), flatten, _mod(model, "fc")]
+    if isinstance(model, tv.DenseNet):
+        pool = _Op(None, lambda x: F.adaptive_avg_pool2d(F.relu(x), (1, 1)))
+        return [_mod(model, "features"), pool, flatten, _mod(model, "classifier")]
+    if isinstance(model, tv.MobileNetV2):
+        pool = _Op(None, lambda x: F.adaptive_avg_pool2d(x, (1, 1)))
+        return [_mod(model, "features"), pool, flatten, _mod(model, "classifier")]
+    if isinstance(model, tv.ConvNeXt):
+        return [_mod(model, n) for n in ("features", "avgpool", "classifier")]
+    if isinstance(model, (tv.EfficientNet, tv.MobileNetV3, tv.VGG, tv.AlexNet)):
+        return [_mod(model, "features"), _mod(model, "avgpool"), flatten,
+                _mod(model, "classifier")]
+    return None
+
+
+def _mod(model: nn.Module, path: str) -> _Op:
+    module = model.get_submodule(path)
+    dropout = isinstance(module, nn.modules.dropout._DropoutNd)
+    return _Op(path, module, "next" if dropout else "prev")
+
+
+# ----------------------------------------------------------------------------- grouping into blocks
+
+
+def _build_chain(model: nn.Module, partition: BlockPartition) -> _Chain | None:
+    """Group the model's steps into one stage per block; None if the blocks do not line up."""
+    try:
+        ops = _family_ops(model)
+    except AttributeError:
+        return None
+    if not ops:
+        return None
+    index = {name: i for i, name in enumerate(partition.names)}
+    block_of = {p: index[b.name] for b in partition for p in b.param_names}
+    ops = _expand(model, ops, block_of)
+    if ops is None:
+        return None
+    stages: list[list[Stage]] = [[] for _ in partition.names]
+    covered: set[str] = set()
+    current, waiting = -1, []
+    for op in ops:
+        blocks = _blocks_of(model, op, block_of)
+        if not blocks:
+            if op.attach == "next" or current < 0:
+                waiting.append(op.fn)
+            else:
+                stages[current].append(op.fn)
+            continue
+        if len(blocks) != 1 or -1 in blocks:
+            return None  # a step outside the partition, or one spanning blocks
+        (block,) = blocks
+        if block < current or (block > current and stages[block]):
+            return None  # blocks out of order, or one block in two places
+        current = block
+        stages[block] += [*waiting, op.fn]
+        waiting = []
+        covered.update(_param_names(model, op.path))
+    if current < 0:
+        return None
+    stages[current] += waiting
+    if any(not s for s in stages) or covered != set(block_of):
+        return None
+    return _Chain(stages)
+
+
+def _expand(model: nn.Module, ops: list[_Op], block_of: dict[str, int]) -> list[_Op] | None:
+    """Open Sequential steps whose parameters span several blocks into their children."""
+    out: list[_Op] = []
+    for op in ops:
+        if len(_blocks_of(model, op, block_of)) <= 1:
+            out.append(op)
+            continue
+        module = model.get_submodule(op.path)  # type: ignore[arg-type]
+        if not isinstance(module, nn.Sequential):
+            return None
+        children = [_mod(model, f"{op.path}.{name}") for name, _ in module.named_children()]
+        expanded = _expand(model, children, block_of)
+        if expanded is None:
+            return None
+        out += expanded
+    return out
+
+
+def _param_names(model: nn.Module, path: str | None) -> list[str]:
+    if path is None:
+        return []
+    return [f"{path}.{n}" for n, _ in model.get_submodule(path).named_parameters()]
+
+
+def _blocks_of(model: nn.Module, op: _Op, block_of: dict[str, int]) -> set[int]:
+    return {block_of.get(p, -1) for p in _param_names(model, op.path)}
+
+
+# ------------------------------------------------------------------------------------ the cache
+
+
+class FeatureDataset(Dataset):
+    """Cached features with ``.images`` and ``.targets`` (``training.batches`` slices them)."""
+
+    def __init__(self, images: torch.Tensor, targets: np.ndarray) -> None:
+        self.images = images
+        self.targets = np.asarray(targets, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], int(self.targets[index])
+
+
+class FeatureCache:
+    """Features of datasets after the first k blocks, for one pretrained model, within a budget.
+
+    Entries are keyed (dataset key, k). A request for k starts from the deepest cached j < k of
+    the same dataset (or from the images), so a deeper prefix costs only the blocks in between.
+    ``stage_images[i]`` counts images pushed through block i (the cache's own forward work).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        stages: Sequence[Stage],
+        budget_bytes: int,
+        batch_size: int = 256,
+        device: torch.device | None = None,
+        amp: bool = True,
+    ) -> None:
+        self.model = model
+        self.stages = list(stages)
+        self.budget_bytes = int(budget_bytes)
+        self.batch_size = batch_size
+        self.device = device or torch.device("cpu")
+        self.amp = amp
+        self._store: OrderedDict[tuple[Hashable, int], FeatureDataset] = OrderedDict()
+        self._shapes: dict[int, tuple[int, ...]] = {}
+        self.stage_images = [0] * len(self.stages)
+        self.peak_bytes = 0
+        self.skipped = 0  # requests refused because one entry would exceed the budget
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(_nbytes(d.images) for d in self._store.values())
+
+    def entry_bytes(self, dataset: Dataset, k: int) -> int:
+        """Bytes the features of ``dataset`` after k blocks take (float32)."""
+        return 4 * math.prod(self._shape(dataset, k)) * len(dataset)  # type: ignore[arg-type]
+
+    def _shape(self, dataset: Dataset, k: int) -> tuple[int, ...]:
+        """One image's feature shape after k blocks (run once per k on one image)."""
+        if k not in self._shapes:
+            x, _ = next(batches(dataset, 1))
+            with torch.no_grad(), self._eval():
+                self._shapes[k] = tuple(self._run(x, 0, k).shape[1:])
+        return self._shapes[k]
+
+    def features(self, key: Hashable, dataset: Dataset, k: int) -> FeatureDataset | None:
+        """``dataset`` after blocks 0..k-1 (eval mode), or None if it cannot fit the budget."""
+        if k < 1:
+            raise ValueError("a cached prefix holds at least one block")
+        hit = self._store.get((key, k))
+        if hit is not None:
+            self._store.move_to_end((key, k))
+            return hit
+        size = self.entry_bytes(dataset, k)
+        if size > self.budget_bytes:
+            self.skipped += 1
+            return None
+        while self._store and self.used_bytes + size > self.budget_bytes:
+            self._store.popitem(last=False)
+        start = max((j for (kk, j) in self._store if kk == key and j < k), default=0)
+        source = self._store[(key, start)] if start else dataset
+        n = len(dataset)  # type: ignore[arg-type]
+        images = torch.empty((n, *self._shape(dataset, k)), dtype=torch.float32)
+        done = 0
+        with torch.no_grad(), self._eval():
+            for x, _ in batches(source, self.batch_size):
+                images[done : done + len(x)] = self._run(x, start, k).float().cpu()
+                done += len(x)
+        for i in range(start, k):
+            self.stage_images[i] += n
+        entry = FeatureDataset(images, np.asarray(dataset.targets))  # type: ignore[attr-defined]
+        self._store[(key, k)] = entry
+        self.peak_bytes = max(self.peak_bytes, self.used_bytes)
+        return entry
+
+    def _run(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        with _autocast(self.device, self.amp):
+            x = x.to(self.device)
+            for stage in self.stages[start:stop]:
+                x = stage(x)
+        return x
+
+    @contextlib.contextmanager
+    def _eval(self) -> Iterator[None]:
+        """The pretrained model in eval mode on the cache's device, as frozen blocks run."""
+        was_training = self.model.training
+        self.model.to(self.device).eval()
+        try:
+            yield
+        finally:
+            self.model.train(was_training)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+# --------------------------------------------------------------------------- training the suffix
+
+
+class _Suffix(nn.Module):
+    """Blocks k..end of ``model`` as a module: trains and saves the whole model's state."""
+
+    def __init__(self, model: nn.Module, stages: Sequence[Stage], start: int) -> None:
+        super().__init__()
+        self.model = model
+        self._stages = list(stages)[start:]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for stage in self._stages:
+            x = stage(x)
+        return x
+
+
+def train_plan_cached(
+    model: nn.Module,
+    partition: BlockPartition,
+    plan: FineTunePlan,
+    train_features: FeatureDataset,
+    val_features: FeatureDataset,
+    config: TrainConfig,
+    seed: int = 0,
+    device: torch.device | None = None,
+    hooks: TrainHooks | None = None,
+) -> tuple[nn.Module, TrainResult]:
+    """``training.train_plan`` on features cached after the plan's frozen prefix.
+
+    The same steps in the same order (copy, seed, new head, apply the plan), so for one seed the
+    trained suffix sees the same batches and random numbers as uncached training would.
+    """
+    k = plan.frozen_prefix
+    model = copy.deepcopy(model)
+    seed_everything(seed)
+    reinit_head(model, partition, seed)
+    groups = apply_plan(model, partition, plan, config.base_lr, frozen_eval=config.frozen_eval)
+    stages = block_chain(model, partition)
+    if stages is None:
+        raise RuntimeError("the model's block chain disappeared after copying")
+    suffix = _Suffix(model, stages, k)
+    result = fine_tune(suffix, groups, train_features, val_features, config, seed, device, hooks)
+    return model, result

@@ -1,0 +1,184 @@
+"""``biotune compare`` writes a fair table and a plot; ``biotune report`` plots a search."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from test_baselines import make_bench
+
+from biotune.compare import (
+    ALL_METHODS,
+    LABELS,
+    SearchScale,
+    add_compare_parser,
+    compare,
+    options_from_args,
+    scales_from_args,
+)
+from biotune.errors import BioTuneError
+from biotune.reports import REPORT_FILES, add_report_parser, report
+from biotune.runner import DataConfig
+from biotune.training import TrainConfig
+
+PNG = b"\x89PNG\r\n\x1a\n"
+TINY = TrainConfig(epochs=1, patience=1, batch_size=32, eval_batch_size=64)
+TINY_SEARCH = SearchScale(population=3, generations=1, elite=1, seeds=(0,), epochs=1)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, and do not stall when other work shares the CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def test_compare_runs_every_method_with_one_recipe_and_writes_all_outputs(tmp_path):
+    bench = make_bench()
+    grid = (1e-3, 1e-2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rows = compare(
+            list(ALL_METHODS), DataConfig(), TINY, seeds=(0, 1), lr_grid=grid, out_dir=tmp_path,
+            bench=bench, scales={"biotune": TINY_SEARCH, "biotune-paper": TINY_SEARCH},
+            options={"lora_rank": 2}, meta={"command": "pytest"}, log=_quiet,
+        )
+    assert [r["method"] for r in rows] == list(ALL_METHODS)
+    for r in rows:
+        assert r["lr"] in grid and set(r["val_by_lr"]) == {"0.001", "0.01"}
+        assert [run["seed"] for run in r["runs"]] == [0, 1]
+        assert 0.0 <= r["test_top1"]["mean"] <= 1.0 and r["test_top1"]["std"] >= 0.0
+        assert 0.0 < r["trainable_pct"] <= 100.0
+        assert (r["search"] is not None) == r["method"].startswith("biotune")
+    by_method = {r["method"]: r for r in rows}
+    assert by_method["full"]["trainable_pct"] == pytest.approx(100.0)
+    assert by_method["linear"]["trainable_pct"] < 10.0
+    search = by_method["biotune-paper"]["search"]
+    assert search["evaluations"] == 3 + 1 * (3 * 1 + 2)
+    assert search["ft_equivalents"] > 0 and "population 3" in search["scaling"]
+
+    md = (tmp_path / "compare.md").read_text()
+    for method in ALL_METHODS:
+        assert LABELS[method] in md
+    assert "scaled to fit the budget: population 3, generations 1" in md
+    with open(tmp_path / "compare.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [t["method"] for t in table] == list(ALL_METHODS)
+    assert table[0]["search_ft_equivalents"] == "" and table[-1]["search_ft_equivalents"] != ""
+    stored = json.loads((tmp_path / "compare.json").read_text())
+    assert stored["command"] == "pytest" and stored["lr_grid"] == list(grid)
+    assert len(stored["rows"]) == len(ALL_METHODS) and stored["machine"]
+    assert (tmp_path / "compare.png").read_bytes().startswith(PNG)
+
+    # the search's run directory is a normal run: it reports, and a rerun resumes it
+    paths = report(tmp_path / "search-biotune")
+    assert [p.name for p in paths] == list(REPORT_FILES)
+    assert all(p.read_bytes().startswith(PNG) for p in paths)
+    evaluations = (tmp_path / "search-biotune" / "evaluations.jsonl").read_text()
+    compare(["biotune"], DataConfig(), TINY, seeds=(0,), lr_grid=(1e-2,), out_dir=tmp_path,
+            bench=bench, scales={"biotune": TINY_SEARCH}, log=_quiet)
+    assert (tmp_path / "search-biotune" / "evaluations.jsonl").read_text() == evaluations
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"methods": ["full", "dora"]}, "unknown method 'dora'"),
+        ({"lr_grid": ()}, "needs positive numbers"),
+        ({"lr_grid": (0.0,)}, "needs positive numbers"),
+        ({"seeds": ()}, "at least one seed"),
+        ({"options": {"lora_rnak": 4}}, "unknown method option"),
+        ({"scales": {"full": SearchScale(population=2)}}, "applies to"),
+        ({"methods": ["full", "biotune"],
+          "scales": {"biotune": SearchScale(population=2, elite=2)}}, "elite must be smaller"),
+    ],
+)
+def test_compare_rejects_bad_requests_before_training(tmp_path, kwargs, message):
+    args = {"methods": ["full"], "data": DataConfig(), "config": TINY, "out_dir": tmp_path,
+            "bench": make_bench(), "log": _quiet, **kwargs}
+    with pytest.raises(BioTuneError, match=message):
+        compare(**args)
+
+
+def _fake_run(path: Path) -> None:
+    """A run directory as ``biotune search`` leaves it, written by hand."""
+    names = ["stem", "blocks.0", "blocks.1", "head"]
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(
+        {"biotune": "0.1.0", "search": {"protocol": {"train": {"metric": "balanced"}}}}
+    ))
+    (path / "blocks.json").write_text(json.dumps(
+        [{"name": n, "params": p, "share": p / 1000} for n, p in zip(names, [100, 300, 500, 100],
+                                                                       strict=True)]
+    ))
+    records, history = [], []
+    for generation in range(3):
+        fitness = []
+        for k in range(4):
+            train = [(k + b + generation) % 3 != 0 for b in range(len(names))]
+            f = 0.5 - 0.1 * generation - 0.01 * k
+            fitness.append(f)
+            records.append({
+                "candidate": 4 * generation + k, "generation": generation, "role": "child",
+                "plan": {"blocks": [{"name": n, "train": t, "lr_mult": 1.0}
+                                    for n, t in zip(names, train, strict=True)]},
+                "fitness": f, "status": "ok",
+            })
+        history.append({"generation": generation, "best": min(fitness),
+                        "mean": sum(fitness) / 4, "fitness": sorted(fitness), "best_id": 0})
+    (path / "evaluations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (path / "generations.json").write_text(json.dumps(history))
+    (path / "best_plan.json").write_text(json.dumps({
+        "blocks": [{"name": "stem", "train": False, "lr_mult": 1.0},
+                   {"name": "blocks.0", "train": True, "lr_mult": 0.2},
+                   {"name": "blocks.1", "train": True, "lr_mult": 3.0},
+                   {"name": "head", "train": True, "lr_mult": 9.5}],
+        "fitness": 0.27, "candidate": 11,
+    }))
+
+
+def test_report_writes_three_plots_for_a_run_directory(tmp_path):
+    _fake_run(tmp_path / "run")
+    paths = report(tmp_path / "run", tmp_path / "plots")
+    assert paths == [tmp_path / "plots" / name for name in REPORT_FILES]
+    assert all(p.read_bytes().startswith(PNG) for p in paths)
+
+
+def test_report_on_a_folder_that_is_not_a_run_is_a_clear_error(tmp_path):
+    with pytest.raises(BioTuneError, match="not a biotune search run directory"):
+        report(tmp_path)
+    with pytest.raises(BioTuneError, match="not a directory"):
+        report(tmp_path / "missing")
+
+
+def test_command_line_parsers_route_to_their_handlers(tmp_path):
+    parser = argparse.ArgumentParser(prog="biotune")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_compare_parser(sub)
+    add_report_parser(sub)
+
+    args = parser.parse_args(["compare", "--methods", "full,lora,biotune-paper", "--seeds", "2",
+                              "--lr-grid", "1e-3,1e-2", "--lora-rank", "4", "--paper-population",
+                              "4", "--paper-generations", "2", "--epochs", "3"])
+    assert args.methods == ["full", "lora", "biotune-paper"]
+    assert args.seeds == (0, 1) and args.lr_grid == (1e-3, 1e-2) and args.epochs == 3
+    assert options_from_args(args) == {"lora_rank": 4}
+    assert scales_from_args(args) == {"biotune-paper": SearchScale(population=4, generations=2)}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["compare", "--methods", "full,bitfit"])
+
+    _fake_run(tmp_path / "run")
+    args = parser.parse_args(["report", str(tmp_path / "run")])
+    assert args.func(args) == 0
+    assert all((tmp_path / "run" / "report" / name).exists() for name in REPORT_FILES)
