@@ -1,4 +1,4 @@
-"""The ``biotune`` command line: search, train, blocks.
+"""The ``biotune`` command line: search, train, blocks, compare, report.
 
 Every user error is a :class:`BioTuneError`: one line on stderr, exit code 2, no traceback.
 """
@@ -116,6 +116,8 @@ def _train_config(args: argparse.Namespace, prefix: str, base: Any) -> Any:
 
 
 def _search_config(args: argparse.Namespace, base: Any) -> Any:
+    from biotune.fitness import PruneConfig
+
     evo = base.evolution
     evo_changes = {k: getattr(args, k) for k in ("population", "generations", "elite")
                    if getattr(args, k) is not None}
@@ -130,6 +132,17 @@ def _search_config(args: argparse.Namespace, base: Any) -> Any:
     if args.seeds is not None:
         proto_changes["seeds"] = args.seeds
     proto_changes["train"] = _train_config(args, "", protocol.train)
+    for option, name in (("cache", "cache_features"), ("cache_budget_mb", "cache_budget_mb"),
+                         ("memoize", "memoize"), ("eval_threads", "cpu_threads")):
+        if getattr(args, option) is not None:
+            proto_changes[name] = getattr(args, option)
+    if args.prune is False:
+        proto_changes["prune"] = None
+    elif args.prune or args.prune_quantile is not None:
+        prune = protocol.prune or PruneConfig()
+        if args.prune_quantile is not None:
+            prune = replace(prune, quantile=args.prune_quantile)
+        proto_changes["prune"] = prune
     changes: dict[str, Any] = {
         "data": _data_config(args, base.data),
         "evolution": replace(evo, **evo_changes),
@@ -284,6 +297,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of the training split each evaluation trains on; the folds "
                    "rotate per generation (paper: 0.5)")
     g.add_argument("--seeds", type=_seeds, help="seeds per evaluation: a count or a list")
+    g = s.add_argument_group("speed-ups (default preset: all on; paper preset: all off)")
+    g.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None,
+                   help="train on cached outputs of a plan's frozen first blocks (exact)")
+    g.add_argument("--cache-budget-mb", type=float,
+                   help="memory for cached features per worker, in MB (default 1024)")
+    g.add_argument("--memoize", action=argparse.BooleanOptionalAction, default=None,
+                   help="do not retrain a plan already scored on the same fold and seeds")
+    g.add_argument("--prune", action=argparse.BooleanOptionalAction, default=None,
+                   help="stop a child's training early when it is clearly worse than this "
+                   "generation's elites at the same epoch")
+    g.add_argument("--prune-quantile", type=float,
+                   help="prune below this quantile of the elites' curves (default 0.5: median)")
+    g.add_argument("--eval-threads", type=int,
+                   help="CPU threads per evaluation (default 1; results depend on it, so it is "
+                   "part of the configuration)")
     _add_training_options(s, "", "training of each evaluation")
     _add_training_options(s, "final-", "final training of the best plan")
     s.add_argument("--final-seeds", type=_seeds, help="seeds of the final training (default 3)")
@@ -305,6 +333,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--num-classes", type=_positive_int, default=1000,
                    help="classes of the new head (default 1000)")
     b.set_defaults(func=cmd_blocks)
+
+    from biotune.compare import add_compare_parser
+    from biotune.reports import add_report_parser
+
+    add_compare_parser(sub)
+    add_report_parser(sub)
     return parser
 
 
