@@ -143,6 +143,7 @@ def _search_plan(
         "best_fitness": result.best_fitness,
         "plan": result.best_plan.to_dict(),
         "plan_text": result.best_plan.describe(),
+        "cost": cost,
     }
     return result.best_plan, search
 
@@ -297,8 +298,9 @@ def comparison_notes(
         f"accuracy, batch {config.batch_size}; base lr chosen from {{{grid_text}}} "
         f"on validation with seed {seeds[0]}; test mean +- std over seeds {list(seeds)}.",
         "BioTune rows: the search's best plan (validation only), trained like every other row; "
-        "search cost in FT-equivalents (images trained on / (training split x the search's "
-        "epochs)) and seconds of training.",
+        "search cost in FT-equivalents (the search's training and validation work over that of "
+        "one full fine-tuning of the whole training split with the search's epoch budget, as "
+        "biotune.cost counts it) and seconds of training.",
     ]
     for method in methods:
         if method in scales and scales[method].describe():
