@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from biotune import baselines
 from biotune.errors import BioTuneError
 
 if TYPE_CHECKING:
@@ -36,12 +37,7 @@ SCALE_FLAGS = {"biotune": "biotune", "biotune-paper": "paper"}
 ALL_METHODS = (*BASELINES, *BIOTUNE_PRESETS)
 DEFAULT_LR_GRID = (1e-4, 1e-3, 1e-2)
 LABELS = {
-    "full": "Full fine-tuning",
-    "linear": "Linear probing",
-    "autorgn": "AutoRGN",
-    "lora": "LoRA",
-    "l2sp": "L2-SP",
-    "l1sp": "L1-SP",
+    **baselines.LABELS,
     "biotune": "BioTune (our default search)",
     "biotune-paper": "BioTune (paper protocol)",
 }

@@ -11,37 +11,15 @@ Only the run directory's files are read (no model, no data), so a report works a
 from __future__ import annotations
 
 import argparse
-import json
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from biotune.errors import BioTuneError
+from biotune.rundir import RunDirectory
 
 REPORT_FILES = ("fitness.png", "blocks.png", "plan.png")
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise BioTuneError(f"{path} is unreadable or corrupt: {exc}") from None
-
-
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """Complete records only: a torn last line (a run killed mid-write) is ignored."""
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return out
 
 
 def load_run(run_dir: str | Path) -> dict[str, Any]:
@@ -49,18 +27,19 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
     path = Path(run_dir)
     if not path.is_dir():
         raise BioTuneError(f"{path} is not a directory")
-    config = _read_json(path / "config.json")
-    evaluations = _read_jsonl(path / "evaluations.jsonl")
+    run = RunDirectory(path)
+    config = run.read("config.json")
+    evaluations = run.records("evaluations.jsonl")
     if config is None or "search" not in config:
         raise BioTuneError(
             f"{path} is not a biotune search run directory (no config.json from 'biotune search')"
         )
     if not evaluations:
         raise BioTuneError(f"{path}: the search has no finished evaluation yet")
-    generations = _read_json(path / "generations.json")
+    generations = run.read("generations.json")
     if generations is None:
-        generations = _read_jsonl(path / "generations.jsonl") or None
-    blocks = _read_json(path / "blocks.json")
+        generations = run.records("generations.jsonl") or None
+    blocks = run.read("blocks.json")
     names = (
         [b["name"] for b in blocks] if blocks
         else [b["name"] for b in evaluations[0]["plan"]["blocks"]]
@@ -72,7 +51,7 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
         "generations": generations or _generations_from(evaluations),
         "blocks": blocks,
         "names": names,
-        "best_plan": _read_json(path / "best_plan.json"),
+        "best_plan": run.read("best_plan.json"),
     }
 
 
