@@ -241,7 +241,7 @@ def cmd_blocks(args: argparse.Namespace) -> int:
     from biotune.models import load_model
 
     loaded = load_model(args.model, num_classes=args.num_classes, pretrained=False)
-    print(f"{loaded.name}: ", end="")
+    print(f"{loaded.name} ({args.num_classes}-class head)")
     print(describe_blocks(partition_blocks(loaded.model)))
     return 0
 
