@@ -75,7 +75,7 @@ class SearchScale:
     def describe(self) -> str:
         """Only the values that were changed, e.g. 'population 4, generations 2'."""
         parts = [
-            f"{k} {','.join(map(str, v)) if isinstance(v, tuple) else v}"
+            f"{k} {list(v) if isinstance(v, tuple) else v}"
             for k, v in asdict(self).items()
             if v is not None
         ]
