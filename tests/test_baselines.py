@@ -75,15 +75,6 @@ def bench() -> Workbench:
     return make_bench()
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and do not stall when other work shares the CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _head_names(bench: Workbench) -> set[str]:
     return set(bench.partition[bench.partition.names[-1]].param_names)
 

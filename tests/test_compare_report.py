@@ -9,7 +9,6 @@ import warnings
 from pathlib import Path
 
 import pytest
-import torch
 from test_baselines import make_bench
 
 from biotune.compare import (
@@ -29,15 +28,6 @@ from biotune.training import TrainConfig
 PNG = b"\x89PNG\r\n\x1a\n"
 TINY = TrainConfig(epochs=1, patience=1, batch_size=32, eval_batch_size=64)
 TINY_SEARCH = SearchScale(population=3, generations=1, elite=1, seeds=(0,), epochs=1)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and do not stall when other work shares the CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _quiet(_: str) -> None:
