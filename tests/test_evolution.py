@@ -15,7 +15,9 @@ from biotune.evolution import (
     _crossover,
     _extinction_probabilities,
     _linear_ranking_draw,
+    anchor_genes,
 )
+from biotune.plan import decode_genome
 
 NUM_BLOCKS = 5
 TARGET = np.array([0.9, 0.1, 0.8, 0.2, 0.7, 0.4])  # blocks 0, 2, 4 selected, threshold 0.4
@@ -67,6 +69,26 @@ def test_candidate_genes_are_read_only():
     candidate = Candidate(0, np.array([0.2, 0.1]), 0, "initial")
     with pytest.raises(ValueError):
         candidate.genes[0] = 0.5
+
+
+def test_anchors_start_the_initial_population_with_the_textbook_plans():
+    names = [f"b{i}" for i in range(6)]
+    evo = BioTuneEvolution(len(names), EvolutionConfig(population_size=5, anchors=True), seed=3)
+    asked = evo.ask()
+    plans = [decode_genome(c.genes, names) for c in asked]
+    assert [p.trained for p in plans[:3]] == [tuple(names), tuple(names[3:]), (names[-1],)]
+    assert all(b.lr_mult == pytest.approx(1.0) for p in plans[:3] for b in p.blocks if b.train)
+    assert all(c.valid for c in asked)
+    random_genes = [c.genes for c in BioTuneEvolution(len(names), seed=3).ask()]
+    assert not any(np.array_equal(asked[3].genes, g) for g in anchor_genes(len(names)))
+    # The anchors take the first slots; the random draws follow, in the same order as without.
+    assert [c.genes.tolist() for c in asked[3:]] == [g.tolist() for g in random_genes[:2]]
+
+
+def test_anchors_fill_a_small_population_and_collapse_for_one_block():
+    evo = BioTuneEvolution(4, EvolutionConfig(population_size=2, elite=1, anchors=True), seed=0)
+    assert [c.genes.tolist() for c in evo.ask()] == [g.tolist() for g in anchor_genes(4)[:2]]
+    assert len(anchor_genes(1)) == 1
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -450,6 +472,7 @@ def test_search_improves_on_the_initial_population():
         ({"local_search_step": float("nan")}, "local_search_step"),
         ({"children_batch": 0}, "children_batch"),
         ({"population_size": 2.5}, "population_size"),
+        ({"anchors": 1}, "anchors"),
     ],
 )
 def test_bad_configs_raise_a_one_line_error_naming_the_setting(settings, message):
@@ -463,3 +486,16 @@ def test_bad_search_arguments_raise():
         BioTuneEvolution(0)
     with pytest.raises(BioTuneError, match="seed"):
         BioTuneEvolution(NUM_BLOCKS, seed=-1)
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [([], True), (["--preset", "paper"], False), (["--no-anchors"], False),
+     (["--preset", "paper", "--anchors"], True)],
+)
+def test_cli_anchors_follow_the_preset_unless_asked(argv, expected):
+    from biotune.cli import _search_config, build_parser
+    from biotune.presets import preset
+
+    args = build_parser().parse_args(["search", *argv])
+    assert _search_config(args, preset(args.preset)).evolution.anchors is expected

@@ -125,6 +125,8 @@ def _search_config(args: argparse.Namespace, base: Any) -> Any:
         evo_changes["population_size"] = evo_changes.pop("population")
     if args.children_batch is not None:
         evo_changes["children_batch"] = args.children_batch or None
+    if args.anchors is not None:
+        evo_changes["anchors"] = args.anchors
     protocol = base.protocol
     proto_changes: dict[str, Any] = {}
     if args.data_fraction is not None:
@@ -292,6 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--children-batch", type=int,
                    help="children made per step: 1 = the paper's sequential order; 0 = all "
                    "children of a generation at once (parallel)")
+    g.add_argument("--anchors", action=argparse.BooleanOptionalAction, default=None,
+                   help="start the population from full fine-tuning, the top half and linear "
+                   "probing (default preset: on; paper preset: off, random genomes)")
     g = s.add_argument_group("fitness protocol")
     g.add_argument("--data-fraction", type=float,
                    help="share of the training split each evaluation trains on; the folds "

@@ -37,6 +37,11 @@ class EvolutionConfig:
     ``children_batch`` sets how many children one ``ask()`` returns: 1 is the paper's sequential
     order (the mating pool changes after every child), None asks all of a generation's children at
     once so a runner can evaluate them in parallel.
+
+    ``anchors`` (not in the paper, off in its preset) makes the first members of the initial
+    population the textbook plans instead of random ones (``ANCHORS``: full fine-tuning, the top
+    half of the blocks, linear probing; all at the base learning rate), so the search starts
+    from, and can never end worse on validation than, the plans a practitioner would try first.
     """
 
     population_size: int = 10
@@ -44,6 +49,7 @@ class EvolutionConfig:
     elite: int = 3
     local_search_step: float = 0.25
     children_batch: int | None = None
+    anchors: bool = False
 
     def __post_init__(self) -> None:
         for name in ("population_size", "generations", "elite"):
@@ -69,6 +75,8 @@ class EvolutionConfig:
         batch = self.children_batch
         if batch is not None and (not _is_int(batch) or batch < 1):
             raise BioTuneError(f"children_batch must be None or an integer >= 1 (got {batch!r})")
+        if not isinstance(self.anchors, bool):
+            raise BioTuneError(f"anchors must be true or false (got {self.anchors!r})")
 
     @property
     def total_evaluations(self) -> int:
@@ -208,10 +216,10 @@ class BioTuneEvolution:
         if self._pending or self._phase == "done":
             return list(self._pending)
         if self._phase == "initial":
-            self._pending = [
-                self._new_candidate(self._random_valid_genes(), "initial")
-                for _ in range(self._config.population_size)
-            ]
+            size = self._config.population_size
+            genes = anchor_genes(self._num_blocks)[:size] if self._config.anchors else []
+            genes += [self._random_valid_genes() for _ in range(size - len(genes))]
+            self._pending = [self._new_candidate(g, "initial") for g in genes]
         elif self._phase == "elite":
             self._pending = self._ask_elite()
         else:
@@ -407,6 +415,26 @@ class BioTuneEvolution:
     def _pool_ids(self) -> list[int]:
         """Candidate ids in the mating pool, best first (for tests and debugging)."""
         return [self._population[i][0].id for i in self._pool]
+
+
+#: The plans ``EvolutionConfig.anchors`` puts first in the initial population, in this order.
+ANCHORS = ("full fine-tuning", "top half", "linear probing")
+
+
+def anchor_genes(num_blocks: int) -> list[np.ndarray]:
+    """Genomes of the ``ANCHORS`` plans for ``num_blocks`` blocks (genes 0.5: the base rate).
+
+    The threshold gene is 0.25 and frozen blocks get gene 0, so every anchor decodes exactly;
+    with one block the three coincide and one genome is returned.
+    """
+    out: list[np.ndarray] = []
+    for first_trained in (0, num_blocks // 2, num_blocks - 1):
+        genes = np.zeros(num_blocks + 1)
+        genes[first_trained:num_blocks] = 0.5
+        genes[-1] = 0.25
+        if not any(np.array_equal(genes, g) for g in out):
+            out.append(genes)
+    return out
 
 
 def _checked_fitness(candidate_id: int, value: float) -> float:

@@ -30,10 +30,11 @@ def paper() -> SearchConfig:
 
 
 def default() -> SearchConfig:
-    """Our default: the same algorithm at a fraction of the cost (one seed, short training)."""
+    """Our default: the same algorithm at a fraction of the cost (one seed, short training,
+    feature caching, early termination, memoisation), started from the anchor plans."""
     return SearchConfig(
         data=DataConfig(),
-        evolution=EvolutionConfig(population_size=6, generations=3, elite=2),
+        evolution=EvolutionConfig(population_size=6, generations=3, elite=2, anchors=True),
         protocol=SearchProtocol(
             data_fraction=0.5,
             seeds=(0,),
