@@ -17,7 +17,8 @@ Cost unit: one FT-equivalent = fine-tuning every block on the whole training spl
 
 Writes results/search_cost.{json,md} (search_cost-quick.* with --quick) next to this file, with
 the date, the machine and the exact command. Run directories go to runs/search_cost/; a rerun
-with the same settings resumes the searches (the final runs are redone).
+with the same settings resumes an unfinished search, and reuses a side that finished (search and
+final runs) with the times measured when it ran, its date in the report (``--redo`` runs it again).
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from biotune import cost, presets  # noqa: E402
-from biotune.evolution import EvolutionConfig  # noqa: E402
 from biotune.rundir import write_json_atomic  # noqa: E402
 from biotune.runner import (  # noqa: E402
     DataConfig,
@@ -56,6 +56,15 @@ TARGET_WALL_RATIO = 10.0
 TARGET_ACCURACY_POINTS = 1.0
 
 
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+
+
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
@@ -64,6 +73,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--train-size", type=int, default=300)
     p.add_argument("--val-size", type=int, default=150)
     p.add_argument("--test-size", type=int, default=1000)
+    p.add_argument("--search-seeds", type=_ints, default=[0],
+                   help="comma-separated seeds; each runs both searches (default 0)")
     p.add_argument("--epochs", type=int, default=3,
                    help="epoch cap of every search evaluation, both sides (paper: 30)")
     p.add_argument("--final-epochs", type=int, default=presets.FINAL_TRAINING.epochs,
@@ -75,6 +86,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    help="torch CPU threads of this process (1: steadiest on a shared 2-core box)")
     p.add_argument("--runs", type=Path, default=Path("runs/search_cost"),
                    help="where the run directories go (resumed if present)")
+    p.add_argument("--redo", action="store_true",
+                   help="run both sides again even where a finished record exists")
     p.add_argument("--out", type=Path, default=HERE / "results")
     args = p.parse_args(argv)
     if args.quick:
@@ -83,8 +96,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def configs(args: argparse.Namespace) -> dict[str, SearchConfig]:
-    """The two searches on the same data, with the same epoch cap and final recipe."""
+def configs(args: argparse.Namespace, seed: int = 0) -> dict[str, SearchConfig]:
+    """The two searches on the same data, with the same epoch cap, final recipe and search
+    seed (the seed of the evolution and of the folds)."""
     data = DataConfig(
         image_size=args.image_size, train_size=args.train_size, val_size=args.val_size,
         test_size=args.test_size,
@@ -95,13 +109,11 @@ def configs(args: argparse.Namespace) -> dict[str, SearchConfig]:
         train = replace(base.protocol.train, epochs=min(args.epochs, base.protocol.train.epochs))
         evolution = base.evolution
         if args.quick:  # a smoke run only: small populations on both sides
-            evolution = EvolutionConfig(
-                population_size=4, generations=1, elite=1,
-                children_batch=evolution.children_batch,
-            )
+            evolution = replace(evolution, population_size=4, generations=1, elite=1)
         out[name] = replace(
             base, data=data, evolution=evolution,
             protocol=replace(base.protocol, train=train), final=final, final_seeds=(0, 1, 2),
+            seed=seed,
         )
     return out
 
@@ -114,6 +126,11 @@ def _run_dir(root: Path, name: str, config: SearchConfig) -> Path:
 def run_side(name: str, config: SearchConfig, args: argparse.Namespace, unit_epochs: int) -> dict:
     """One search, then its plan's final training; wall times measured here, in this process."""
     run_dir = _run_dir(args.runs, name, config)
+    finished = run_dir / "benchmark_side.json"
+    if finished.exists() and not args.redo:
+        side = json.loads(finished.read_text())
+        print(f"{name}: reusing the side finished on {side['date']} ({finished})", flush=True)
+        return side
     resume = (run_dir / "config.json").exists()
     bench = prepare(config.data)
     search = Search(config, run_dir, bench=bench, executor=args.executor, workers=args.workers)
@@ -133,7 +150,8 @@ def run_side(name: str, config: SearchConfig, args: argparse.Namespace, unit_epo
     print(f"{name}: {summary['evaluations']} evaluations ({summary['by_status']}), "
           f"{summary['ft_equivalents']:.2f} FT-equivalents, {search_wall:.0f} s search; "
           f"test balanced {final['test_balanced']['mean']:.4f}", flush=True)
-    return {
+    side = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
         "run_dir": str(run_dir),
         "settings": {
             "evolution": config.evolution.__dict__,
@@ -149,20 +167,33 @@ def run_side(name: str, config: SearchConfig, args: argparse.Namespace, unit_epo
         "final": {k: final[k] for k in ("test_top1", "test_balanced", "trainable_share")},
         "block_flops": flops,
     }
+    if not resume:  # only a side measured in one piece is worth reusing
+        write_json_atomic(finished, side)
+    return side
 
 
 def _ratio(a: float, b: float) -> float:
     return a / b if b > 0 else float("inf")
 
 
-def markdown(report: dict[str, Any]) -> str:
-    p, d = report["paper"], report["default"]
-    r = report["ratios"]
+def compare_sides(p: dict, d: dict) -> dict[str, float]:
+    """Ratios paper / default of cost, and the default's test accuracy minus the paper's."""
+    return {
+        "ft_equivalents": _ratio(p["cost"]["ft_equivalents"], d["cost"]["ft_equivalents"]),
+        "wall_seconds": _ratio(p["search_wall_seconds"], d["search_wall_seconds"]),
+        "balanced_points": 100 * (
+            d["final"]["test_balanced"]["mean"] - p["final"]["test_balanced"]["mean"]
+        ),
+    }
 
-    def acc(side: dict, key: str) -> str:
-        s = side["final"][key]
-        return f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}"
 
+def _acc(side: dict, key: str) -> str:
+    s = side["final"][key]
+    return f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}"
+
+
+def _side_table(search: dict) -> list[str]:
+    p, d, r = search["paper"], search["default"], search["ratios"]
     rows = [
         ("evaluations (trained)", f"{p['cost']['evaluations']} ({p['cost']['trained']})",
          f"{d['cost']['evaluations']} ({d['cost']['trained']})", ""),
@@ -170,11 +201,24 @@ def markdown(report: dict[str, Any]) -> str:
          f"{d['cost']['ft_equivalents']:.2f}", f"{r['ft_equivalents']:.1f}x"),
         ("search wall time (s)", f"{p['search_wall_seconds']:.0f}",
          f"{d['search_wall_seconds']:.0f}", f"{r['wall_seconds']:.1f}x"),
-        ("test top-1 % (3 seeds)", acc(p, "test_top1"), acc(d, "test_top1"), ""),
-        ("test balanced % (3 seeds)", acc(p, "test_balanced"), acc(d, "test_balanced"),
+        ("test top-1 % (3 seeds)", _acc(p, "test_top1"), _acc(d, "test_top1"), ""),
+        ("test balanced % (3 seeds)", _acc(p, "test_balanced"), _acc(d, "test_balanced"),
          f"{r['balanced_points']:+.2f} points"),
         ("found plan", p["best_plan"], d["best_plan"], ""),
+        ("measured", p.get("date", "?"), d.get("date", "?"), ""),
     ]
+    return [
+        f"## Search seed {search['seed']}",
+        "",
+        "| | paper protocol | default | ratio |",
+        "|---|---|---|---|",
+        *[f"| {a} | {b} | {c} | {e} |" for a, b, c, e in rows],
+        "",
+    ]
+
+
+def markdown(report: dict[str, Any]) -> str:
+    r, t = report["ratios"], report["targets"]
     lines = [
         f"# Search cost: paper protocol vs default ({report['date']})",
         "",
@@ -182,16 +226,26 @@ def markdown(report: dict[str, Any]) -> str:
         f"Command: `{report['command']}`  ",
         f"Data: {report['data']}; every search evaluation capped at {report['epochs']} epochs "
         f"(paper: 30), the same for both; FT-equivalent = {report['epochs']} epochs of full "
-        "fine-tuning on the whole training split, validation included.",
+        "fine-tuning on the whole training split, validation included. Each search seed runs "
+        "both searches (its own folds and evolution); each found plan is trained with final "
+        "seeds 0, 1, 2 and tested once.",
         "",
-        "| | paper protocol | default | ratio |",
-        "|---|---|---|---|",
-        *[f"| {a} | {b} | {c} | {e} |" for a, b, c, e in rows],
+    ]
+    for search in report["searches"]:
+        lines += _side_table(search)
+    n = len(report["searches"])
+    lines += [
+        f"## Over {n} search seed(s)",
         "",
-        "Targets: >= 20x fewer FT-equivalents: " + ("met" if report["targets"]["ft"] else "NOT met")
-        + "; >= 10x less wall time: " + ("met" if report["targets"]["wall"] else "NOT met")
+        f"- FT-equivalents, summed: {r['ft_equivalents']:.1f}x fewer for the default.",
+        f"- search wall time, summed: {r['wall_seconds']:.1f}x less for the default.",
+        f"- test balanced accuracy, mean over search seeds: paper {r['paper_balanced']:.2f} %, "
+        f"default {r['default_balanced']:.2f} % ({r['balanced_points']:+.2f} points).",
+        "",
+        "Targets: >= 20x fewer FT-equivalents: " + ("met" if t["ft"] else "NOT met")
+        + "; >= 10x less wall time: " + ("met" if t["wall"] else "NOT met")
         + "; test accuracy within 1 point or better: "
-        + ("met" if report["targets"]["accuracy"] else "NOT met") + ".",
+        + ("met" if t["accuracy"] else "NOT met") + ".",
     ]
     if report["quick"]:
         lines += ["", "**Quick smoke run: populations shrunk, NOT the paper's protocol.**"]
@@ -201,7 +255,6 @@ def markdown(report: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     torch.set_num_threads(args.threads)
-    sides = configs(args)
     report: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": machine_description(),
@@ -212,14 +265,31 @@ def main(argv: list[str] | None = None) -> int:
         "epochs": args.epochs,
         "threads": args.threads,
         "executor": f"{args.executor} x{args.workers}",
+        "searches": [],
     }
-    for name, config in sides.items():
-        report[name] = run_side(name, config, args, args.epochs)
-    p, d = report["paper"], report["default"]
-    points = 100 * (d["final"]["test_balanced"]["mean"] - p["final"]["test_balanced"]["mean"])
+    for seed in args.search_seeds:
+        search: dict[str, Any] = {"seed": seed}
+        for name, config in configs(args, seed).items():
+            search[name] = run_side(name, config, args, args.epochs)
+        search["ratios"] = compare_sides(search["paper"], search["default"])
+        report["searches"].append(search)
+    searches = report["searches"]
+
+    def total(side: str, key: str) -> float:
+        return sum(s[side]["cost"][key] if key in s[side]["cost"] else s[side][key]
+                   for s in searches)
+
+    def balanced(side: str) -> float:
+        return 100 * float(np.mean([s[side]["final"]["test_balanced"]["mean"] for s in searches]))
+
+    points = balanced("default") - balanced("paper")
     report["ratios"] = {
-        "ft_equivalents": _ratio(p["cost"]["ft_equivalents"], d["cost"]["ft_equivalents"]),
-        "wall_seconds": _ratio(p["search_wall_seconds"], d["search_wall_seconds"]),
+        "ft_equivalents": _ratio(total("paper", "ft_equivalents"),
+                                 total("default", "ft_equivalents")),
+        "wall_seconds": _ratio(total("paper", "search_wall_seconds"),
+                               total("default", "search_wall_seconds")),
+        "paper_balanced": balanced("paper"),
+        "default_balanced": balanced("default"),
         "balanced_points": points,
     }
     report["targets"] = {
