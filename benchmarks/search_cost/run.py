@@ -12,7 +12,8 @@ seeds and tested once.
 Cost unit: one FT-equivalent = fine-tuning every block on the whole training split for
 ``--epochs`` epochs with validation after each (``biotune.cost``), the same unit for both sides.
 
-    python benchmarks/search_cost/run.py            # about an hour on 2 free CPU cores
+    python benchmarks/search_cost/run.py                        # one search seed, ~35 min
+    python benchmarks/search_cost/run.py --search-seeds 0,1,2   # three, ~1 h 45
     python benchmarks/search_cost/run.py --quick    # a smoke run (small data, small populations)
 
 Writes results/search_cost.{json,md} (search_cost-quick.* with --quick) next to this file, with
