@@ -206,7 +206,7 @@ def _side_table(search: dict) -> list[str]:
         ("test balanced % (3 seeds)", _acc(p, "test_balanced"), _acc(d, "test_balanced"),
          f"{r['balanced_points']:+.2f} points"),
         ("found plan", p["best_plan"], d["best_plan"], ""),
-        ("measured", p.get("date", "?"), d.get("date", "?"), ""),
+        ("finished", p.get("date", "?"), d.get("date", "?"), ""),
     ]
     return [
         f"## Search seed {search['seed']}",
