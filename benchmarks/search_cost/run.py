@@ -276,19 +276,19 @@ def main(argv: list[str] | None = None) -> int:
         report["searches"].append(search)
     searches = report["searches"]
 
-    def total(side: str, key: str) -> float:
-        return sum(s[side]["cost"][key] if key in s[side]["cost"] else s[side][key]
-                   for s in searches)
+    def ft(side: str) -> float:
+        return sum(s[side]["cost"]["ft_equivalents"] for s in searches)
+
+    def wall(side: str) -> float:
+        return sum(s[side]["search_wall_seconds"] for s in searches)
 
     def balanced(side: str) -> float:
         return 100 * float(np.mean([s[side]["final"]["test_balanced"]["mean"] for s in searches]))
 
     points = balanced("default") - balanced("paper")
     report["ratios"] = {
-        "ft_equivalents": _ratio(total("paper", "ft_equivalents"),
-                                 total("default", "ft_equivalents")),
-        "wall_seconds": _ratio(total("paper", "search_wall_seconds"),
-                               total("default", "search_wall_seconds")),
+        "ft_equivalents": _ratio(ft("paper"), ft("default")),
+        "wall_seconds": _ratio(wall("paper"), wall("default")),
         "paper_balanced": balanced("paper"),
         "default_balanced": balanced("default"),
         "balanced_points": points,

@@ -39,8 +39,8 @@ class EvolutionConfig:
     once so a runner can evaluate them in parallel.
 
     ``anchors`` (not in the paper, off in its preset) makes the first members of the initial
-    population the textbook plans instead of random ones (``ANCHORS``: full fine-tuning, the top
-    half of the blocks, linear probing; all at the base learning rate), so the search starts
+    population the textbook plans instead of random ones (``anchor_genes``: full fine-tuning, the
+    top half of the blocks, linear probing; all at the base learning rate), so the search starts
     from, and can never end worse on validation than, the plans a practitioner would try first.
     """
 
@@ -417,12 +417,9 @@ class BioTuneEvolution:
         return [self._population[i][0].id for i in self._pool]
 
 
-#: The plans ``EvolutionConfig.anchors`` puts first in the initial population, in this order.
-ANCHORS = ("full fine-tuning", "top half", "linear probing")
-
-
 def anchor_genes(num_blocks: int) -> list[np.ndarray]:
-    """Genomes of the ``ANCHORS`` plans for ``num_blocks`` blocks (genes 0.5: the base rate).
+    """The plans ``EvolutionConfig.anchors`` puts first, in this order: full fine-tuning, the top
+    half of the blocks, linear probing, as genomes for ``num_blocks`` blocks (genes 0.5: base rate).
 
     The threshold gene is 0.25 and frozen blocks get gene 0, so every anchor decodes exactly;
     with one block the three coincide and one genome is returned.
