@@ -16,7 +16,8 @@ Cost unit: one FT-equivalent = fine-tuning every block on the whole training spl
     python benchmarks/search_cost/run.py --search-seeds 0,1,2   # three, ~1 h 45
     python benchmarks/search_cost/run.py --quick    # a smoke run (small data, small populations)
 
-Writes results/search_cost.{json,md} (search_cost-quick.* with --quick) next to this file, with
+Writes results/search_cost.{json,md} (search_cost-quick.* with --quick, search_cost-VARIANT.* with
+``--variant``, an ablation that changes the default side only) next to this file, with
 the date, the machine and the exact command. Run directories go to runs/search_cost/; a rerun
 with the same settings resumes an unfinished search, and reuses a side that finished (search and
 final runs) with the times measured when it ran, its date in the report (``--redo`` runs it again).
@@ -30,6 +31,7 @@ import json
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -57,6 +59,17 @@ TARGET_WALL_RATIO = 10.0
 TARGET_ACCURACY_POINTS = 1.0
 
 
+#: Ablations of the default side (``--variant``): one change each, the paper side unchanged.
+VARIANTS: dict[str, Callable[[SearchConfig], SearchConfig]] = {
+    "anchors-off": lambda c: replace(c, evolution=replace(c.evolution, anchors=False)),
+    "no-pruning": lambda c: replace(c, protocol=replace(c.protocol, prune=None)),
+    "3-epochs": lambda c: replace(
+        c, protocol=replace(c.protocol, train=replace(c.protocol.train, epochs=3))
+    ),
+    "population-8": lambda c: replace(c, evolution=replace(c.evolution, population_size=8)),
+}
+
+
 def _ints(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
@@ -80,6 +93,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    help="epoch cap of every search evaluation, both sides (paper: 30)")
     p.add_argument("--final-epochs", type=int, default=presets.FINAL_TRAINING.epochs,
                    help="epochs of the final training of each found plan (same for both)")
+    p.add_argument("--variant", choices=sorted(VARIANTS),
+                   help="an ablation: change the default side only (results/search_cost-VARIANT.*)")
     p.add_argument("--executor", default="inprocess", choices=["inprocess", "process", "ray"],
                    help="where both searches run their evaluations (the same for both)")
     p.add_argument("--workers", type=int, default=1)
@@ -116,6 +131,8 @@ def configs(args: argparse.Namespace, seed: int = 0) -> dict[str, SearchConfig]:
             protocol=replace(base.protocol, train=train), final=final, final_seeds=(0, 1, 2),
             seed=seed,
         )
+    if args.variant:
+        out["default"] = VARIANTS[args.variant](out["default"])
     return out
 
 
@@ -193,7 +210,7 @@ def _acc(side: dict, key: str) -> str:
     return f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}"
 
 
-def _side_table(search: dict) -> list[str]:
+def _side_table(search: dict, default: str = "default") -> list[str]:
     p, d, r = search["paper"], search["default"], search["ratios"]
     rows = [
         ("evaluations (trained)", f"{p['cost']['evaluations']} ({p['cost']['trained']})",
@@ -211,7 +228,7 @@ def _side_table(search: dict) -> list[str]:
     return [
         f"## Search seed {search['seed']}",
         "",
-        "| | paper protocol | default | ratio |",
+        f"| | paper protocol | {default} | ratio |",
         "|---|---|---|---|",
         *[f"| {a} | {b} | {c} | {e} |" for a, b, c, e in rows],
         "",
@@ -232,8 +249,9 @@ def markdown(report: dict[str, Any]) -> str:
         "seeds 0, 1, 2 and tested once.",
         "",
     ]
+    default = f"default, {report['variant']}" if report.get("variant") else "default"
     for search in report["searches"]:
-        lines += _side_table(search)
+        lines += _side_table(search, default)
     n = len(report["searches"])
     lines += [
         f"## Over {n} search seed(s)",
@@ -250,6 +268,9 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     if report["quick"]:
         lines += ["", "**Quick smoke run: populations shrunk, NOT the paper's protocol.**"]
+    if report.get("variant"):
+        lines += ["", f"**Ablation `{report['variant']}`: the default side changed, NOT our "
+                  "default.**"]
     return "\n".join(lines) + "\n"
 
 
@@ -266,12 +287,14 @@ def main(argv: list[str] | None = None) -> int:
         "epochs": args.epochs,
         "threads": args.threads,
         "executor": f"{args.executor} x{args.workers}",
+        "variant": args.variant,
         "searches": [],
     }
     for seed in args.search_seeds:
         search: dict[str, Any] = {"seed": seed}
         for name, config in configs(args, seed).items():
-            search[name] = run_side(name, config, args, args.epochs)
+            label = f"{name}-{args.variant}" if name == "default" and args.variant else name
+            search[name] = run_side(label, config, args, args.epochs)
         search["ratios"] = compare_sides(search["paper"], search["default"])
         report["searches"].append(search)
     searches = report["searches"]
@@ -298,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
         "wall": report["ratios"]["wall_seconds"] >= TARGET_WALL_RATIO,
         "accuracy": bool(np.isfinite(points) and points >= -TARGET_ACCURACY_POINTS),
     }
-    stem = "search_cost-quick" if args.quick else "search_cost"
+    stem = "-".join(["search_cost", *(["quick"] if args.quick else []),
+                     *([args.variant] if args.variant else [])])
     args.out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out / f"{stem}.json", report)
     text = markdown(report)
