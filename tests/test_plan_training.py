@@ -191,6 +191,19 @@ def test_early_stopping_restores_the_best_epoch(tiny_cnn, tiny_data):
     assert evaluate(model, tiny_data).balanced == pytest.approx(best)
 
 
+def test_likelihood_metric_selects_the_epoch_of_lowest_validation_loss(tiny_cnn, tiny_data):
+    partition = _partition(tiny_cnn)
+    config = TrainConfig(epochs=5, patience=5, batch_size=16, base_lr=0.3, optimizer="sgd",
+                         metric="likelihood")
+    _, result = train_plan(
+        tiny_cnn, partition, FineTunePlan.full(partition.names), tiny_data, tiny_data, config
+    )
+    losses = [h["val_loss"] for h in result.history]
+    assert [h["val_likelihood"] for h in result.history] == pytest.approx(np.exp(-np.array(losses)))
+    assert result.val.loss == pytest.approx(min(losses))
+    assert result.val.get("likelihood") == pytest.approx(np.exp(-min(losses)))
+
+
 def test_diverging_loss_is_reported_not_raised(tiny_cnn, tiny_data):
     partition = _partition(tiny_cnn)
     plan = FineTunePlan.full(partition.names)

@@ -67,6 +67,10 @@ VARIANTS: dict[str, Callable[[SearchConfig], SearchConfig]] = {
         c, protocol=replace(c.protocol, train=replace(c.protocol.train, epochs=3))
     ),
     "population-8": lambda c: replace(c, evolution=replace(c.evolution, population_size=8)),
+    "likelihood": lambda c: replace(
+        c, protocol=replace(c.protocol, train=replace(c.protocol.train, metric="likelihood"))
+    ),
+    "local-step-0.5": lambda c: replace(c, evolution=replace(c.evolution, local_search_step=0.5)),
 }
 
 
@@ -182,7 +186,9 @@ def run_side(name: str, config: SearchConfig, args: argparse.Namespace, unit_epo
         "final_wall_seconds": final_wall,
         "best_plan": result.best_plan.describe(),
         "best_fitness": result.best_fitness,
-        "final": {k: final[k] for k in ("test_top1", "test_balanced", "trainable_share")},
+        "final": {
+            k: final[k] for k in ("test_top1", "test_balanced", "val_balanced", "trainable_share")
+        },
         "block_flops": flops,
     }
     if not resume:  # only a side measured in one piece is worth reusing

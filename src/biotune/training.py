@@ -26,7 +26,9 @@ from biotune.plan import FineTunePlan, apply_plan
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("cosine", "none")
-METRICS = ("balanced", "top1")
+#: "likelihood" is exp(-validation cross-entropy), the geometric mean of the probability given to
+#: the true class: it moves with every step, where accuracy after a few steps is mostly noise.
+METRICS = ("balanced", "top1", "likelihood")
 
 
 @dataclass(frozen=True)
@@ -75,8 +77,12 @@ class Metrics:
     balanced: float
     loss: float = float("nan")
 
+    @property
+    def likelihood(self) -> float:
+        return math.exp(-self.loss)
+
     def get(self, metric: str) -> float:
-        return self.balanced if metric == "balanced" else self.top1
+        return float(getattr(self, metric))
 
 
 @dataclass
@@ -288,7 +294,8 @@ def fine_tune(
             metric = val.get(config.metric)
             history.append(
                 {"epoch": epoch, "train_loss": loss_sum / max(seen, 1),
-                 "val_top1": val.top1, "val_balanced": val.balanced, "val_loss": val.loss}
+                 "val_top1": val.top1, "val_balanced": val.balanced, "val_loss": val.loss,
+                 "val_likelihood": val.likelihood}
             )
             if metric > best_metric:
                 best_metric, best_epoch, best_val, since_best = metric, epoch, val, 0
