@@ -327,8 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall": report["ratios"]["wall_seconds"] >= TARGET_WALL_RATIO,
         "accuracy": bool(np.isfinite(points) and points >= -TARGET_ACCURACY_POINTS),
     }
-    stem = "-".join(["search_cost", *(["quick"] if args.quick else []),
-                     *([args.variant] if args.variant else [])])
+    stem = "-".join(filter(None, ["search_cost", "quick" if args.quick else "", args.variant]))
     args.out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.out / f"{stem}.json", report)
     text = markdown(report)
