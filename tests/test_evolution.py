@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -89,6 +90,28 @@ def test_anchors_fill_a_small_population_and_collapse_for_one_block():
     evo = BioTuneEvolution(4, EvolutionConfig(population_size=2, elite=1, anchors=True), seed=0)
     assert [c.genes.tolist() for c in evo.ask()] == [g.tolist() for g in anchor_genes(4)[:2]]
     assert len(anchor_genes(1)) == 1
+
+
+def test_a_larger_initial_sample_keeps_the_best_population_size_genomes():
+    config = EvolutionConfig(population_size=4, elite=1, generations=1, initial_size=9)
+    evo = BioTuneEvolution(NUM_BLOCKS, config, seed=2)
+    initial = evo.ask()
+    assert len(initial) == 9 and config.total_evaluations == 9 + (3 + 3)
+    fitness = {c.id: toy_fitness(c) for c in initial}
+    evo.tell(fitness)
+    kept = [c.id for c, _ in evo.population]
+    assert kept == sorted(fitness, key=lambda i: (fitness[i], i))[:4]
+    # The same draws start the sample as a population_size initial generation would.
+    plain = BioTuneEvolution(NUM_BLOCKS, replace(config, initial_size=None), seed=2).ask()
+    assert [c.genes.tolist() for c in plain] == [c.genes.tolist() for c in initial[:4]]
+    # The elites of generation 1 come from the kept four, and the children fill only those.
+    assert len(drive(evo)) == 2 and len(evo.population) == 4
+
+
+def test_an_unset_initial_size_is_left_out_of_stored_settings_so_old_runs_resume():
+    assert "initial_size" not in EvolutionConfig().to_dict()
+    for config in (EvolutionConfig(), EvolutionConfig(population_size=4, initial_size=7)):
+        assert EvolutionConfig(**config.to_dict()) == config
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -473,6 +496,8 @@ def test_search_improves_on_the_initial_population():
         ({"children_batch": 0}, "children_batch"),
         ({"population_size": 2.5}, "population_size"),
         ({"anchors": 1}, "anchors"),
+        ({"initial_size": 3, "population_size": 4}, "initial_size"),
+        ({"initial_size": 5.0}, "initial_size"),
     ],
 )
 def test_bad_configs_raise_a_one_line_error_naming_the_setting(settings, message):
@@ -499,3 +524,14 @@ def test_cli_anchors_follow_the_preset_unless_asked(argv, expected):
 
     args = build_parser().parse_args(["search", *argv])
     assert _search_config(args, preset(args.preset)).evolution.anchors is expected
+
+
+def test_cli_initial_size_reaches_the_evolution_and_a_too_small_one_is_refused():
+    from biotune.cli import _search_config, build_parser
+    from biotune.presets import preset
+
+    args = build_parser().parse_args(["search", "--initial-size", "9"])
+    assert _search_config(args, preset(args.preset)).evolution.initial_size == 9
+    args = build_parser().parse_args(["search", "--initial-size", "3"])
+    with pytest.raises(BioTuneError, match="initial_size must be None or an integer >= "):
+        _search_config(args, preset(args.preset))

@@ -71,6 +71,13 @@ VARIANTS: dict[str, Callable[[SearchConfig], SearchConfig]] = {
         c, protocol=replace(c.protocol, train=replace(c.protocol.train, metric="likelihood"))
     ),
     "local-step-0.5": lambda c: replace(c, evolution=replace(c.evolution, local_search_step=0.5)),
+    "batch-16": lambda c: replace(
+        c, protocol=replace(c.protocol, train=replace(c.protocol.train, batch_size=16))
+    ),
+    "initial-12": lambda c: replace(c, evolution=replace(c.evolution, initial_size=12)),
+    "batch-32": lambda c: replace(
+        c, protocol=replace(c.protocol, train=replace(c.protocol.train, batch_size=32))
+    ),
 }
 
 
@@ -176,7 +183,7 @@ def run_side(name: str, config: SearchConfig, args: argparse.Namespace, unit_epo
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "run_dir": str(run_dir),
         "settings": {
-            "evolution": config.evolution.__dict__,
+            "evolution": config.evolution.to_dict(),
             "protocol": config.protocol.to_dict(),
             "final": config.final.to_dict(),
             "final_seeds": list(config.final_seeds),

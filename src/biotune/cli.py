@@ -127,6 +127,8 @@ def _search_config(args: argparse.Namespace, base: Any) -> Any:
         evo_changes["children_batch"] = args.children_batch or None
     if args.anchors is not None:
         evo_changes["anchors"] = args.anchors
+    if args.initial_size is not None:
+        evo_changes["initial_size"] = args.initial_size
     protocol = base.protocol
     proto_changes: dict[str, Any] = {}
     if args.data_fraction is not None:
@@ -297,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--anchors", action=argparse.BooleanOptionalAction, default=None,
                    help="start the population from full fine-tuning, the top half and linear "
                    "probing (default preset: on; paper preset: off, random genomes)")
+    g.add_argument("--initial-size", type=_positive_int,
+                   help="genomes scored in the initial generation, the best --population of "
+                   "them kept (default: the population size)")
     g = s.add_argument_group("fitness protocol")
     g.add_argument("--data-fraction", type=float,
                    help="share of the training split each evaluation trains on; the folds "

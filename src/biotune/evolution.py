@@ -42,6 +42,10 @@ class EvolutionConfig:
     population the textbook plans instead of random ones (``anchor_genes``: full fine-tuning, the
     top half of the blocks, linear probing; all at the base learning rate), so the search starts
     from, and can never end worse on validation than, the plans a practitioner would try first.
+
+    ``initial_size`` (not in the paper; None: ``population_size``) scores that many genomes in
+    the initial generation and keeps the best ``population_size`` of them: a wider first look
+    at the space for a few more evaluations.
     """
 
     population_size: int = 10
@@ -50,6 +54,7 @@ class EvolutionConfig:
     local_search_step: float = 0.25
     children_batch: int | None = None
     anchors: bool = False
+    initial_size: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("population_size", "generations", "elite"):
@@ -77,12 +82,31 @@ class EvolutionConfig:
             raise BioTuneError(f"children_batch must be None or an integer >= 1 (got {batch!r})")
         if not isinstance(self.anchors, bool):
             raise BioTuneError(f"anchors must be true or false (got {self.anchors!r})")
+        initial = self.initial_size
+        if initial is not None and (not _is_int(initial) or initial < self.population_size):
+            raise BioTuneError(
+                "initial_size must be None or an integer >= population_size "
+                f"(got initial_size={initial!r}, population_size={self.population_size})"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as stored in a run directory; an unset ``initial_size`` is left out, so
+        run directories made before that setting existed still resume."""
+        settings = asdict(self)
+        if self.initial_size is None:
+            del settings["initial_size"]
+        return settings
+
+    @property
+    def initial_evaluations(self) -> int:
+        """Genomes scored in the initial generation."""
+        return self.population_size if self.initial_size is None else self.initial_size
 
     @property
     def total_evaluations(self) -> int:
         """Evaluations of a whole search, for progress reports and cost estimates."""
         per_generation = 3 * self.elite + self.population_size - self.elite
-        return self.population_size + self.generations * per_generation
+        return self.initial_evaluations + self.generations * per_generation
 
 
 @dataclass(frozen=True, eq=False)
@@ -216,7 +240,7 @@ class BioTuneEvolution:
         if self._pending or self._phase == "done":
             return list(self._pending)
         if self._phase == "initial":
-            size = self._config.population_size
+            size = self._config.initial_evaluations
             genes = anchor_genes(self._num_blocks)[:size] if self._config.anchors else []
             genes += [self._random_valid_genes() for _ in range(size - len(genes))]
             self._pending = [self._new_candidate(g, "initial") for g in genes]
@@ -258,7 +282,7 @@ class BioTuneEvolution:
             "format": _STATE_FORMAT,
             "num_blocks": self._num_blocks,
             "seed": self._seed,
-            "config": asdict(self._config),
+            "config": self._config.to_dict(),
             "rng": copy.deepcopy(self._rng.bit_generator.state),
             "next_id": self._next_id,
             "generation": self._generation,
@@ -390,7 +414,8 @@ class BioTuneEvolution:
                 self._pool.remove(index)
 
     def _finish_generation(self, members: list[tuple[Candidate, float]]) -> None:
-        ranked = sorted(members, key=lambda cf: (cf[1], cf[0].id))
+        # Only the initial generation can be larger than the population (``initial_size``).
+        ranked = sorted(members, key=lambda cf: (cf[1], cf[0].id))[: self._config.population_size]
         fitness = [f for _, f in ranked]
         self._population = ranked
         self._extinction = _extinction_probabilities(fitness).tolist()

@@ -78,7 +78,7 @@ class SearchConfig:
     def to_dict(self) -> dict[str, Any]:
         return {
             "data": asdict(self.data),
-            "evolution": asdict(self.evolution),
+            "evolution": self.evolution.to_dict(),
             "protocol": self.protocol.to_dict(),
             "final": self.final.to_dict(),
             "final_seeds": list(self.final_seeds),
@@ -253,7 +253,7 @@ class Search:
             )
             done = {r["candidate"]: r for r in self.run.records(EVALUATIONS, repair=True)}
             evo = self._evolution(len(bench.partition))
-            total = self._total_evaluations()
+            total = self.config.evolution.total_evaluations
             if self.progress is not None:
                 self.progress.start(total, len(done))
             started = time.perf_counter()
@@ -363,10 +363,6 @@ class Search:
                     rec["curves"], reused_from=rec["candidate"],
                 )
         return None
-
-    def _total_evaluations(self) -> int:
-        e = self.config.evolution
-        return e.population_size + e.generations * (3 * e.elite + e.population_size - e.elite)
 
     def _final(self, plan: FineTunePlan) -> dict[str, Any]:
         """Train the plan on the whole training split per seed (resumable), test each once."""
