@@ -45,12 +45,12 @@ from biotune.runner import (  # noqa: E402
 
 def parse_plan(text: str, names: tuple[str, ...]) -> FineTunePlan:
     """``"neck x10, head x2"`` or ``"top-half x3.16"`` -> a plan over ``names``."""
+    groups = {"all": names, "top-half": names[len(names) // 2 :]}
     rates: dict[str, float] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, _, mult = part.rpartition(" x")
         if not name:
             raise BioTuneError(f"plan {text!r}: expected 'BLOCK xMULT' parts (got {part!r})")
-        groups = {"all": names, "top-half": names[len(names) // 2 :]}
         for block in groups.get(name, (name,)):
             if block not in names:
                 raise BioTuneError(f"plan {text!r}: unknown block {block!r}; blocks: {names}")
@@ -101,11 +101,12 @@ def cmd_rerank(args: argparse.Namespace) -> None:
         best: list[tuple[float, FineTunePlan, list[float]]] = []
         seen = set()
         for candidate, _ in state["population"]:  # best first
-            plan = decode_genome(np.array(candidate["genes"]), names)
+            genes = np.array(candidate["genes"])
+            plan = decode_genome(genes, names)
             if plan.key() in seen:
                 continue
             seen.add(plan.key())
-            scores = evaluator.evaluate(0, np.array(candidate["genes"]), state["generation"]).scores
+            scores = evaluator.evaluate(0, genes, state["generation"]).scores
             best.append((float(np.mean(scores)), plan, scores))
             if len(best) == args.top:
                 break

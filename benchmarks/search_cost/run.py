@@ -59,25 +59,28 @@ TARGET_WALL_RATIO = 10.0
 TARGET_ACCURACY_POINTS = 1.0
 
 
+def _evolution(**changes: Any) -> Callable[[SearchConfig], SearchConfig]:
+    return lambda c: replace(c, evolution=replace(c.evolution, **changes))
+
+
+def _training(**changes: Any) -> Callable[[SearchConfig], SearchConfig]:
+    """A change of the short training every evaluation runs."""
+    return lambda c: replace(
+        c, protocol=replace(c.protocol, train=replace(c.protocol.train, **changes))
+    )
+
+
 #: Ablations of the default side (``--variant``): one change each, the paper side unchanged.
 VARIANTS: dict[str, Callable[[SearchConfig], SearchConfig]] = {
-    "anchors-off": lambda c: replace(c, evolution=replace(c.evolution, anchors=False)),
+    "anchors-off": _evolution(anchors=False),
     "no-pruning": lambda c: replace(c, protocol=replace(c.protocol, prune=None)),
-    "3-epochs": lambda c: replace(
-        c, protocol=replace(c.protocol, train=replace(c.protocol.train, epochs=3))
-    ),
-    "population-8": lambda c: replace(c, evolution=replace(c.evolution, population_size=8)),
-    "likelihood": lambda c: replace(
-        c, protocol=replace(c.protocol, train=replace(c.protocol.train, metric="likelihood"))
-    ),
-    "local-step-0.5": lambda c: replace(c, evolution=replace(c.evolution, local_search_step=0.5)),
-    "batch-16": lambda c: replace(
-        c, protocol=replace(c.protocol, train=replace(c.protocol.train, batch_size=16))
-    ),
-    "initial-12": lambda c: replace(c, evolution=replace(c.evolution, initial_size=12)),
-    "batch-32": lambda c: replace(
-        c, protocol=replace(c.protocol, train=replace(c.protocol.train, batch_size=32))
-    ),
+    "3-epochs": _training(epochs=3),
+    "population-8": _evolution(population_size=8),
+    "initial-12": _evolution(initial_size=12),
+    "local-step-0.5": _evolution(local_search_step=0.5),
+    "likelihood": _training(metric="likelihood"),
+    "batch-16": _training(batch_size=16),
+    "batch-32": _training(batch_size=32),
 }
 
 
