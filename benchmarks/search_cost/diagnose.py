@@ -32,11 +32,11 @@ import torch  # noqa: E402
 from run import _parse, configs  # noqa: E402
 
 from biotune.errors import BioTuneError  # noqa: E402
-from biotune.fitness import Evaluator  # noqa: E402
 from biotune.plan import BlockSetting, FineTunePlan, decode_genome, encode_plan  # noqa: E402
 from biotune.runner import (  # noqa: E402
     SearchConfig,
     Workbench,
+    evaluator_for,
     final_training_run,
     prepare,
     summarize_final,
@@ -70,10 +70,7 @@ def cmd_plans(args: argparse.Namespace) -> None:
     config = configs(_parse([]), args.search_seed)["default"]
     bench = prepare(config.data)
     names = bench.partition.names
-    protocol = replace(config.protocol, prune=None)
-    evaluator = Evaluator(
-        bench.model, bench.partition, bench.splits, protocol, fold_seed=config.seed
-    )
+    evaluator = evaluator_for(bench, replace(config, protocol=replace(config.protocol, prune=None)))
     for text in args.plan:
         plan = parse_plan(text, names)
         genes = encode_plan(plan)
@@ -95,9 +92,7 @@ def cmd_rerank(args: argparse.Namespace) -> None:
         bench = prepare(config.data)
         names = bench.partition.names
         protocol = replace(config.protocol, seeds=(0, 1, 2), prune=None)
-        evaluator = Evaluator(
-            bench.model, bench.partition, bench.splits, protocol, fold_seed=config.seed
-        )
+        evaluator = evaluator_for(bench, replace(config, protocol=protocol))
         best: list[tuple[float, FineTunePlan, list[float]]] = []
         seen = set()
         for candidate, _ in state["population"]:  # best first

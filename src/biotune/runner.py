@@ -126,12 +126,16 @@ def prepare(data: DataConfig, block_override: dict[str, list[str]] | None = None
     return Workbench(loaded, partition_blocks(loaded.model, block_override), splits)
 
 
-def build_evaluator(config: SearchConfig) -> Evaluator:
-    """Everything a worker process needs to score genomes, rebuilt from the configuration."""
-    bench = prepare(config.data)
+def evaluator_for(bench: Workbench, config: SearchConfig) -> Evaluator:
+    """Scores genomes on ``bench``'s model and data by ``config``'s protocol and folds."""
     return Evaluator(
         bench.model, bench.partition, bench.splits, config.protocol, fold_seed=config.seed
     )
+
+
+def build_evaluator(config: SearchConfig) -> Evaluator:
+    """Everything a worker process needs to score genomes, rebuilt from the configuration."""
+    return evaluator_for(prepare(config.data), config)
 
 
 @dataclass
@@ -233,17 +237,11 @@ class Search:
                 "blocks.json",
                 [{"name": n, "params": p, "share": s} for n, p, s in bench.partition.summary()],
             )
-            evaluator = Evaluator(
-                bench.model, bench.partition, bench.splits, self.config.protocol,
-                fold_seed=self.config.seed,
-            )
+            evaluator = evaluator_for(bench, self.config)
             # Workers rebuild the evaluator: from the configuration, or from the given bench
             # (pickled to them) when the caller brought its own model or data.
             factory = (
-                functools.partial(
-                    Evaluator, bench.model, bench.partition, bench.splits,
-                    self.config.protocol, fold_seed=self.config.seed,
-                )
+                functools.partial(evaluator_for, bench, self.config)
                 if self.bench_given
                 else functools.partial(build_evaluator, self.config)
             )
