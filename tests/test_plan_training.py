@@ -227,3 +227,27 @@ def test_diverging_loss_is_reported_not_raised(tiny_cnn, tiny_data):
 def test_bad_training_settings_are_refused(kwargs, message):
     with pytest.raises(BioTuneError, match=message):
         TrainConfig(**kwargs)
+
+
+@pytest.mark.parametrize("patience, expected_epochs", [(1, 2), (2, 3), (3, 4)])
+def test_patience_stops_after_that_many_epochs_without_improvement(
+    monkeypatch, tiny_cnn, tiny_data, patience, expected_epochs
+):
+    """The validation metric peaks at epoch 1 and never improves: patience p ends the run after
+    p more epochs, and the first epoch (counted from 1) is restored as the best."""
+    import biotune.training as training
+
+    scores = iter([0.9, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5])
+    def scripted(*args, **kwargs):
+        value = next(scores)
+        return training.Metrics(value, value)
+
+    monkeypatch.setattr(training, "evaluate", scripted)
+    partition = _partition(tiny_cnn)
+    config = TrainConfig(epochs=8, patience=patience, batch_size=16)
+    _, result = train_plan(
+        tiny_cnn, partition, FineTunePlan.full(partition.names), tiny_data, tiny_data, config
+    )
+    assert result.epochs_run == expected_epochs
+    assert result.best_epoch == 1
+    assert [h["epoch"] for h in result.history] == list(range(1, expected_epochs + 1))

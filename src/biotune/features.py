@@ -6,6 +6,12 @@ for the validation split), keeps them in memory within a byte budget, and trains
 k..end on them. That needs the model as a chain of per-block stages, which this module builds for
 the families we know and checks numerically; for any other model caching is simply off.
 
+Exactness: the features are computed at the batch sizes training reads them in (full batches and
+the smaller last one), as the frozen prefix would run in uncached training. That makes cached
+training bit-identical to uncached training for most models; where a feature map is tiny (1x1,
+2x2), some CPU kernels round by an image's place in its batch, and the two differ by float
+rounding (1e-7), which training can amplify like any change of batch order or thread count.
+
 Memory policy: entries live in memory, least recently used first out, and never add up to more
 than the budget; an evaluation whose two entries (its fold and the validation split) would not fit
 together trains uncached (``cached_prefix`` 0). Nothing spills to disk: at the sizes a search
@@ -245,11 +251,23 @@ def _blocks_of(model: nn.Module, op: _Op, block_of: dict[str, int]) -> set[int]:
 
 
 class FeatureDataset(Dataset):
-    """Cached features with ``.images`` and ``.targets`` (``training.batches`` slices them)."""
+    """Cached features with ``.images`` and ``.targets`` (``training.batches`` slices them).
 
-    def __init__(self, images: torch.Tensor, targets: np.ndarray) -> None:
+    CPU kernels round differently at different batch sizes, so features are computed at the batch
+    sizes training will use: ``by_batch_size[b]`` holds every image's features computed in batches
+    of b, and ``training.batches`` serves a batch of b images from that table (``images`` for
+    any other size). That keeps cached training bit-identical to running the frozen prefix.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        targets: np.ndarray,
+        by_batch_size: dict[int, torch.Tensor] | None = None,
+    ) -> None:
         self.images = images
         self.targets = np.asarray(targets, dtype=np.int64)
+        self.by_batch_size = dict(by_batch_size or {})
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -257,13 +275,26 @@ class FeatureDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self.images[index], int(self.targets[index])
 
+    @property
+    def nbytes(self) -> int:
+        tables = {id(t): t for t in (self.images, *self.by_batch_size.values())}
+        return sum(_nbytes(t) for t in tables.values())
+
+
+def batch_sizes_for(n: int, batch_size: int) -> tuple[int, ...]:
+    """The batch sizes an epoch over n items in batches of ``batch_size`` runs: full and last."""
+    full = min(batch_size, n)
+    rest = n % batch_size if n > batch_size else 0
+    return (full, rest) if rest else (full,)
+
 
 class FeatureCache:
     """Features of datasets after the first k blocks, for one pretrained model, within a budget.
 
-    Entries are keyed (dataset key, k). A request for k starts from the deepest cached j < k of
-    the same dataset (or from the images), so a deeper prefix costs only the blocks in between.
-    ``stage_images[i]`` counts images pushed through block i (the cache's own forward work).
+    Entries are keyed (dataset key, k, batch sizes). A request for k starts from the deepest
+    cached j < k of the same dataset and batch sizes (or from the images), so a deeper prefix
+    costs only the blocks in between. ``stage_images[i]`` counts images pushed through block i
+    (the cache's own forward work).
     """
 
     def __init__(
@@ -281,7 +312,9 @@ class FeatureCache:
         self.batch_size = batch_size
         self.device = device or torch.device("cpu")
         self.amp = amp
-        self._store: OrderedDict[tuple[Hashable, int], FeatureDataset] = OrderedDict()
+        self._store: OrderedDict[tuple[Hashable, int, tuple[int, ...]], FeatureDataset] = (
+            OrderedDict()
+        )
         self._shapes: dict[int, tuple[int, ...]] = {}
         self.stage_images = [0] * len(self.stages)
         self.peak_bytes = 0
@@ -289,11 +322,12 @@ class FeatureCache:
 
     @property
     def used_bytes(self) -> int:
-        return sum(_nbytes(d.images) for d in self._store.values())
+        return sum(d.nbytes for d in self._store.values())
 
-    def entry_bytes(self, dataset: Dataset, k: int) -> int:
-        """Bytes the features of ``dataset`` after k blocks take (float32)."""
-        return 4 * math.prod(self._shape(dataset, k)) * len(dataset)  # type: ignore[arg-type]
+    def entry_bytes(self, dataset: Dataset, k: int, tables: int = 1) -> int:
+        """Bytes the features of ``dataset`` after k blocks take (float32), per batch size."""
+        n = len(dataset)  # type: ignore[arg-type]
+        return 4 * math.prod(self._shape(dataset, k)) * n * tables
 
     def _shape(self, dataset: Dataset, k: int) -> tuple[int, ...]:
         """One image's feature shape after k blocks (run once per k on one image)."""
@@ -303,33 +337,49 @@ class FeatureCache:
                 self._shapes[k] = tuple(self._run(x, 0, k).shape[1:])
         return self._shapes[k]
 
-    def features(self, key: Hashable, dataset: Dataset, k: int) -> FeatureDataset | None:
-        """``dataset`` after blocks 0..k-1 (eval mode), or None if it cannot fit the budget."""
+    def features(
+        self, key: Hashable, dataset: Dataset, k: int, batch_sizes: tuple[int, ...] | None = None
+    ) -> FeatureDataset | None:
+        """``dataset`` after blocks 0..k-1 (eval mode), or None if it cannot fit the budget.
+
+        ``batch_sizes``: the sizes of the batches the features will be read in (default: this
+        cache's batch size, in order, as evaluation reads them); one table is computed per size.
+        """
         if k < 1:
             raise ValueError("a cached prefix holds at least one block")
-        hit = self._store.get((key, k))
+        sizes = tuple(batch_sizes or (self.batch_size,))
+        hit = self._store.get((key, k, sizes))
         if hit is not None:
-            self._store.move_to_end((key, k))
+            self._store.move_to_end((key, k, sizes))
             return hit
-        size = self.entry_bytes(dataset, k)
+        size = self.entry_bytes(dataset, k, len(sizes))
         if size > self.budget_bytes:
             self.skipped += 1
             return None
         while self._store and self.used_bytes + size > self.budget_bytes:
             self._store.popitem(last=False)
-        start = max((j for (kk, j) in self._store if kk == key and j < k), default=0)
-        source = self._store[(key, start)] if start else dataset
+        start = max(
+            (j for (kk, j, ss) in self._store if kk == key and ss == sizes and j < k), default=0
+        )
+        source = self._store[(key, start, sizes)] if start else None
         n = len(dataset)  # type: ignore[arg-type]
-        images = torch.empty((n, *self._shape(dataset, k)), dtype=torch.float32)
-        done = 0
-        with torch.no_grad(), self._eval():
-            for x, _ in batches(source, self.batch_size):
-                images[done : done + len(x)] = self._run(x, start, k).float().cpu()
-                done += len(x)
-        for i in range(start, k):
-            self.stage_images[i] += n
-        entry = FeatureDataset(images, np.asarray(dataset.targets))  # type: ignore[attr-defined]
-        self._store[(key, k)] = entry
+        tables: dict[int, torch.Tensor] = {}
+        for b in sizes:
+            images = torch.empty((n, *self._shape(dataset, k)), dtype=torch.float32)
+            inputs = dataset if source is None else FeatureDataset(
+                source.by_batch_size[b], source.targets
+            )
+            done = 0
+            with torch.no_grad(), self._eval():
+                for x, _ in batches(inputs, b):
+                    images[done : done + len(x)] = self._run(x, start, k).float().cpu()
+                    done += len(x)
+            tables[b] = images
+            for i in range(start, k):
+                self.stage_images[i] += n
+        targets = np.asarray(dataset.targets)  # type: ignore[attr-defined]
+        entry = FeatureDataset(tables[sizes[0]], targets, tables)
+        self._store[(key, k, sizes)] = entry
         self.peak_bytes = max(self.peak_bytes, self.used_bytes)
         return entry
 

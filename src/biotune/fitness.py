@@ -6,9 +6,10 @@ Fitness = 1 - mean validation metric (lower is better). The fold is chosen by th
 the evolution never ranks scores from different folds.
 
 Three things make an evaluation cheaper without changing what it measures: frozen-prefix feature
-caching (exact: the frozen first blocks' output is computed once, see ``features.py``), early
-termination of runs clearly worse than this generation's elites at the same epoch (``PruneConfig``),
-and memoisation of equivalent plans (in the runner). Each record says what it cost (``cost.py``).
+caching (the frozen first blocks' output is computed once, exact to float rounding, see
+``features.py``), early termination of runs clearly worse than this generation's elites at the
+same epoch (``PruneConfig``), and memoisation of equivalent plans (in the runner). Each record
+says what it cost (``cost.py``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,13 @@ from biotune import cost
 from biotune.blocks import BlockPartition
 from biotune.data import DatasetSplits, stratified_folds, subset
 from biotune.errors import BioTuneError
-from biotune.features import FeatureCache, FeatureDataset, block_chain, train_plan_cached
+from biotune.features import (
+    FeatureCache,
+    FeatureDataset,
+    batch_sizes_for,
+    block_chain,
+    train_plan_cached,
+)
 from biotune.plan import decode_genome, genome_is_valid
 from biotune.training import TrainConfig, TrainHooks, batches, default_device, train_plan
 
@@ -95,11 +102,11 @@ class PruneHooks(TrainHooks):
 class SearchProtocol:
     """How each candidate is trained and scored during the search."""
 
-    data_fraction: float = 0.5  # each evaluation trains on this share of the training split
+    data_fraction: float = 0.5  # 1/k: each evaluation trains on one of k folds of the train split
     seeds: tuple[int, ...] = (0, 1, 2)
     train: TrainConfig = field(default_factory=TrainConfig)
     memoize: bool = True  # an equivalent plan on the same fold and seeds is not retrained
-    cache_features: bool = False  # train on cached outputs of the frozen first blocks (exact)
+    cache_features: bool = False  # train on cached outputs of the frozen first blocks
     cache_budget_mb: float = 1024.0  # memory for cached features, per worker
     prune: PruneConfig | None = None  # early termination of clearly worse runs; None: off
     # torch CPU threads per evaluation. On the CPU the thread count changes the floating-point
@@ -116,17 +123,27 @@ class SearchProtocol:
             raise BioTuneError(
                 f"cache_budget_mb must be a non-negative number (got {self.cache_budget_mb})"
             )
-        if not (0 < self.data_fraction <= 1):
+        fraction = self.data_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not (
+            0 < fraction <= 1
+        ):
+            raise BioTuneError(f"data_fraction must be in (0, 1] (got {fraction!r})")
+        k = round(1 / fraction)
+        if not math.isclose(fraction, 1 / k, rel_tol=1e-6):
             raise BioTuneError(
-                f"data_fraction must be in (0, 1] (got {self.data_fraction})"
+                f"data_fraction must be 1/k for a whole number k of folds (1, 0.5, 1/3, 0.25, "
+                f"...; got {fraction}, nearest 1/{k}); each evaluation trains on one fold"
             )
         if not self.seeds:
             raise BioTuneError("seeds must name at least one seed")
 
     @property
     def folds(self) -> int:
-        """Disjoint stratified folds of the training split; generation g trains on fold g mod k."""
-        return max(1, round(1 / self.data_fraction))
+        """Disjoint stratified folds of the training split; generation g trains on fold g mod k.
+
+        ``data_fraction`` is exactly 1/k (checked on creation), so a fold holds that share.
+        """
+        return round(1 / self.data_fraction)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -335,12 +352,13 @@ class Evaluator:
         """Training fold and validation split after the first k (frozen) blocks, if cacheable."""
         if self.cache is None or k < 1:
             return None
-        if self.cache.entry_bytes(train, k) + self.cache.entry_bytes(self.splits.val, k) > (
-            self.cache.budget_bytes
-        ):
+        sizes = batch_sizes_for(len(train), self.protocol.train.batch_size)
+        if self.cache.entry_bytes(train, k, len(sizes)) + self.cache.entry_bytes(
+            self.splits.val, k
+        ) > self.cache.budget_bytes:
             self.cache.skipped += 1
             return None
-        train_features = self.cache.features(("fold", fold), train, k)
+        train_features = self.cache.features(("fold", fold), train, k, sizes)
         val_features = self.cache.features("val", self.splits.val, k)
         if train_features is None or val_features is None:
             return None

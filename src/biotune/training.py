@@ -33,7 +33,12 @@ METRICS = ("balanced", "top1", "likelihood")
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The fine-tuning recipe (defaults: the paper's per-evaluation training)."""
+    """The fine-tuning recipe (defaults: the paper's per-evaluation training).
+
+    ``patience`` p: training stops after p epochs in a row without a new best validation metric
+    (the paper's meaning; 0 and 1 both stop at the first such epoch). Runs before 2026-11-30
+    waited p + 1 epochs.
+    """
 
     epochs: int = 30
     patience: int = 3
@@ -87,7 +92,11 @@ class Metrics:
 
 @dataclass
 class TrainResult:
-    """What one fine-tuning run measured; ``val`` is the restored best epoch's."""
+    """What one fine-tuning run measured; ``val`` is the restored best epoch's.
+
+    Epochs count from 1: ``best_epoch`` 3 of ``epochs_run`` 5 is the third of five epochs
+    (0 when no epoch finished).
+    """
 
     val: Metrics
     best_epoch: int
@@ -146,7 +155,9 @@ def batches(
     """Mini-batches of (images, labels); in-memory tensor datasets are sliced directly (fast).
 
     Both paths visit the items in the same order for a seed and leave the global RNG alone, so a
-    dataset read lazily and the same data in memory (or cached features) train identically.
+    dataset read lazily and the same data in memory (or cached features) train identically. A
+    dataset with ``by_batch_size`` tables (cached features) serves each batch from the table
+    computed at that batch's size.
     """
     images = getattr(dataset, "images", None)
     n = len(dataset)  # type: ignore[arg-type]
@@ -157,9 +168,10 @@ def batches(
     )
     if isinstance(images, torch.Tensor):
         labels = torch.as_tensor(np.asarray(dataset.targets), dtype=torch.long)
+        tables = getattr(dataset, "by_batch_size", None) or {}
         for start in range(0, n, batch_size):
             idx = order[start : start + batch_size]
-            yield images[idx], labels[idx]
+            yield tables.get(len(idx), images)[idx], labels[idx]
         return
     loader = DataLoader(
         dataset, batch_size=batch_size, sampler=order.tolist(), generator=torch.Generator()
@@ -255,7 +267,7 @@ def fine_tune(
         else None
     )
     start = time.perf_counter()
-    best_metric, best_epoch, best_state = -1.0, -1, None
+    best_metric, best_epoch, best_state = -1.0, 0, None
     best_val = Metrics(0.0, 0.0)
     history: list[dict[str, float]] = []
     train_images = eval_images = 0
@@ -293,19 +305,19 @@ def fine_tune(
             eval_images += len(val_data)  # type: ignore[arg-type]
             metric = val.get(config.metric)
             history.append(
-                {"epoch": epoch, "train_loss": loss_sum / max(seen, 1),
+                {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
                  "val_top1": val.top1, "val_balanced": val.balanced, "val_loss": val.loss,
                  "val_likelihood": val.likelihood}
             )
             if metric > best_metric:
-                best_metric, best_epoch, best_val, since_best = metric, epoch, val, 0
+                best_metric, best_epoch, best_val, since_best = metric, epoch + 1, val, 0
                 best_state = copy.deepcopy(model.state_dict())
             else:
                 since_best += 1
             if hooks.should_stop(epoch, metric):
                 status = "pruned"
                 break
-            if since_best > config.patience:
+            if since_best and since_best >= config.patience:
                 break
     except torch.cuda.OutOfMemoryError:
         raise BioTuneError(_oom_message(config)) from None
