@@ -374,3 +374,23 @@ def test_a_memoised_plan_is_not_trained_again(tiny_cnn, tmp_path, monkeypatch):
         assert r["scores"] == original["scores"] and r["fitness"] == original["fitness"]
     trained = [r for r in records if r["reused_from"] is None and r["status"] != "invalid"]
     assert len(calls) == len(trained) == len(records) - len(reused)
+
+
+def test_final_training_of_a_plan_with_a_frozen_prefix_uses_the_cache(tiny_cnn):
+    from biotune.runner import final_training_run
+    from biotune.training import evaluate
+
+    partition = partition_blocks(tiny_cnn)
+    bench = Workbench(LoadedModel(tiny_cnn, "tiny", 8, (0.5,) * 3, (0.5,) * 3, "random"), partition,
+                      _splits())
+    plan = _plan(partition.names, 2)
+    record = final_training_run(bench, plan, TRAIN, seed=2)
+    model, plain = train_plan(tiny_cnn, partition, plan, bench.splits.train, bench.splits.val,
+                              TRAIN, seed=2)
+    test = evaluate(model, bench.splits.test, TRAIN.eval_batch_size)
+    assert record["cached_prefix"] == 2
+    assert record["val_balanced"] == plain.val.balanced
+    assert (record["test_top1"], record["test_balanced"]) == (test.top1, test.balanced)
+    assert record["train_images"] == plain.train_images
+    full = final_training_run(bench, FineTunePlan.full(partition.names), TRAIN, seed=2)
+    assert full["cached_prefix"] == 0

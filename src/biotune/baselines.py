@@ -33,6 +33,7 @@ from torch import nn
 
 from biotune.blocks import BlockPartition
 from biotune.errors import BioTuneError
+from biotune.features import train_plan_fast
 from biotune.plan import FineTunePlan, apply_plan
 from biotune.runner import Workbench
 from biotune.training import (
@@ -83,6 +84,17 @@ def _run_plan(
     bench: Workbench, plan: FineTunePlan, config: TrainConfig, seed: int,
     device: torch.device | None, hooks: TrainHooks | None = None, model: nn.Module | None = None,
 ) -> BaselineRun:
+    """Train a copy of the bench's model under ``plan``; a plain plan (no hooks) that freezes the
+    first blocks trains on the bench's cached features of them (linear probing, searched plans).
+    """
+    if model is None and hooks is None:
+        model, result, cached = train_plan_fast(
+            bench.model, bench.partition, plan, bench.splits.train, bench.splits.val, config,
+            seed=seed, device=device, cache=bench.feature_cache(config),
+        )
+        run = BaselineRun(model, result, count_parameters(model, trainable_only=True))
+        run.info["cached_prefix"] = cached
+        return run
     model, result = train_plan(
         model if model is not None else bench.model, bench.partition, plan, bench.splits.train,
         bench.splits.val, config, seed=seed, device=device, hooks=hooks,

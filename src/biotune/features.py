@@ -44,6 +44,7 @@ from biotune.training import (
     fine_tune,
     reinit_head,
     seed_everything,
+    train_plan,
 )
 
 Stage = Callable[[torch.Tensor], torch.Tensor]
@@ -449,3 +450,38 @@ def train_plan_cached(
     suffix = _Suffix(model, stages, k)
     result = fine_tune(suffix, groups, train_features, val_features, config, seed, device, hooks)
     return model, result
+
+
+def train_plan_fast(
+    model: nn.Module,
+    partition: BlockPartition,
+    plan: FineTunePlan,
+    train_data: Dataset,
+    val_data: Dataset,
+    config: TrainConfig,
+    seed: int = 0,
+    device: torch.device | None = None,
+    cache: FeatureCache | None = None,
+    keys: tuple[Hashable, Hashable] = ("train", "val"),
+) -> tuple[nn.Module, TrainResult, int]:
+    """``training.train_plan``, on cached features of the plan's frozen prefix when it can.
+
+    Returns the trained model, its result and how many leading blocks were served from ``cache``
+    (0: trained uncached, because there is no cache, nothing frozen in front, or no room).
+    """
+    k = plan.frozen_prefix if cache is not None and config.frozen_eval else 0
+    if k:
+        sizes = batch_sizes_for(len(train_data), config.batch_size)  # type: ignore[arg-type]
+        room = cache.entry_bytes(train_data, k, len(sizes)) + cache.entry_bytes(val_data, k)
+        fits = room <= cache.budget_bytes
+        train_f = cache.features(keys[0], train_data, k, sizes) if fits else None
+        val_f = cache.features(keys[1], val_data, k) if train_f is not None else None
+        if train_f is not None and val_f is not None:
+            trained, result = train_plan_cached(
+                model, partition, plan, train_f, val_f, config, seed, device
+            )
+            return trained, result, k
+    trained, result = train_plan(
+        model, partition, plan, train_data, val_data, config, seed=seed, device=device
+    )
+    return trained, result, 0
