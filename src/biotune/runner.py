@@ -26,11 +26,12 @@ from biotune.data import DatasetSplits, load_dataset
 from biotune.errors import BioTuneError
 from biotune.evolution import BioTuneEvolution, EvolutionConfig
 from biotune.executors import Task, make_executor
+from biotune.features import FeatureCache, block_chain, train_plan_fast
 from biotune.fitness import Evaluation, Evaluator, SearchProtocol
 from biotune.models import LoadedModel, load_model
 from biotune.plan import FineTunePlan, decode_genome
 from biotune.rundir import CONFIG, EVALUATIONS, STATE, RunDirectory
-from biotune.training import TrainConfig, count_parameters, default_device, evaluate, train_plan
+from biotune.training import TrainConfig, batches, count_parameters, default_device, evaluate
 
 FINAL_RUNS = "final_runs.jsonl"
 GENERATIONS = "generations.json"
@@ -97,6 +98,10 @@ class SearchConfig:
         )
 
 
+#: Memory for the frozen-prefix features of final trainings and baselines (whole splits).
+FINAL_CACHE_MB = 2048.0
+
+
 @dataclass
 class Workbench:
     """The loaded model, its blocks and the data: what every evaluation starts from."""
@@ -104,10 +109,31 @@ class Workbench:
     loaded: LoadedModel
     partition: BlockPartition
     splits: DatasetSplits
+    _caches: dict[tuple, FeatureCache | None] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     @property
     def model(self) -> torch.nn.Module:
         return self.loaded.model
+
+    def feature_cache(self, config: TrainConfig) -> FeatureCache | None:
+        """One feature cache of the pretrained model for every training on the whole splits, so
+        several seeds, methods and plans share the frozen prefixes; None if the model cannot run
+        block by block."""
+        key = (config.eval_batch_size, config.amp)
+        if key not in self._caches:
+            sample, _ = next(batches(self.splits.val, 2))
+            stages = block_chain(self.model, self.partition, sample)
+            self._caches[key] = None if stages is None else FeatureCache(
+                self.model, stages, int(FINAL_CACHE_MB * 2**20), config.eval_batch_size,
+                default_device(), config.amp,
+            )
+        return self._caches[key]
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Workers get the model and data, not features cached here."""
+        return {**self.__dict__, "_caches": {}}
 
 
 def prepare(data: DataConfig, block_override: dict[str, list[str]] | None = None) -> Workbench:
@@ -382,10 +408,14 @@ class Search:
 def final_training_run(
     bench: Workbench, plan: FineTunePlan, config: TrainConfig, seed: int
 ) -> dict[str, Any]:
-    """Fine-tune under ``plan`` on the whole training split; early stopping on val; test once."""
-    model, result = train_plan(
+    """Fine-tune under ``plan`` on the whole training split; early stopping on val; test once.
+
+    A plan that freezes the first blocks trains on their cached features (as the search does).
+    """
+    model, result, cached = train_plan_fast(
         bench.model, bench.partition, plan, bench.splits.train, bench.splits.val, config,
-        seed=seed,
+        seed=seed, device=default_device(),
+        cache=bench.feature_cache(config) if config.frozen_eval else None,
     )
     test = evaluate(model, bench.splits.test, config.eval_batch_size, default_device(), config.amp)
     return {
@@ -398,6 +428,7 @@ def final_training_run(
         "epochs_run": result.epochs_run,
         "seconds": result.seconds,
         "train_images": result.train_images,
+        "cached_prefix": cached,
         "status": result.status,
         "trainable_params": count_parameters(model, trainable_only=True),
     }
