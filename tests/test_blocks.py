@@ -307,3 +307,73 @@ def test_describe_blocks_shows_every_block_with_its_size() -> None:
         assert f" {name} " in text
     assert "features.denseblock1" in text
     assert text.splitlines()[-1].split()[0] == "total"
+
+
+# --------------------------------------------------------------------- where the head is (16.1)
+
+
+class _HeadFirst(nn.Module):
+    """Registers its classifier before the body, and ends with a layer that is not the head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(8, 3)
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+        self.proj = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        return self.head(self.proj(self.body(x)).mean((2, 3)))
+
+
+class _Untraceable(nn.Module):
+    """Data-dependent control flow (no fx trace); the classifier is the ``fc`` attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 3)
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.extra = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        x = self.conv(x)
+        if x.sum() > 0:
+            x = self.extra(x)
+        return self.fc(x.mean((2, 3)))
+
+
+class _HeadNamedBody(nn.Module):
+    """A body layer called ``head`` and the classifier ``out``: block names must stay unique."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Conv2d(3, 8, 3)
+        self.mid = nn.Conv2d(8, 8, 3)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.out(self.mid(self.head(x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize(
+    "build, classifier",
+    [(_HeadFirst, "head"), (_Untraceable, "fc"), (_HeadNamedBody, "out")],
+    ids=["registered-first", "untraceable-attribute", "body-named-head"],
+)
+def test_the_head_is_the_classifier_the_forward_ends_with(build, classifier):
+    model = build()
+    partition = partition_blocks(model)
+    assert len(set(partition.names)) == len(partition.names)
+    assert partition.names[-1] == "head"
+    assert set(partition[-1].param_names) == {f"{classifier}.weight", f"{classifier}.bias"}
+
+
+def test_reinit_head_redraws_only_the_classifier_of_a_head_first_model():
+    from biotune.training import reinit_head
+
+    torch.manual_seed(0)
+    model = _HeadFirst()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    reinit_head(model, partition_blocks(model), seed=5)
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"head.weight", "head.bias"}

@@ -19,7 +19,7 @@ from biotune.plan import (
     encode_plan,
     genome_is_valid,
 )
-from biotune.training import TrainConfig, accuracy, fine_tune, train_plan
+from biotune.training import TrainConfig, accuracy, count_parameters, fine_tune, train_plan
 
 BLOCKS = {"stem": ["0"], "mid": ["1"], "top": ["2"], "head": ["4"]}
 
@@ -251,3 +251,24 @@ def test_patience_stops_after_that_many_epochs_without_improvement(
     assert result.epochs_run == expected_epochs
     assert result.best_epoch == 1
     assert [h["epoch"] for h in result.history] == list(range(1, expected_epochs + 1))
+
+
+def test_parameters_the_user_froze_stay_frozen_under_any_plan(tiny_cnn, tiny_data):
+    """A plan trains whole blocks, but never a parameter the user set requires_grad=False on."""
+    fixed = tiny_cnn[0][0].bias  # in the first block, which the full plan trains
+    fixed.requires_grad_(False)
+    before = fixed.detach().clone()
+    partition = _partition(tiny_cnn)
+    config = TrainConfig(epochs=2, patience=2, batch_size=16, base_lr=1e-2)
+    model, _ = train_plan(
+        tiny_cnn, partition, FineTunePlan.full(partition.names), tiny_data, tiny_data, config
+    )
+    assert torch.equal(model[0][0].bias, before)
+    assert not model[0][0].bias.requires_grad
+    assert model[0][0].weight.requires_grad
+    total = sum(p.numel() for p in model.parameters())
+    assert count_parameters(model, trainable_only=True) == total - fixed.numel()
+    # Applying another plan, then the full plan again, still leaves it frozen.
+    apply_plan(model, partition, FineTunePlan.head_only(partition.names), 1e-3)
+    apply_plan(model, partition, FineTunePlan.full(partition.names), 1e-3)
+    assert not model[0][0].bias.requires_grad

@@ -360,6 +360,7 @@ def _groups_from_prefixes(model: nn.Module, spec: _PrefixSpec) -> _Groups:
     A parameter no prefix claims (a tensor held by the root, such as a class token) joins the
     block of the next claimed parameter, else the previous one, but never the head.
     """
+    spec = _unique_names(spec)  # two blocks of one name would silently merge
     block_of_prefix = {prefix: name for name, prefixes in spec for prefix in prefixes}
     names = [n for n, _ in model.named_parameters()]
     owner: list[str | None] = []
@@ -610,36 +611,91 @@ def _out_channels(module: nn.Module) -> int | None:
 def _auto_spec(model: nn.Module) -> _PrefixSpec:
     """Blocks for an unknown model: its children, opened up until the blocks look like stages.
 
-    The last layer holding parameters is the head. A child holding more than half of the body's
-    parameters (a big Sequential) is opened into its children; norm-only children join the layer
-    they follow; neighbours are merged, smallest pair first, down to at most 12 blocks.
+    The head is the classifier the model declares or its forward ends with (``_find_head``), else
+    the last layer holding parameters. A child holding more than half of the body's parameters
+    (a big Sequential) is opened into its children; norm-only children join the layer they
+    follow; neighbours are merged, smallest pair first, down to at most 12 blocks.
     """
-    units: list[_Unit] = [[c] for c in _param_children(model)]
-    if not units:
-        return []  # every parameter sits on the model itself: one block, the head
-    while True:
+    head_path = _find_head(model)
+    units: list[_Unit] = [[c] for c in _param_children(model) if c[0] != head_path]
+    if head_path is None:
+        if not units:
+            return []  # every parameter sits on the model itself: one block, the head
         while _param_children(units[-1][0][1]):
             path, module = units.pop()[0]
             units += [[(f"{path}.{n}", m)] for n, m in _param_children(module)]
-        body = units[:-1]
-        if not body:
-            break
+        head_path = units.pop()[0][0]
+    body = units
+    while body:
         total = sum(_numel(m) for unit in body for _, m in unit)
         i = max(range(len(body)), key=lambda k: _numel(body[k][0][1]))
         path, module = body[i][0]
         children = _param_children(module)
-        if len(children) < 2 or (_numel(module) * 2 <= total and len(units) >= 3):
+        if len(children) < 2 or (_numel(module) * 2 <= total and len(body) >= 2):
             break
-        units[i : i + 1] = [[(f"{path}.{n}", m)] for n, m in children]
+        body[i : i + 1] = [
+            [(f"{path}.{n}", m)] for n, m in children if f"{path}.{n}" != head_path
+        ]
 
-    head, body = units[-1], units[:-1]
     merged = _attach_norms(body)
     while len(merged) > _MAX_AUTO_BLOCKS - 1:
         sizes = [sum(_numel(m) for _, m in unit) for unit in merged]
         i = min(range(len(merged) - 1), key=lambda k: sizes[k] + sizes[k + 1])
         merged[i : i + 2] = [merged[i] + merged[i + 1]]
     spec = [(_join_names([p for p, _ in unit]), [p for p, _ in unit]) for unit in merged]
-    return [*spec, ("head", [head[0][0]])]
+    return [*spec, ("head", [head_path])]
+
+
+#: Attribute names under which models commonly keep their classifier.
+_HEAD_ATTRIBUTES = ("fc", "classifier", "head", "heads", "last_linear", "logits")
+
+
+def _find_head(model: nn.Module) -> str | None:
+    """The classifier's module path: what the model declares (``get_classifier``), else the last
+    layer with parameters its traced forward runs, else a conventional attribute; None if none.
+
+    Registration order says nothing: a model may register ``self.head`` before its body.
+    """
+    modules = {id(m): name for name, m in model.named_modules() if name}
+    get_classifier = getattr(model, "get_classifier", None)
+    if callable(get_classifier):
+        try:
+            declared = get_classifier()
+        except Exception:  # noqa: BLE001 - a model's own method may fail in any way
+            declared = None
+        if isinstance(declared, nn.Module) and id(declared) in modules and _has_params(declared):
+            return modules[id(declared)]
+    traced = _traced_head(model)
+    if traced is not None:
+        return traced
+    for attr in _HEAD_ATTRIBUTES:
+        module = getattr(model, attr, None)
+        if isinstance(module, nn.Module) and _has_params(module) and id(module) in modules:
+            children = _param_children(module)
+            return f"{attr}.{children[-1][0]}" if len(children) > 1 else attr
+    return None
+
+
+def _traced_head(model: nn.Module) -> str | None:
+    """The last module with parameters on the way to the output of ``torch.fx``'s trace."""
+    try:
+        from torch import fx
+
+        graph = fx.symbolic_trace(model).graph
+    except Exception:  # noqa: BLE001 - many models cannot be traced symbolically; no answer then
+        return None
+    output = next((n for n in reversed(graph.nodes) if n.op == "output"), None)
+    frontier = list(output.all_input_nodes) if output is not None else []
+    seen: set[Any] = set()
+    while frontier:
+        node = frontier.pop(0)
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.op == "call_module" and _has_params(model.get_submodule(node.target)):
+            return str(node.target)
+        frontier += node.all_input_nodes
+    return None
 
 
 def _attach_norms(units: list[_Unit]) -> list[_Unit]:
@@ -727,11 +783,17 @@ def _join_names(paths: Sequence[str]) -> str:
 
 
 def _unique_names(groups: _Groups) -> _Groups:
-    counts: dict[str, int] = defaultdict(int)
+    """Number repeated block names (``name#2``, ...); the last one keeps the plain name, so the
+    head stays "head" after any body block that happens to share its name."""
+    total: dict[str, int] = defaultdict(int)
+    for name, _ in groups:
+        total[name] += 1
+    seen: dict[str, int] = defaultdict(int)
     unique: _Groups = []
     for name, params in groups:
-        counts[name] += 1
-        unique.append((name if counts[name] == 1 else f"{name}#{counts[name]}", params))
+        seen[name] += 1
+        last = seen[name] == total[name]
+        unique.append((name if last else f"{name}#{seen[name]}", params))
     return unique
 
 

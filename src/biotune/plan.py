@@ -98,21 +98,33 @@ class FineTunePlan:
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "plan") -> FineTunePlan:
-        """Parse a plan; ``source`` names the file in the one-line error."""
-        try:
-            blocks = data["blocks"]
-            settings = tuple(
-                BlockSetting(str(b["name"]), bool(b["train"]), float(b.get("lr_mult", 1.0)))
-                for b in blocks
-            )
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        """Parse a plan; ``source`` names the file in the one-line error.
+
+        Types are checked, not coerced: ``"train": "false"`` would otherwise read as True.
+        """
+        blocks = data.get("blocks") if isinstance(data, dict) else None
+        if not isinstance(blocks, list):
             raise BioTuneError(
-                f"{source}: not a fine-tuning plan (expected {{\"blocks\": [{{\"name\", \"train\", "
-                f"\"lr_mult\"}}, ...]}}): {type(exc).__name__} {exc}"
-            ) from None
-        if not settings:
+                f"{source}: not a fine-tuning plan (expected "
+                '{"blocks": [{"name": ..., "train": true, "lr_mult": 1.0}, ...]})'
+            )
+        if not blocks:
             raise BioTuneError(f"{source}: the plan has no blocks")
-        return cls(settings)
+        settings = []
+        for i, b in enumerate(blocks):
+            where = f"{source}: block {i}"
+            if not isinstance(b, dict):
+                raise BioTuneError(f"{where} must be an object (got {b!r})")
+            name, train, lr_mult = b.get("name"), b.get("train"), b.get("lr_mult", 1.0)
+            if not isinstance(name, str):
+                raise BioTuneError(f'{where}: "name" must be a string (got {name!r})')
+            where = f"{where} '{name}'"
+            if not isinstance(train, bool):
+                raise BioTuneError(f'{where}: "train" must be true or false (got {train!r})')
+            if isinstance(lr_mult, bool) or not isinstance(lr_mult, (int, float)):
+                raise BioTuneError(f'{where}: "lr_mult" must be a number (got {lr_mult!r})')
+            settings.append(BlockSetting(name, train, float(lr_mult)))
+        return cls(tuple(settings))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -217,6 +229,19 @@ def frozen_modules(model: nn.Module, partition: BlockPartition, plan: FineTunePl
     return sorted(names)
 
 
+def user_frozen(model: nn.Module) -> frozenset[int]:
+    """Ids of the parameters the user froze (``requires_grad=False``) before any plan touched the
+    model: a fixed positional embedding or scale stays frozen whatever a plan says, and counts as
+    frozen. Noted on the model at the first ``apply_plan`` (copies of the model keep the note).
+    """
+    noted = getattr(model, "_biotune_user_frozen", None)
+    if noted is None:
+        noted = frozenset(n for n, p in model.named_parameters() if not p.requires_grad)
+        model._biotune_user_frozen = noted  # type: ignore[attr-defined]
+    params = dict(model.named_parameters())
+    return frozenset(id(params[n]) for n in noted if n in params)
+
+
 def _force_eval(module: nn.Module, args: Any) -> None:
     module.training = False
 
@@ -239,12 +264,13 @@ def apply_plan(
     plan.check_fits(partition)
     for handle in getattr(model, "_biotune_eval_hooks", []):
         handle.remove()
+    held = user_frozen(model)
     groups: list[dict[str, Any]] = []
     for setting in plan.blocks:
-        params = partition.parameters(model, setting.name)
+        params = [p for p in partition.parameters(model, setting.name) if id(p) not in held]
         for p in params:
             p.requires_grad_(setting.train)
-        if setting.train:
+        if setting.train and params:
             groups.append(
                 {"params": params, "lr": base_lr * setting.lr_mult, "name": setting.name}
             )
