@@ -1,272 +1,526 @@
-"""Accuracy benchmark: BioTune against the baselines, on real data (benchmarks.md, section 1).
+"""Accuracy benchmark: BioTune against the baselines at a converged budget (see README.md here).
 
-Default (offline, 2 CPU cores, under an hour): ImageNet EfficientNet-Lite0 on Animal-Shape,
-MNIST-5k, Digits and Textures, small stratified subsamples at 32 px, every method of
-``biotune compare`` with one recipe and one learning-rate grid chosen on validation, 3 seeds;
-two datasets at a time, one single-threaded process each.
+The protocol is fixed in README.md. Every finished piece of work (one training run, one search)
+is a small JSON record under ``records/``, written atomically the moment it finishes; a rerun
+skips what is recorded, so the benchmark runs in pieces over several sittings. Search run
+directories (large, resumable) live under ``--work`` and are never committed.
 
-    python benchmarks/accuracy/run.py            # the offline benchmark
-    python benchmarks/accuracy/run.py --quick    # a few-minute smoke run of the same pipeline
-    python benchmarks/accuracy/run.py --paper --data-root ~/data --download   # GPU + internet:
-        # ResNet-50, the paper's torchvision datasets, 224 px, whole splits, the paper's recipe
-
-Writes results/accuracy.{json,md} (results/accuracy-quick.* with --quick) next to this file, with
-the date, the machine and the exact command, plus one accuracy/parameters plot per dataset.
-Searches keep their run directories under runs/accuracy/ and resume if the command is rerun.
+    python benchmarks/accuracy/run.py                 # run or resume everything, then report
+    python benchmarks/accuracy/run.py --report        # only rebuild results/ from the records
+    python benchmarks/accuracy/run.py --datasets digits --methods full,linear   # a part
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import hashlib
 import json
+import math
 import multiprocessing
 import os
-import shutil
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parents[1] / "src"))
 
-import torch  # noqa: E402
-
-from biotune.compare import (  # noqa: E402
-    ALL_METHODS,
-    LABELS,
-    SearchScale,
-    compare,
-    markdown_table,
-)
-from biotune.errors import BioTuneError  # noqa: E402
-from biotune.runner import DataConfig, machine_description  # noqa: E402
-from biotune.training import TrainConfig  # noqa: E402
-
-OFFLINE_DATASETS = ("animal-shape", "mnist-5k", "digits", "textures")
-#: train / val / test per offline dataset: 300 / 150 / 500, or the whole split where smaller.
-OFFLINE_SIZES = {
-    "animal-shape": (300, 150, 500),
-    "mnist-5k": (300, 150, 500),
-    "digits": (300, 150, 359),
-    "textures": (300, 150, 154),
+# ----------------------------------------------------------------------------- the protocol
+MODEL = "efficientnet_lite0"
+IMAGE_SIZE = 32
+#: train / val / test: 1,000 / 500 where the data has them, else the whole split; test: the
+#: whole test split (the offline pools split 60 / 20 / 20), capped at 2,000.
+SIZES = {
+    "animal-shape": (1000, 500, 2000),
+    "mnist-5k": (1000, 500, 1000),
+    "digits": (1000, 359, 359),
+    "textures": (460, 154, 154),
 }
-#: With 3-epoch budgets 1e-4 never won on validation in trial runs, so the offline grid starts
-#: at 1e-3 (the same grid for every method; ``biotune compare`` defaults to 1e-4, 1e-3, 1e-2).
-OFFLINE_LR_GRID = (1e-3, 3e-3, 1e-2)
-#: The paper's datasets that torchvision provides (ISIC 2020 is not in torchvision).
-PAPER_DATASETS = ("flowers102", "fgvc-aircraft", "dtd", "cifar10", "stl10", "mnist", "usps",
-                  "svhn")
+DATASETS = tuple(SIZES)
+SEEDS = (0, 1, 2, 3, 4)
+LR_GRID = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
+EPOCHS, PATIENCE, BATCH, EVAL_BATCH = 15, 3, 64, 256
+BASELINES = ("full", "linear", "autorgn", "lora", "l2sp", "l1sp")
+#: BioTune methods: the preset searched, and how it is scaled to fit (None: as the preset is).
+SEARCHES = {
+    "biotune": ("default", None),
+    "biotune-paper": ("paper", {"population_size": 8, "generations": 3, "elite": 2,
+                                "seeds": (0,), "epochs": 4}),
+}
+#: The order in which a dataset's methods run: the cheap and decisive ones first.
+ORDER = ("full", "linear", "biotune", "l2sp", "l1sp", "lora", "autorgn", "biotune-paper")
+LABELS = {
+    "full": "Full fine-tuning", "linear": "Linear probing", "autorgn": "AutoRGN", "lora": "LoRA",
+    "l2sp": "L2-SP", "l1sp": "L1-SP", "biotune": "BioTune (default search)",
+    "biotune-paper": "BioTune (paper protocol, scaled)",
+}
 
 
-def _csv(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
+def recipe():
+    from biotune.training import TrainConfig
+
+    return TrainConfig(epochs=EPOCHS, patience=PATIENCE, batch_size=BATCH,
+                       eval_batch_size=EVAL_BATCH)
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(t) for t in _csv(text))
+# ----------------------------------------------------------------------------------- records
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(t) for t in _csv(text))
+def _record_path(records: Path, dataset: str, method: str, name: str) -> Path:
+    return records / dataset / method / f"{name}.json"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: tiny subsamples, 1 epoch, 2 seeds, a tiny search")
-    p.add_argument("--paper", action="store_true",
-                   help="the paper's setting: resnet50, the paper's torchvision datasets, 224 px, "
-                   "whole splits, 30 epochs (patience 3, batch 96), the unscaled paper search")
-    p.add_argument("--model", help="model name (default efficientnet_lite0; --paper: resnet50)")
-    p.add_argument("--datasets", type=_csv, help="comma-separated dataset names")
-    p.add_argument("--methods", type=_csv, default=list(ALL_METHODS),
-                   help=f"comma-separated, from {','.join(ALL_METHODS)}")
-    p.add_argument("--image-size", type=int, help="pixels (default 32; --paper: 224)")
-    p.add_argument("--train-size", type=int, help="training subsample for every dataset")
-    p.add_argument("--val-size", type=int, help="validation subsample for every dataset")
-    p.add_argument("--test-size", type=int, help="test subsample for every dataset")
-    p.add_argument("--full-data", action="store_true", help="whole splits, no subsampling")
-    p.add_argument("--data-root", help="where torchvision datasets live")
-    p.add_argument("--download", action="store_true", help="download torchvision datasets")
-    p.add_argument("--seeds", type=_ints, help="seeds (default 0,1,2)")
-    p.add_argument("--lr-grid", type=_floats, help="base lrs chosen on validation "
-                   "(default 1e-3,3e-3,1e-2; --paper: 1e-4,1e-3,1e-2)")
-    p.add_argument("--epochs", type=int, help="maximum epochs of every final run (default 3)")
-    p.add_argument("--patience", type=int, help="early stopping patience (default 1)")
-    p.add_argument("--batch-size", type=int, help="training batch size (default 64)")
-    p.add_argument("--paper-scale", type=_ints, metavar="POP,GEN,ELITE,SEEDS,EPOCHS",
-                   help="scale of the paper-protocol search (default 4,2,1,1,3: population 4, "
-                   "2 generations, 1 elite, 1 seed, 3 epochs per evaluation)")
-    p.add_argument("--jobs", type=int, help="datasets run at once, each in its own process "
-                   "(default: 2 on a CPU, 1 on a GPU); small models train faster as parallel "
-                   "single-threaded processes than as one multi-threaded one")
-    p.add_argument("--threads", type=int,
-                   help="torch CPU threads per job (default: cores / jobs)")
-    p.add_argument("--out", default=str(HERE / "results"), help="where results go")
-    p.add_argument("--work", default="runs/accuracy",
-                   help="where per-dataset comparisons and search run directories go")
-    return p.parse_args(argv)
-
-
-def settings(args: argparse.Namespace) -> dict:
-    """Every choice of this run, resolved from the mode and the overrides."""
-    if args.paper:
-        base = {"model": "resnet50", "datasets": list(PAPER_DATASETS), "image_size": None,
-                "full_data": True, "seeds": (0, 1, 2), "lr_grid": (1e-4, 1e-3, 1e-2),
-                "epochs": 30, "patience": 3, "batch_size": 96, "eval_batch_size": 64,
-                "paper_scale": None, "download": True}
-    elif args.quick:
-        base = {"model": "efficientnet_lite0", "datasets": list(OFFLINE_DATASETS),
-                "image_size": 32, "sizes": (100, 50, 150), "seeds": (0, 1),
-                "lr_grid": (1e-3, 1e-2), "epochs": 1, "patience": 1, "batch_size": 64,
-                "eval_batch_size": 256, "paper_scale": (3, 1, 1, 1, 1),
-                "biotune_scale": (4, 1, 1, 1, 1)}
-    else:
-        base = {"model": "efficientnet_lite0", "datasets": list(OFFLINE_DATASETS),
-                "image_size": 32, "seeds": (0, 1, 2), "lr_grid": OFFLINE_LR_GRID,
-                "epochs": 3, "patience": 1, "batch_size": 64, "eval_batch_size": 256,
-                "paper_scale": (4, 2, 1, 1, 3)}
-    for key in ("model", "datasets", "image_size", "seeds", "lr_grid", "epochs", "patience",
-                "batch_size", "paper_scale"):
-        value = getattr(args, key)
-        if value is not None:
-            base[key] = value
-    if args.full_data:
-        base["full_data"] = True
-    if args.download:
-        base["download"] = True
-    base["explicit_sizes"] = (args.train_size, args.val_size, args.test_size)
-    base["methods"] = args.methods
-    return base
-
-
-def data_config(s: dict, dataset: str, args: argparse.Namespace) -> DataConfig:
-    if s.get("full_data"):
-        sizes: tuple = (None, None, None)
-    elif "sizes" in s:
-        sizes = s["sizes"]
-    else:
-        sizes = OFFLINE_SIZES.get(dataset, (1000, 500, 2000))
-    sizes = tuple(e if e is not None else d for e, d in zip(s["explicit_sizes"], sizes,
-                                                            strict=True))
-    return DataConfig(model=s["model"], dataset=dataset, data_root=args.data_root,
-                      download=bool(s.get("download")), image_size=s["image_size"],
-                      train_size=sizes[0], val_size=sizes[1], test_size=sizes[2])
-
-
-def _scale(values: tuple | None) -> SearchScale | None:
-    if values is None:
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
         return None
-    if len(values) != 5:
-        raise BioTuneError("a search scale is POP,GEN,ELITE,SEEDS,EPOCHS (five integers)")
-    pop, gen, elite, seeds, epochs = values
-    return SearchScale(population=pop, generations=gen, elite=elite,
-                       seeds=tuple(range(seeds)), epochs=epochs)
 
 
-def summary_table(rows: list[dict], datasets: list[str]) -> str:
-    """Methods x datasets, test top-1 mean +- std (%): the table the README quotes."""
-    lines = ["| method | " + " | ".join(datasets) + " |", "|" + "---|" * (len(datasets) + 1)]
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    for m in methods:
+def _write(path: Path, data: dict[str, Any]) -> None:
+    from biotune.rundir import write_json_atomic
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, data)
+
+
+def _run_name(lr: float, seed: int) -> str:
+    return f"lr{lr:g}-seed{seed}"
+
+
+# ------------------------------------------------------------------------------------- pieces
+
+
+class Dataset:
+    """One dataset's workbench, its cost unit and the record folder; runs pieces on demand."""
+
+    def __init__(self, name: str, records: Path, work: Path, log: Callable[[str], None]) -> None:
+        from biotune import cost
+        from biotune.runner import DataConfig, prepare
+        from biotune.training import batches
+
+        self.name, self.records, self.work, self.log = name, records, work, log
+        train, val, test = SIZES[name]
+        self.data = DataConfig(model=MODEL, dataset=name, image_size=IMAGE_SIZE,
+                               train_size=train, val_size=val, test_size=test)
+        self.bench = prepare(self.data)
+        sample, _ = next(batches(self.bench.splits.val, 1))
+        self.flops = cost.block_flops(self.bench.model, self.bench.partition, sample[0])
+        self.ft_work = cost.ft_work(self.flops, len(self.bench.splits.train),
+                                    len(self.bench.splits.val), EPOCHS)
+
+    def run(self, method: str, lr: float, seed: int, plan: Any = None) -> dict[str, Any]:
+        """One training run with the shared recipe, recorded; read back if already recorded."""
+        from biotune import cost
+        from biotune.baselines import run_baseline
+        from biotune.training import count_parameters, evaluate
+
+        path = _record_path(self.records, self.name, method, _run_name(lr, seed))
+        done = _read(path)
+        if done is not None:
+            return done
+        config = replace(recipe(), base_lr=lr)
+        start = time.perf_counter()
+        options = {"plan": plan} if plan is not None else {}
+        run = run_baseline("plan" if plan is not None else method, self.bench, config, seed,
+                           **options)
+        test = evaluate(run.model, self.bench.splits.test, EVAL_BATCH)
+        result = run.result
+        cached = int(run.info.get("cached_prefix", 0))
+        first_trained = _first_trained(method, plan, len(self.bench.partition))
+        work = cost.run_work(self.flops, cached, first_trained, result.train_images,
+                             result.eval_images)
+        if cached:  # building the cached prefix once (train tables and validation)
+            n = len(self.bench.splits.train) * 2 + len(self.bench.splits.val)
+            work += n * sum(self.flops[:cached])
+        record = {
+            "dataset": self.name, "method": method, "lr": lr, "seed": seed,
+            "val_top1": result.val.top1, "val_balanced": result.val.balanced,
+            "test_top1": test.top1, "test_balanced": test.balanced,
+            "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+            "status": result.status, "train_images": result.train_images,
+            "trainable_params": run.trainable_params,
+            "total_params": count_parameters(self.bench.model),
+            "cached_prefix": cached, "ft_equivalents": work / self.ft_work,
+            "seconds": time.perf_counter() - start,
+            "plan": plan.to_dict() if plan is not None else None,
+        }
+        _write(path, record)
+        self.log(f"{method} lr {lr:g} seed {seed}: val {result.val.balanced:.4f} "
+                 f"({result.epochs_run} epochs, best {result.best_epoch}, "
+                 f"{record['seconds']:.0f} s)")
+        return record
+
+    def baseline(self, method: str) -> None:
+        """The lr grid with the first seed, the choice on validation, the other seeds."""
+        grid = [self.run(method, lr, SEEDS[0]) for lr in LR_GRID]
+        chosen = choose_lr(grid)
+        for seed in SEEDS[1:]:
+            self.run(method, chosen, seed)
+
+    def search(self, method: str, seed: int) -> dict[str, Any]:
+        """One BioTune search (its own seed), recorded; its plan is trained like a baseline."""
+        from biotune.plan import FineTunePlan
+        from biotune.runner import Search
+
+        path = _record_path(self.records, self.name, method, f"search-seed{seed}")
+        done = _read(path)
+        config = search_config(method, self.data, seed)
+        fingerprint = hashlib.sha1(
+            json.dumps(config.to_dict(), sort_keys=True).encode()
+        ).hexdigest()[:12]
+        if done is not None and done.get("config_sha1") != fingerprint:
+            raise SystemExit(
+                f"{path} was searched with another configuration ({done.get('config_sha1')} != "
+                f"{fingerprint}): move the old records of {method} aside to keep them"
+            )
+        if done is None:
+            run_dir = self.work / self.name / f"{method}-seed{seed}"
+            resume = (run_dir / "config.json").exists()
+            self.log(f"{method} search seed {seed}: {'resuming' if resume else 'starting'} "
+                     f"in {run_dir}")
+            start = time.perf_counter()
+            result = Search(config, run_dir, bench=self.bench).run_search(
+                resume=resume, final=False
+            )
+            done = {
+                "dataset": self.name, "method": method, "seed": seed,
+                "preset": SEARCHES[method][0], "scaling": SEARCHES[method][1],
+                "plan": result.best_plan.to_dict(), "plan_text": result.best_plan.describe(),
+                "best_fitness": result.best_fitness,
+                "evaluations": result.cost["evaluations"],
+                "ft_equivalents": result.cost["work_flops"] / self.ft_work,
+                "search_ft_equivalents": result.cost["ft_equivalents"],
+                "seconds": time.perf_counter() - start,
+                "base_lr": config.protocol.train.base_lr,
+                "config_sha1": fingerprint,
+            }
+            _write(path, done)
+            self.log(f"{method} search seed {seed}: {done['plan_text']} "
+                     f"({done['ft_equivalents']:.2f} FT-eq, {done['seconds']:.0f} s)")
+        plan = FineTunePlan.from_dict(done["plan"])
+        self.run(method, done["base_lr"], seed, plan=plan)
+        return done
+
+    def biotune(self, method: str) -> None:
+        # The default search is cheap: one search per seed, so the spread over seeds includes the
+        # search's own randomness. The scaled paper protocol searches once (seed 0), as the paper.
+        if method == "biotune":
+            for seed in SEEDS:
+                self.search(method, seed)
+            return
+        done = self.search(method, SEEDS[0])
+        from biotune.plan import FineTunePlan
+
+        plan = FineTunePlan.from_dict(done["plan"])
+        for seed in SEEDS[1:]:
+            self.run(method, done["base_lr"], seed, plan=plan)
+
+
+def _first_trained(method: str, plan: Any, blocks: int) -> int:
+    if plan is not None:
+        return plan.frozen_prefix
+    return blocks - 1 if method == "linear" else 0
+
+
+def choose_lr(grid: list[dict[str, Any]]) -> float:
+    """The grid value with the best validation balanced accuracy (ties: the smaller lr)."""
+    best = max(grid, key=lambda r: (r["val_balanced"] if r["status"] != "diverged" else -1.0,
+                                    -r["lr"]))
+    return float(best["lr"])
+
+
+def search_config(method: str, data: Any, seed: int) -> Any:
+    from biotune.presets import preset
+
+    name, scale = SEARCHES[method]
+    config = replace(preset(name), data=data, seed=seed, final=recipe())
+    if scale:
+        evo = replace(config.evolution, population_size=scale["population_size"],
+                      generations=scale["generations"], elite=scale["elite"])
+        train = replace(config.protocol.train, epochs=scale["epochs"],
+                        patience=min(config.protocol.train.patience, scale["epochs"]))
+        config = replace(config, evolution=evo,
+                         protocol=replace(config.protocol, seeds=scale["seeds"], train=train))
+    return config
+
+
+_DATASETS: dict[str, Dataset] = {}  # per worker process: each dataset is prepared once
+
+
+def run_piece(task: dict[str, Any]) -> str:
+    """One method on one dataset (in a worker process): its grid and seeds, or its searches."""
+    import torch
+
+    torch.set_num_threads(task["threads"])
+    name, method = task["dataset"], task["method"]
+
+    def log(message: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {name}: {message}", file=sys.stderr, flush=True)
+
+    if name not in _DATASETS:
+        _DATASETS[name] = Dataset(name, Path(task["records"]), Path(task["work"]), log)
+    ds = _DATASETS[name]
+    log(f"{method}: start")
+    if method in SEARCHES:
+        ds.biotune(method)
+    else:
+        ds.baseline(method)
+    return f"{name}/{method}"
+
+
+# ------------------------------------------------------------------------------------ report
+
+
+def load_rows(records: Path, datasets: list[str]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per dataset and method: the chosen setting's runs (5 seeds) and the tuning cost."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for d in datasets:
+        out[d] = {}
+        for method in ORDER:
+            folder = records / d / method
+            if not folder.is_dir():
+                continue
+            runs = {p.stem: _read(p) for p in folder.glob("lr*.json")}
+            if method in SEARCHES:
+                searches = [_read(p) for p in sorted(folder.glob("search-seed*.json"))]
+                finals = [r for r in runs.values() if r is not None]
+                if not searches or len(finals) < len(SEEDS):
+                    continue
+                tuning_ft = sum(s["ft_equivalents"] for s in searches) / len(searches)
+                tuning_s = sum(s["seconds"] for s in searches) / len(searches)
+                chosen = sorted(finals, key=lambda r: r["seed"])
+                extra = {"plans": [s["plan_text"] for s in searches]}
+            else:
+                grid = [runs.get(_run_name(lr, SEEDS[0])) for lr in LR_GRID]
+                if any(g is None for g in grid):
+                    continue
+                lr = choose_lr(grid)  # type: ignore[arg-type]
+                chosen = [runs.get(_run_name(lr, s)) for s in SEEDS]
+                if any(c is None for c in chosen):
+                    continue
+                tuning_ft = sum(g["ft_equivalents"] for g in grid)  # type: ignore[index]
+                tuning_s = sum(g["seconds"] for g in grid)  # type: ignore[index]
+                extra = {"lr": lr, "val_by_lr": {f"{g['lr']:g}": g["val_balanced"]
+                                                 for g in grid}}  # type: ignore[index]
+            out[d][method] = {"runs": chosen, "tuning_ft": tuning_ft, "tuning_s": tuning_s,
+                              **extra}
+    return out
+
+
+def _stat(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+
+
+def paired(a: list[dict[str, Any]], b: list[dict[str, Any]], key: str) -> dict[str, float]:
+    """Mean paired (by seed) difference a - b in points, with a 95 % t interval."""
+    from scipy import stats
+
+    by_seed = {r["seed"]: r[key] for r in b}
+    diffs = [100 * (r[key] - by_seed[r["seed"]]) for r in a if r["seed"] in by_seed]
+    mean, sd = _stat(diffs)
+    half = stats.t.ppf(0.975, len(diffs) - 1) * sd / math.sqrt(len(diffs)) if len(diffs) > 1 else 0
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": len(diffs)}
+
+
+def report(records: Path, out: Path, datasets: list[str], wall: dict[str, Any]) -> str:
+    """results/accuracy.{json,md} and the plots, from whatever is recorded."""
+    from biotune.runner import machine_description
+
+    rows = load_rows(records, datasets)
+    table: list[dict[str, Any]] = []
+    for d, methods in rows.items():
+        for m, r in methods.items():
+            runs = r["runs"]
+            top1, top1_sd = _stat([x["test_top1"] for x in runs])
+            bal, bal_sd = _stat([x["test_balanced"] for x in runs])
+            val, _ = _stat([x["val_balanced"] for x in runs])
+            trainable = sum(x["trainable_params"] for x in runs) / len(runs)
+            table.append({
+                "dataset": d, "method": m, "label": LABELS[m], "test_top1": top1,
+                "test_top1_std": top1_sd, "test_balanced": bal, "test_balanced_std": bal_sd,
+                "val_balanced": val, "trainable_pct": 100 * trainable / runs[0]["total_params"],
+                "tuning_ft_equivalents": r["tuning_ft"], "tuning_seconds": r["tuning_s"],
+                "lr": r.get("lr"), "val_by_lr": r.get("val_by_lr"), "plans": r.get("plans"),
+                "seeds": [x["seed"] for x in runs],
+            })
+    comparisons = []
+    for d, methods in rows.items():
+        base = [m for m in methods if m in BASELINES]
+        for m in (x for x in methods if x in SEARCHES):
+            entry: dict[str, Any] = {"dataset": d, "method": m}
+            if "full" in methods:
+                entry["vs_full"] = paired(methods[m]["runs"], methods["full"]["runs"],
+                                          "test_top1")
+            if base:
+                best = max(base, key=lambda b: _stat([x["test_top1"]
+                                                      for x in methods[b]["runs"]])[0])
+                entry["best_baseline"] = best
+                entry["vs_best"] = paired(methods[m]["runs"], methods[best]["runs"], "test_top1")
+            comparisons.append(entry)
+    machine = machine_description()
+    date = time.strftime("%Y-%m-%d %H:%M")
+    result = {"benchmark": "accuracy", "date": date, "machine": machine, "protocol": protocol(),
+              "wall": wall, "rows": table, "comparisons": comparisons}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "accuracy.json").write_text(json.dumps(result, indent=2) + "\n")
+    md = markdown(table, comparisons, datasets, date, machine, wall)
+    (out / "accuracy.md").write_text(md)
+    plots(table, datasets, out)
+    return md
+
+
+def protocol() -> dict[str, Any]:
+    return {"model": MODEL, "image_size": IMAGE_SIZE, "sizes": SIZES, "seeds": SEEDS,
+            "lr_grid": LR_GRID, "epochs": EPOCHS, "patience": PATIENCE, "batch": BATCH,
+            "searches": {k: {"preset": v[0], "scaling": v[1]} for k, v in SEARCHES.items()}}
+
+
+def markdown(table: list[dict[str, Any]], comparisons: list[dict[str, Any]],
+             datasets: list[str], date: str, machine: str, wall: dict[str, Any]) -> str:
+    lines = ["# Accuracy: BioTune against the baselines (EfficientNet-Lite0, 32 px)", "",
+             f"- built: {date}", f"- machine: {machine}",
+             f"- wall time of the runs recorded: {wall.get('text', 'n/a')}", "",
+             "Test top-1 % (mean +- std over 5 seeds), trainable parameters %, and tuning cost "
+             "(FT-equivalents; one = full fine-tuning of the training split for 15 epochs):", "",
+             "| method | " + " | ".join(datasets) + " |", "|---|" + "---|" * len(datasets)]
+    for m in ORDER:
         cells = []
         for d in datasets:
-            r = next((r for r in rows if r["method"] == m and r["dataset"] == d), None)
-            cells.append(
-                f"{100 * r['test_top1']['mean']:.1f} +- {100 * r['test_top1']['std']:.1f} "
-                f"({r['trainable_pct']:.1f}%)" if r else ""
-            )
-        lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(cells) + " |")
+            r = next((x for x in table if x["dataset"] == d and x["method"] == m), None)
+            cells.append(f"{100 * r['test_top1']:.2f} +- {100 * r['test_top1_std']:.2f} "
+                         f"({r['trainable_pct']:.1f}%, {r['tuning_ft_equivalents']:.2f} FT-eq)"
+                         if r else "pending")
+        lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
+    lines += ["", "Paired differences in test top-1 points (BioTune - other, by seed), 95 % CI:",
+              "",
+              "| dataset | method | vs full fine-tuning | best baseline | vs best baseline |",
+              "|---|---|---|---|---|"]
+    for c in comparisons:
+        def ci(x: dict[str, float] | None) -> str:
+            return f"{x['mean']:+.2f} [{x['low']:+.2f}, {x['high']:+.2f}]" if x else ""
+        lines.append(f"| {c['dataset']} | {LABELS[c['method']]} | {ci(c.get('vs_full'))} | "
+                     f"{LABELS.get(c.get('best_baseline', ''), '')} | {ci(c.get('vs_best'))} |")
+    lines += ["", "Full rows (balanced accuracy, chosen lr, validation scores per lr, plans):", "",
+              "| dataset | method | test top-1 | test balanced | val balanced | lr | tuning s |",
+              "|---|---|---|---|---|---|---|"]
+    for r in table:
+        lines.append(f"| {r['dataset']} | {r['label']} | {100 * r['test_top1']:.2f} | "
+                     f"{100 * r['test_balanced']:.2f} +- {100 * r['test_balanced_std']:.2f} | "
+                     f"{100 * r['val_balanced']:.2f} | {r['lr'] if r['lr'] else 'search'} | "
+                     f"{r['tuning_seconds']:.0f} |")
+    for r in table:
+        if r["plans"]:
+            lines.append(f"\n{r['dataset']} {r['label']} plans: " + "; ".join(r["plans"]))
     return "\n".join(lines) + "\n"
 
 
-def _log(dataset: str, message: str) -> None:
-    print(f"{dataset}: {message}", file=sys.stderr, flush=True)
+def plots(table: list[dict[str, Any]], datasets: list[str], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for d in datasets:
+        rows = [r for r in table if r["dataset"] == d]
+        if not rows:
+            continue
+        fig, ax = plt.subplots(figsize=(7.6, 4.4))
+        for r in rows:
+            star = r["method"] in SEARCHES
+            ax.errorbar(max(r["trainable_pct"], 1e-3), 100 * r["test_top1"],
+                        yerr=100 * r["test_top1_std"], fmt="*" if star else "o",
+                        ms=13 if star else 7, capsize=3, label=r["label"])
+        ax.set_xscale("log")
+        ax.set_xlabel("trainable parameters (% of the model, log scale)")
+        ax.set_ylabel("test top-1 accuracy (%)")
+        ax.set_title(f"{d}: accuracy against trainable parameters")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
+        fig.tight_layout()
+        fig.savefig(out / f"accuracy-{d}.png", dpi=110)
+        plt.close(fig)
+    methods = [m for m in ORDER if any(r["method"] == m for r in table)]
+    if not methods:
+        return
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    width = 0.8 / max(len(datasets), 1)
+    for i, d in enumerate(datasets):
+        ys = [next((100 * r["test_top1"] for r in table
+                    if r["dataset"] == d and r["method"] == m), float("nan")) for m in methods]
+        ax.bar([k + i * width for k in range(len(methods))], ys, width, label=d)
+    ax.set_xticks([k + 0.4 - width / 2 for k in range(len(methods))])
+    ax.set_xticklabels([LABELS[m] for m in methods], rotation=25, ha="right", fontsize=8)
+    ax.set_ylabel("test top-1 accuracy (%)")
+    lows = [100 * r["test_top1"] for r in table]
+    ax.set_ylim(max(0.0, min(lows) - 5), 100)
+    ax.legend(fontsize=8)
+    ax.set_title("Summary: test top-1 per method and dataset (mean over 5 seeds)")
+    fig.tight_layout()
+    fig.savefig(out / "accuracy-summary.png", dpi=110)
+    plt.close(fig)
 
 
-def run_dataset(task: dict) -> tuple[list[dict], float]:
-    """One dataset's comparison (in a worker process when --jobs > 1)."""
-    torch.set_num_threads(task["threads"])
-    start = time.perf_counter()
-    rows = compare(task["methods"], task["data"], task["config"], task["seeds"],
-                   task["lr_grid"], task["work"], scales=task["scales"],
-                   meta={"command": task["command"]},
-                   log=functools.partial(_log, task["data"].dataset))
-    return rows, time.perf_counter() - start
+# -------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated")
+    p.add_argument("--methods", default=",".join(ORDER), help="comma-separated, from " +
+                   ",".join(ORDER))
+    p.add_argument("--jobs", type=int, default=2, help="datasets at once, one process each")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--records", default=str(HERE / "records"), help="where records go")
+    p.add_argument("--work", default="runs/accuracy", help="search run directories")
+    p.add_argument("--out", default=str(HERE / "results"), help="where results go")
+    p.add_argument("--report", action="store_true", help="only rebuild the results")
+    return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    s = settings(args)
-    command = "python " + " ".join(["benchmarks/accuracy/run.py", *(argv or sys.argv[1:])])
-    key = hashlib.sha1(json.dumps(s, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    work = Path(args.work) / key
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = "accuracy-quick" if args.quick else ("accuracy-paper" if args.paper else "accuracy")
-    config = TrainConfig(epochs=s["epochs"], patience=s["patience"], batch_size=s["batch_size"],
-                         eval_batch_size=s["eval_batch_size"])
-    scales = {m: sc for m, sc in (("biotune-paper", _scale(s.get("paper_scale"))),
-                                  ("biotune", _scale(s.get("biotune_scale")))) if sc}
-    gpu = torch.cuda.is_available()
-    jobs = max(1, min(args.jobs or (1 if gpu else 2), len(s["datasets"])))
-    threads = args.threads or max(1, (os.cpu_count() or 1) // jobs)
-    tasks = [
-        {"data": data_config(s, d, args), "methods": s["methods"], "config": config,
-         "seeds": s["seeds"], "lr_grid": s["lr_grid"], "work": work / d, "scales": scales,
-         "command": command, "threads": threads}
-        for d in s["datasets"]
-    ]
-    start = time.perf_counter()
-    if jobs == 1:
-        results = [run_dataset(t) for t in tasks]
-    else:
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(jobs, mp_context=context) as pool:
-            results = list(pool.map(run_dataset, tasks))
-    total = time.perf_counter() - start
-    rows = [r for dataset_rows, _ in results for r in dataset_rows]
-    per_dataset = {
-        t["data"].dataset: {"seconds": sec, "data": asdict(t["data"])}
-        for t, (_, sec) in zip(tasks, results, strict=True)
-    }
-    for d in s["datasets"]:
-        shutil.copyfile(work / d / "compare.png", out / f"{name}-{d}.png")
-    machine = machine_description()
-    date = time.strftime("%Y-%m-%d %H:%M")
-    notes = json.loads((work / s["datasets"][0] / "compare.json").read_text())["notes"]
-    parallel = f"{jobs} dataset(s) at a time, {threads} torch thread(s) each"
-    result = {
-        "benchmark": "accuracy", "date": date, "machine": machine, "command": command,
-        "seconds": total, "parallel": parallel, "settings": s, "train": config.to_dict(),
-        "datasets": per_dataset, "notes": notes, "rows": rows,
-    }
-    (out / f"{name}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    md = [
-        f"# Accuracy: BioTune against the baselines ({s['model']})", "",
-        f"- date: {date}", f"- machine: {machine}", f"- command: `{command}`",
-        f"- total wall time: {total / 60:.1f} min ({parallel})", "",
-        "Test top-1 accuracy (%), mean +- std over seeds, and (trainable parameters %):", "",
-        summary_table(rows, s["datasets"]),
-        "Full table (wall seconds per method include its lr grid and, for BioTune, its search):",
-        "", markdown_table(rows, with_dataset=True),
-        *[f"- {n}" for n in notes], "",
-        "Plots: " + ", ".join(f"`{name}-{d}.png`" for d in s["datasets"]), "",
-    ]
-    (out / f"{name}.md").write_text("\n".join(md))
-    print(summary_table(rows, s["datasets"]))
-    print(f"total {total / 60:.1f} min; written {out / (name + '.md')} and .json")
+    datasets = [d for d in args.datasets.split(",") if d]
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = [d for d in datasets if d not in SIZES] + [m for m in methods if m not in ORDER]
+    if unknown:
+        print(f"error: unknown dataset or method: {', '.join(unknown)}", file=sys.stderr)
+        return 2
+    records = Path(args.records)
+    wall_file = records / "wall.json"
+    wall = _read(wall_file) or {"sessions": []}
+    if not args.report:
+        os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+        # Method-major order: every dataset's full fine-tuning, then linear probing, ...
+        tasks = [{"dataset": d, "method": m, "records": str(records), "work": args.work,
+                  "threads": args.threads} for m in ORDER if m in methods for d in datasets]
+        start = time.perf_counter()
+        try:
+            if args.jobs == 1:
+                for t in tasks:
+                    run_piece(t)
+            else:
+                context = multiprocessing.get_context("spawn")
+                with ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
+                    for done in pool.map(run_piece, tasks):
+                        print(f"finished {done}", file=sys.stderr, flush=True)
+        finally:
+            wall["sessions"].append({"ended": time.strftime("%Y-%m-%d %H:%M"),
+                                     "seconds": time.perf_counter() - start,
+                                     "jobs": args.jobs, "datasets": datasets,
+                                     "methods": methods})
+            _write(wall_file, wall)
+    total = sum(s["seconds"] for s in wall["sessions"])
+    wall["text"] = (f"{total / 3600:.2f} h over {len(wall['sessions'])} sitting(s), "
+                    "2 datasets at a time, 1 torch thread each")
+    print(report(records, Path(args.out), datasets, wall))
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BioTuneError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(main())
