@@ -11,12 +11,14 @@ from pathlib import Path
 import pytest
 from test_baselines import make_bench
 
+from biotune.cli import seeds_from
 from biotune.compare import (
     ALL_METHODS,
     LABELS,
     SearchScale,
     add_compare_parser,
     compare,
+    compare_method,
     options_from_args,
     scales_from_args,
 )
@@ -71,14 +73,64 @@ def test_compare_runs_every_method_with_one_recipe_and_writes_all_outputs(tmp_pa
     assert len(stored["rows"]) == len(ALL_METHODS) and stored["machine"]
     assert (tmp_path / "compare.png").read_bytes().startswith(PNG)
 
+    for r in rows:  # epochs count from 1, like epochs_run
+        assert all(1 <= run["best_epoch"] <= run["epochs_run"] for run in r["runs"])
+    assert 0.0 <= search["val_score"] == pytest.approx(1 - search["best_fitness"])
+
     # the search's run directory is a normal run: it reports, and a rerun resumes it
     paths = report(tmp_path / "search-biotune")
     assert [p.name for p in paths] == list(REPORT_FILES)
     assert all(p.read_bytes().startswith(PNG) for p in paths)
     evaluations = (tmp_path / "search-biotune" / "evaluations.jsonl").read_text()
+    (tmp_path / "rows" / "biotune.json").unlink()  # its row was made with other seeds and grid
     compare(["biotune"], DataConfig(), TINY, seeds=(0,), lr_grid=(1e-2,), out_dir=tmp_path,
             bench=bench, scales={"biotune": TINY_SEARCH}, log=_quiet)
     assert (tmp_path / "search-biotune" / "evaluations.jsonl").read_text() == evaluations
+
+
+def _counting_compare_method(monkeypatch, interrupt_at: str | None = None) -> list[str]:
+    """Record which methods ``compare`` trains; Ctrl-C when it reaches ``interrupt_at``."""
+    import biotune.compare as compare_module
+
+    trained: list[str] = []
+
+    def counting(method, *args, **kwargs):
+        if method == interrupt_at:
+            raise KeyboardInterrupt
+        trained.append(method)
+        return compare_method(method, *args, **kwargs)
+
+    monkeypatch.setattr(compare_module, "compare_method", counting)
+    return trained
+
+
+def test_compare_keeps_each_finished_row_and_a_rerun_skips_it(tmp_path, monkeypatch):
+    bench = make_bench()
+    args = {"data": DataConfig(), "config": TINY, "seeds": (0,), "lr_grid": (1e-2,),
+            "out_dir": tmp_path, "bench": bench, "log": _quiet}
+    trained = _counting_compare_method(monkeypatch, interrupt_at="linear")
+    with pytest.raises(KeyboardInterrupt):
+        compare(["full", "linear"], **args)
+    assert trained == ["full"]
+    kept = json.loads((tmp_path / "rows" / "full.json").read_text())
+    assert kept["settings"]["seeds"] == [0] and kept["row"]["method"] == "full"
+
+    trained = _counting_compare_method(monkeypatch)
+    rows = compare(["full", "linear"], **args)
+    assert trained == ["linear"]  # full was finished: its row is reused as stored
+    assert rows[0] == kept["row"] and [r["method"] for r in rows] == ["full", "linear"]
+    assert sorted(p.name for p in (tmp_path / "rows").iterdir()) == ["full.json", "linear.json"]
+
+
+def test_compare_refuses_a_stored_row_made_with_other_settings(tmp_path, monkeypatch):
+    args = {"data": DataConfig(), "config": TINY, "lr_grid": (1e-2,), "out_dir": tmp_path,
+            "bench": make_bench(), "log": _quiet}
+    compare(["linear"], seeds=(0,), **args)
+    trained = _counting_compare_method(monkeypatch)
+    with pytest.raises(BioTuneError, match=r"rows/linear.json was made with other settings "
+                       r"\(seeds: \[0\] -> \[0, 1\]\)"):
+        compare(["full", "linear"], seeds=(0, 1), **args)
+    assert trained == []  # refused before anything trained
 
 
 @pytest.mark.parametrize(
@@ -158,11 +210,12 @@ def test_command_line_parsers_route_to_their_handlers(tmp_path):
     add_compare_parser(sub)
     add_report_parser(sub)
 
-    args = parser.parse_args(["compare", "--methods", "full,lora,biotune-paper", "--seeds", "2",
-                              "--lr-grid", "1e-3,1e-2", "--lora-rank", "4", "--paper-population",
-                              "4", "--paper-generations", "2", "--epochs", "3"])
+    args = parser.parse_args(["compare", "--methods", "full,lora,biotune-paper", "--num-seeds",
+                              "2", "--lr-grid", "1e-3,1e-2", "--lora-rank", "4",
+                              "--paper-population", "4", "--paper-generations", "2", "--epochs",
+                              "3"])
     assert args.methods == ["full", "lora", "biotune-paper"]
-    assert args.seeds == (0, 1) and args.lr_grid == (1e-3, 1e-2) and args.epochs == 3
+    assert seeds_from(args) == (0, 1) and args.lr_grid == (1e-3, 1e-2) and args.epochs == 3
     assert options_from_args(args) == {"lora_rank": 4}
     assert scales_from_args(args) == {"biotune-paper": SearchScale(population=4, generations=2)}
     with pytest.raises(SystemExit):
@@ -172,3 +225,90 @@ def test_command_line_parsers_route_to_their_handlers(tmp_path):
     args = parser.parse_args(["report", str(tmp_path / "run")])
     assert args.func(args) == 0
     assert all((tmp_path / "run" / "report" / name).exists() for name in REPORT_FILES)
+
+
+def test_compare_help_quotes_the_recipe_it_uses(monkeypatch, capsys):
+    """The defaults in --help are read from FINAL_TRAINING, so they cannot drift from it."""
+    import biotune.presets
+
+    monkeypatch.setattr(biotune.presets, "FINAL_TRAINING", TrainConfig(epochs=11, patience=5))
+    parser = argparse.ArgumentParser(prog="biotune")
+    add_compare_parser(parser.add_subparsers(dest="command"))
+    with pytest.raises(SystemExit):
+        parser.parse_args(["compare", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--epochs EPOCHS maximum epochs (default 11)" in text
+    assert "before stopping (default 5)" in text and "(default 96)" in text  # batch size
+
+
+def _history_with_a_better_old_fold(path: Path) -> None:
+    """A search still running: no best_plan.json; generation 0 holds the lowest fitness of all
+    (0.40 on its fold) but the latest finished generation's best is candidate 7 (0.45)."""
+    _fake_run(path)
+    (path / "best_plan.json").unlink()
+    records = [json.loads(x) for x in (path / "evaluations.jsonl").read_text().splitlines()]
+    for r in records:
+        r["fitness"] = {0: 0.40, 7: 0.45}.get(r["candidate"], 0.6)
+    (path / "evaluations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    history = [{"generation": g, "best": b, "mean": 0.6, "fitness": [b], "best_id": i}
+               for g, b, i in ((0, 0.40, 0), (1, 0.45, 7))]
+    (path / "generations.json").write_text(json.dumps(history))
+
+
+def test_report_of_a_running_search_shows_the_latest_generations_best(tmp_path):
+    from biotune.reports import load_run, summary_lines, winner
+
+    _history_with_a_better_old_fold(tmp_path / "run")
+    best = winner(load_run(tmp_path / "run"))
+    assert (best["candidate"], best["fitness"], best["generation"]) == (7, 0.45, 1)
+    lines = summary_lines(tmp_path / "run")
+    assert "generation 1" in lines[0] and "validation balanced accuracy 0.5500" in lines[2]
+    assert report(tmp_path / "run")[2].read_bytes().startswith(PNG)
+
+
+def test_report_shows_the_final_test_result_when_there_is_one(tmp_path, capsys):
+    _fake_run(tmp_path / "run")
+    args = argparse.Namespace(run_dir=str(tmp_path / "run"), out=str(tmp_path / "plots"))
+    from biotune.reports import cmd_report
+
+    assert cmd_report(args) == 0
+    out = capsys.readouterr().out
+    assert "validation balanced accuracy 0.7300" in out and "final training: not run yet" in out
+    (tmp_path / "run" / "final.json").write_text(json.dumps({
+        "test_top1": {"mean": 0.9231, "std": 0.0035}, "test_balanced": {"mean": 0.9233,
+                                                                        "std": 0.0032},
+        "runs": [{}, {}, {}],
+    }))
+    assert cmd_report(args) == 0
+    out = capsys.readouterr().out
+    assert "test top-1 0.9231 +- 0.0035, balanced 0.9233 +- 0.0032 (3 seeds)" in out
+    assert "not run yet" not in out
+
+
+def test_progress_shows_the_winners_score_when_the_search_ends():
+    """The runner reports each evaluation before telling the evolution; the last line shown
+    must still be the winner's (evo.best, best_plan.json), not the previous generation's."""
+    import io
+
+    import numpy as np
+    from rich.console import Console
+
+    from biotune.evolution import BioTuneEvolution, EvolutionConfig
+    from biotune.fitness import Evaluation
+    from biotune.progress import SearchProgress
+
+    out = io.StringIO()
+    progress = SearchProgress(Console(file=out, width=300), metric="balanced")
+    evo = BioTuneEvolution(4, EvolutionConfig(population_size=4, generations=2, elite=1), seed=1)
+    rng = np.random.default_rng(0)
+    progress.start(evo.config.total_evaluations, 0)
+    while not evo.done:
+        told = {}
+        for c in evo.ask():
+            told[c.id] = float(rng.uniform(0.2, 0.8))
+            progress.update(Evaluation(c.id, c.generation, c.role, c.genes.tolist(), {}, 0, [0],
+                                       [1 - told[c.id]], told[c.id], "ok", 0.1, 1, 1, [1]), evo)
+        evo.tell(told)
+    progress.stop()
+    last = out.getvalue().strip().splitlines()[-1]
+    assert f"best val balanced accuracy {1 - evo.best[1]:.3f} (gen 2)" in last, last

@@ -360,6 +360,24 @@ def test_pool_shrinking_to_two_switches_to_immigrants():
     assert seen_immigrant
 
 
+@pytest.mark.parametrize("name", ["default", "paper"])
+def test_newcomers_never_come_in_the_presets_even_when_every_child_wins(name):
+    """Only elites can leave the pool, so it keeps population - elite >= 3 members: the
+    newcomer rule is a guard for smaller configurations (see ``_make_child``)."""
+    from biotune.presets import preset
+
+    config = preset(name).evolution
+    evo = BioTuneEvolution(NUM_BLOCKS, config, seed=4)
+    finish_initial(evo)
+    smallest = config.population_size
+    while not evo.done:
+        asked = evo.ask()
+        assert all(c.role != "immigrant" for c in asked)
+        smallest = min(smallest, len(evo._pool))
+        evo.tell({c.id: 0.5 if c.role in ("elite", "local") else 0.0 for c in asked})
+    assert smallest >= config.population_size - config.elite >= 3
+
+
 # -- determinism and resume ----------------------------------------------------------------------
 
 
@@ -523,7 +541,7 @@ def test_cli_anchors_follow_the_preset_unless_asked(argv, expected):
     from biotune.presets import preset
 
     args = build_parser().parse_args(["search", *argv])
-    assert _search_config(args, preset(args.preset)).evolution.anchors is expected
+    assert _search_config(args, preset(args.preset or "default")).evolution.anchors is expected
 
 
 def test_cli_initial_size_reaches_the_evolution_and_a_too_small_one_is_refused():
@@ -531,7 +549,7 @@ def test_cli_initial_size_reaches_the_evolution_and_a_too_small_one_is_refused()
     from biotune.presets import preset
 
     args = build_parser().parse_args(["search", "--initial-size", "9"])
-    assert _search_config(args, preset(args.preset)).evolution.initial_size == 9
+    assert _search_config(args, preset(args.preset or "default")).evolution.initial_size == 9
     args = build_parser().parse_args(["search", "--initial-size", "3"])
     with pytest.raises(BioTuneError, match="initial_size must be None or an integer >= "):
-        _search_config(args, preset(args.preset))
+        _search_config(args, preset(args.preset or "default"))

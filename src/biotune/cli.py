@@ -6,10 +6,13 @@ Every user error is a :class:`BioTuneError`: one line on stderr, exit code 2, no
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -18,6 +21,8 @@ from biotune.errors import BioTuneError
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+#: Seeds of ``biotune train`` when none are given.
+TRAIN_SEEDS = (0, 1, 2)
 
 
 def _positive_int(text: str) -> int:
@@ -30,64 +35,128 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _seeds(text: str) -> tuple[int, ...]:
-    """'3' -> (0, 1, 2); '0,5,7' -> (0, 5, 7)."""
+def _seed_list(text: str) -> tuple[int, ...]:
+    """'0,3,7' -> (0, 3, 7); '7' -> (7,): always the seeds themselves (a count is --num-seeds)."""
     try:
-        if "," in text:
-            return tuple(int(s) for s in text.split(",") if s.strip())
-        n = int(text)
+        seeds = tuple(int(s) for s in text.split(",") if s.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"expected a count (3) or a comma-separated list of seeds (0,1,2), got {text!r}"
+            f"expected seeds as a comma-separated list (0,3,7) or one seed (7), got {text!r}"
         ) from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected at least one seed, got {n}")
-    return tuple(range(n))
+    if not seeds:
+        raise argparse.ArgumentTypeError(f"expected at least one seed, got {text!r}")
+    if any(s < 0 for s in seeds):
+        raise argparse.ArgumentTypeError(f"seeds must be >= 0, got {text!r}")
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"seeds repeat in {text!r}")
+    return seeds
+
+
+def add_seed_options(parser: Any, prefix: str, what: str, default: str = "") -> None:
+    """``--{prefix}seeds 0,3,7`` (these seeds; ``7`` is the one seed 7) or
+    ``--{prefix}num-seeds N`` (seeds 0 to N-1), never both; read back with ``seeds_from``.
+    ``default`` says what is used when neither is given."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(f"--{prefix}seeds", type=_seed_list, metavar="S[,S...]",
+                       help=f"{what}: these seeds, e.g. 0,3,7 (a single number is one seed)"
+                       + (f" ({default})" if default else ""))
+    group.add_argument(f"--{prefix}num-seeds", type=_positive_int, metavar="N",
+                       help=f"{what}: seeds 0 to N-1")
+
+
+def seeds_text(configs: Mapping[str, tuple[int, ...]]) -> str:
+    """'default 0,1,2' or 'default preset: 0; paper preset: 0,1,2' for a help text."""
+    texts = {label: ",".join(str(s) for s in seeds) for label, seeds in configs.items()}
+    if len(set(texts.values())) == 1:
+        return f"default {next(iter(texts.values()))}"
+    return "; ".join(f"{label}: {t}" for label, t in texts.items())
+
+
+def seeds_from(args: argparse.Namespace, prefix: str = "") -> tuple[int, ...] | None:
+    """The seeds given by ``--{prefix}seeds`` or ``--{prefix}num-seeds`` (None: neither)."""
+    attr = prefix.replace("-", "_")
+    count = getattr(args, f"{attr}num_seeds", None)
+    if count is not None:
+        return tuple(range(count))
+    return getattr(args, f"{attr}seeds", None)
+
+
+def _fraction(text: str) -> float:
+    """'0.5' or '1/2' -> 0.5; SearchProtocol checks that it is 1/k."""
+    try:
+        if "/" in text:
+            num, den = text.split("/")
+            return int(num) / int(den)
+        return float(text)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(
+            f"expected a share such as 0.5 or 1/3, got {text!r}"
+        ) from None
 
 
 def _add_data_options(p: argparse.ArgumentParser) -> None:
+    from biotune.runner import DataConfig
+
+    d = DataConfig()  # the defaults the help quotes
     g = p.add_argument_group("model and data")
     g.add_argument("--model", help="model name: efficientnet_lite0/1/2 (offline ImageNet weights), "
                    "a torchvision name (resnet50, densenet121, ...; 'tv:' prefix optional) or "
-                   "'timm:NAME' (default: efficientnet_lite0)")
+                   f"'timm:NAME' (default: {d.model})")
     g.add_argument("--checkpoint", help="load the model's weights from this state-dict file")
     g.add_argument("--no-pretrained", dest="pretrained", action="store_false", default=None,
                    help="start from random weights instead of pretrained ones")
     g.add_argument("--dataset", help="offline: animal-shape, mnist-5k, digits, textures; "
                    "torchvision: flowers102, fgvc-aircraft, dtd, cifar10, stl10, mnist, usps, "
                    "svhn; or a folder with one sub-folder of images per class "
-                   "(default: animal-shape)")
+                   f"(default: {d.dataset})")
     g.add_argument("--data-root", help="where torchvision datasets live or are downloaded to")
     g.add_argument("--download", action="store_true", default=None,
                    help="download torchvision datasets (needs internet)")
     g.add_argument("--image-size", type=_positive_int,
-                   help="image side in pixels (default 32; --native-size for the model's own)")
+                   help=f"image side in pixels (default {d.image_size}; --native-size for the "
+                   "model's own)")
     g.add_argument("--native-size", action="store_true",
                    help="use the model's native input resolution (224 for ResNet-50)")
     g.add_argument("--train-size", type=_positive_int,
                    help="use at most this many training images, a stratified subsample "
-                   "(default 1000)")
+                   f"(default {d.train_size})")
     g.add_argument("--val-size", type=_positive_int,
-                   help="at most this many validation images (default 500)")
+                   help=f"at most this many validation images (default {d.val_size})")
     g.add_argument("--test-size", type=_positive_int,
-                   help="at most this many test images (default 1500)")
+                   help=f"at most this many test images (default {d.test_size})")
     g.add_argument("--full-data", action="store_true",
                    help="use the whole splits (no subsampling)")
-    g.add_argument("--split-seed", type=int, help="seed of the train/val/test split (default 0)")
+    g.add_argument("--split-seed", type=int,
+                   help=f"seed of the train/val/test split (default {d.split_seed})")
     g.add_argument("--bad-images", choices=["skip", "error"],
                    help="unreadable image files in a folder dataset: skip them with a warning "
                    "(default) or stop with an error")
 
 
-def _add_training_options(p: argparse.ArgumentParser, prefix: str, what: str) -> None:
+def defaults_text(field: str, defaults: Mapping[str, Any]) -> str:
+    """' (default 8)' or ' (default preset: 2; paper preset: 30)', read from the configs."""
+    values = {label: getattr(config, field) for label, config in defaults.items()}
+    if len(set(values.values())) == 1:
+        return f" (default {next(iter(values.values()))})"
+    return " (" + "; ".join(f"{label}: {v}" for label, v in values.items()) + ")"
+
+
+def _add_training_options(
+    p: argparse.ArgumentParser, prefix: str, what: str, defaults: Mapping[str, Any]
+) -> None:
+    """Options of one training recipe; ``defaults`` names the TrainConfigs their help quotes."""
     g = p.add_argument_group(what)
-    g.add_argument(f"--{prefix}epochs", type=_positive_int, help="maximum epochs")
-    g.add_argument(f"--{prefix}patience", type=int, help="early stopping: epochs without "
-                   "validation improvement before stopping")
-    g.add_argument(f"--{prefix}batch-size", type=_positive_int, help="training batch size")
+    g.add_argument(f"--{prefix}epochs", type=_positive_int,
+                   help="maximum epochs" + defaults_text("epochs", defaults))
+    g.add_argument(f"--{prefix}patience", type=int, help="early stopping: epochs in a row "
+                   "without a new best validation score before stopping"
+                   + defaults_text("patience", defaults))
+    g.add_argument(f"--{prefix}batch-size", type=_positive_int,
+                   help="training batch size" + defaults_text("batch_size", defaults))
     g.add_argument(f"--{prefix}lr", type=float, help="base learning rate (a block's lr is this "
-                   "times its multiplier)")
-    g.add_argument(f"--{prefix}optimizer", choices=["adam", "adamw", "sgd"], help="optimizer")
+                   "times its multiplier)" + defaults_text("base_lr", defaults))
+    g.add_argument(f"--{prefix}optimizer", choices=["adam", "adamw", "sgd"],
+                   help="optimizer" + defaults_text("optimizer", defaults))
 
 
 def _data_config(args: argparse.Namespace, base: Any) -> Any:
@@ -133,8 +202,8 @@ def _search_config(args: argparse.Namespace, base: Any) -> Any:
     proto_changes: dict[str, Any] = {}
     if args.data_fraction is not None:
         proto_changes["data_fraction"] = args.data_fraction
-    if args.seeds is not None:
-        proto_changes["seeds"] = args.seeds
+    if seeds_from(args) is not None:
+        proto_changes["seeds"] = seeds_from(args)
     proto_changes["train"] = _train_config(args, "", protocol.train)
     for option, name in (("cache", "cache_features"), ("cache_budget_mb", "cache_budget_mb"),
                          ("memoize", "memoize"), ("eval_threads", "cpu_threads")):
@@ -153,8 +222,8 @@ def _search_config(args: argparse.Namespace, base: Any) -> Any:
         "protocol": replace(protocol, **proto_changes),
         "final": _train_config(args, "final_", base.final),
     }
-    if args.final_seeds is not None:
-        changes["final_seeds"] = args.final_seeds
+    if seeds_from(args, "final-") is not None:
+        changes["final_seeds"] = seeds_from(args, "final-")
     if args.seed is not None:
         changes["seed"] = args.seed
     return replace(base, **changes)
@@ -167,13 +236,45 @@ def _print_final(final: dict[str, Any]) -> None:
           f"{100 * final['trainable_share']:.1f}% of parameters")
 
 
+def _check_resume_options(args: argparse.Namespace) -> None:
+    """--resume continues a search with its stored configuration, in its own directory."""
+    if args.run_dir and Path(args.run_dir).resolve() != Path(args.resume).resolve():
+        raise BioTuneError(
+            f"--resume {args.resume} continues the search in that directory; --run-dir "
+            f"{args.run_dir} names another (drop --run-dir)"
+        )
+    if args.preset is not None:
+        raise BioTuneError(
+            f"--preset does not apply with --resume: the configuration stored in {args.resume} "
+            "decides (drop --preset)"
+        )
+
+
+def _interrupted(run_dir: Path, created: bool) -> None:
+    """After Ctrl-C: how to resume, only if there is a search to resume; else tidy up."""
+    from biotune.rundir import CONFIG, LOCK
+
+    if (run_dir / CONFIG).exists():
+        print(f"\ninterrupted: every finished evaluation is saved; resume with\n"
+              f"  biotune search --resume {run_dir}", file=sys.stderr)
+        return
+    if created:  # this call made the directory and nothing was recorded: leave no debris
+        with contextlib.suppress(OSError):
+            if all(p.name == LOCK for p in run_dir.iterdir()):
+                (run_dir / LOCK).unlink(missing_ok=True)
+                run_dir.rmdir()
+    print("\ninterrupted before the search started: nothing to resume", file=sys.stderr)
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     from biotune.presets import preset
     from biotune.progress import SearchProgress
+    from biotune.reports import score_name
     from biotune.rundir import CONFIG, RunDirectory
     from biotune.runner import Search, SearchConfig
 
     if args.resume:
+        _check_resume_options(args)
         run = RunDirectory(args.resume)
         stored = run.read(CONFIG) if run.exists() else None
         if stored is None:
@@ -181,24 +282,26 @@ def cmd_search(args: argparse.Namespace) -> int:
         base = SearchConfig.from_dict(stored["search"])
         run_dir = Path(args.resume)
     else:
-        base = preset(args.preset)
+        base = preset(args.preset or "default")
         run_dir = Path(args.run_dir) if args.run_dir else None
     config = _search_config(args, base)
     if run_dir is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path("runs") / f"{Path(config.data.dataset).name}-{config.data.model}-{stamp}"
     print(f"run directory: {run_dir}", file=sys.stderr)
-    search = Search(
-        config, run_dir, progress=None if args.quiet else SearchProgress(),
-        executor=args.executor, workers=args.workers, ray_address=args.ray_address,
-    )
+    metric = config.protocol.train.metric
+    created = not run_dir.exists()
     try:
+        search = Search(
+            config, run_dir, progress=None if args.quiet else SearchProgress(metric=metric),
+            executor=args.executor, workers=args.workers, ray_address=args.ray_address,
+        )
         result = search.run_search(resume=bool(args.resume), final=not args.no_final)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: every finished evaluation is saved; resume with\n"
-              f"  biotune search --resume {run_dir}", file=sys.stderr)
+        _interrupted(run_dir, created)
         return EXIT_INTERRUPTED
-    print(f"best plan (val fitness {result.best_fitness:.4f}): {result.best_plan.describe()}")
+    print(f"best plan (validation {score_name(metric)} {1 - result.best_fitness:.4f} on the last "
+          f"generation's fold): {result.best_plan.describe()}")
     summary = json.loads((run_dir / "search_summary.json").read_text())
     cost = summary["cost"]
     print(f"search: {cost['evaluations']} evaluations, {cost['seconds']:.0f}s of training, "
@@ -209,27 +312,43 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_writable(path: Path, option: str) -> None:
+    """Refuse an output file that cannot be written, before any work is done for it."""
+    if path.is_dir():
+        raise BioTuneError(f"{option} {path}: is a directory, not a file")
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise BioTuneError(f"{option} {path}: cannot write there ({folder} is not a directory)")
+    if not os.access(folder, os.W_OK | os.X_OK):  # the file is written next to it, then moved
+        raise BioTuneError(f"{option} {path}: cannot write in {folder} (permission denied)")
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from biotune.plan import FineTunePlan
     from biotune.presets import FINAL_TRAINING
     from biotune.rundir import write_json_atomic
     from biotune.runner import DataConfig, final_training_run, prepare, summarize_final
 
-    data = _data_config(args, DataConfig())
-    bench = prepare(data)
-    names = bench.partition.names
-    if args.plan == "full":
-        plan = FineTunePlan.full(names)
-    elif args.plan in ("head", "linear"):
-        plan = FineTunePlan.head_only(names)
-    else:
-        plan = FineTunePlan.load(args.plan)
-        plan.check_fits(bench.partition, source=f"plan {args.plan}")
+    # Everything that can be refused is checked before the data are loaded or a model trains.
+    plan = None if args.plan in ("full", "head", "linear") else FineTunePlan.load(args.plan)
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        _check_writable(out, "--out")
     config = _train_config(args, "", FINAL_TRAINING)
-    runs = [final_training_run(bench, plan, config, seed) for seed in args.seeds]
+    seeds = seeds_from(args) or TRAIN_SEEDS
+    bench = prepare(_data_config(args, DataConfig()))
+    names = bench.partition.names
+    if plan is not None:
+        plan.check_fits(bench.partition, source=f"plan {args.plan}")
+    elif args.plan == "full":
+        plan = FineTunePlan.full(names)
+    else:
+        plan = FineTunePlan.head_only(names)
+    runs = [final_training_run(bench, plan, config, seed) for seed in seeds]
     summary = summarize_final(runs, plan, bench)
-    if args.out:
-        out = Path(args.out)
+    if out is not None:
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
             write_json_atomic(out, summary)
@@ -257,25 +376,38 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _preset_help() -> str:
+    from biotune.presets import paper
+
+    c = paper()
+    return (f"'default': our cheap search; 'paper': the paper's protocol (population "
+            f"{c.evolution.population_size}, {c.evolution.generations} generations, "
+            f"{len(c.protocol.seeds)} seeds, up to {c.protocol.train.epochs} epochs); "
+            "default: 'default'")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from biotune.presets import FINAL_TRAINING, default, paper
+
     parser = _Parser(
         prog="biotune",
         description="Evolutionary selective fine-tuning (BioTune): search which blocks of a "
         "pretrained image classifier to fine-tune and at what learning rate.",
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    presets = {"default preset": default(), "paper preset": paper()}
 
     s = sub.add_parser("search", help="search a fine-tuning plan, then train and test it",
                        description="Search a fine-tuning plan with the evolutionary algorithm, "
                        "train the best plan on the whole training split with several seeds and "
                        "test it once. With no options: EfficientNet-Lite0 (offline ImageNet "
                        "weights) on Animal-Shape.")
-    s.add_argument("--preset", choices=["default", "paper"], default="default",
-                   help="'default': our cheap search; 'paper': the paper's protocol "
-                   "(population 10, 10 generations, 3 seeds, 30 epochs)")
+    s.add_argument("--preset", choices=["default", "paper"], help=_preset_help())
     s.add_argument("--run-dir", help="where records go (default runs/DATASET-MODEL-TIME)")
     s.add_argument("--resume", metavar="RUN_DIR",
-                   help="continue an interrupted search; its stored configuration is used")
+                   help="continue an interrupted search in RUN_DIR with the configuration stored "
+                   "there (--preset is refused; other options must match it; --run-dir, if "
+                   "given, must be RUN_DIR)")
     s.add_argument("--seed", type=int, help="seed of the evolution and the folds (default 0)")
     s.add_argument("--no-final", action="store_true",
                    help="stop after the search, without training the best plan")
@@ -290,9 +422,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "local one)")
     _add_data_options(s)
     g = s.add_argument_group("evolution")
-    g.add_argument("--population", type=_positive_int, help="population size")
-    g.add_argument("--generations", type=int, help="generations after the initial population")
-    g.add_argument("--elite", type=int, help="elites kept and refined by local search")
+    evolutions = {label: c.evolution for label, c in presets.items()}
+    g.add_argument("--population", type=_positive_int,
+                   help="population size" + defaults_text("population_size", evolutions))
+    g.add_argument("--generations", type=int, help="generations after the initial population"
+                   + defaults_text("generations", evolutions))
+    g.add_argument("--elite", type=int, help="elites kept and refined by local search"
+                   + defaults_text("elite", evolutions))
     g.add_argument("--children-batch", type=int,
                    help="children made per step: 1 = the paper's sequential order; 0 = all "
                    "children of a generation at once (parallel)")
@@ -303,10 +439,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="genomes scored in the initial generation, the best --population of "
                    "them kept (default: the population size)")
     g = s.add_argument_group("fitness protocol")
-    g.add_argument("--data-fraction", type=float,
-                   help="share of the training split each evaluation trains on; the folds "
-                   "rotate per generation (paper: 0.5)")
-    g.add_argument("--seeds", type=_seeds, help="seeds per evaluation: a count or a list")
+    protocols = {label: c.protocol for label, c in presets.items()}
+    g.add_argument("--data-fraction", type=_fraction, metavar="1/K",
+                   help="share of the training split each evaluation trains on: 1/k for a whole "
+                   "number k (1, 0.5, 1/3, 0.25, ...), the split cut into k folds that rotate "
+                   "per generation" + defaults_text("data_fraction", protocols))
+    add_seed_options(g, "", "seeds of each evaluation", seeds_text({
+        label: c.protocol.seeds for label, c in presets.items()
+    }))
     g = s.add_argument_group("speed-ups (default preset: all on; paper preset: all off)")
     g.add_argument("--cache", action=argparse.BooleanOptionalAction, default=None,
                    help="train on cached outputs of a plan's frozen first blocks (exact)")
@@ -322,19 +462,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-threads", type=int,
                    help="CPU threads per evaluation (default 1; results depend on it, so it is "
                    "part of the configuration)")
-    _add_training_options(s, "", "training of each evaluation")
-    _add_training_options(s, "final-", "final training of the best plan")
-    s.add_argument("--final-seeds", type=_seeds, help="seeds of the final training (default 3)")
+    _add_training_options(s, "", "training of each evaluation", {
+        label: c.protocol.train for label, c in presets.items()
+    })
+    _add_training_options(s, "final-", "final training of the best plan", {
+        label: c.final for label, c in presets.items()
+    })
+    g = s.add_argument_group("seeds of the final training")
+    add_seed_options(g, "final-", "seeds of the final training of the best plan", seeds_text({
+        label: c.final_seeds for label, c in presets.items()
+    }))
     s.set_defaults(func=cmd_search)
 
     t = sub.add_parser("train", help="train a given plan and test it",
                        description="Fine-tune a model under a plan (a JSON file, e.g. a run's "
-                       "best_plan.json, or 'full' / 'head') on the whole training split, test it.")
+                       "best_plan.json, or 'full' / 'head') on the whole training split, test it. "
+                       "The plan and --out are checked before any training.")
     t.add_argument("--plan", required=True, help="plan JSON file, 'full' or 'head'")
-    t.add_argument("--seeds", type=_seeds, default=(0, 1, 2), help="seeds (default 3)")
+    add_seed_options(t, "", "seeds", seeds_text({"default": TRAIN_SEEDS}))
     t.add_argument("--out", help="write the results as JSON here")
     _add_data_options(t)
-    _add_training_options(t, "", "training")
+    _add_training_options(t, "", "training", {"default": FINAL_TRAINING})
     t.set_defaults(func=cmd_train)
 
     b = sub.add_parser("blocks", help="show how a model is split into blocks",
@@ -357,14 +505,17 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:  #
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command: a user error is one line and exit code 2, Ctrl-C one line and 130."""
     warnings.formatwarning = _one_line_warning
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except BioTuneError as exc:
         print(f"biotune: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("\nbiotune: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -6,6 +6,10 @@ grid run is that seed's final run, the other seeds are trained at the chosen rat
 is tested once. BioTune's rows first search a plan (``final=False``), then train that plan exactly
 like a baseline; their search cost is reported apart.
 
+Each method's row is kept in ``rows/METHOD.json`` under the output folder as soon as it is done,
+with the settings it was made with: the same command run again skips the finished methods (and
+resumes an interrupted BioTune search), and refuses a stored row made with other settings.
+
 Heavy modules (torch, the runner) are imported where they are used, so that building the command
 line parser stays fast.
 """
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import math
 import sys
 import time
@@ -42,6 +47,9 @@ LABELS = {
     "biotune-paper": "BioTune (paper protocol)",
 }
 OUTPUTS = ("compare.md", "compare.csv", "compare.json", "compare.png")
+DEFAULT_SEEDS = (0, 1, 2)
+#: Finished methods' rows, one JSON file each, under the output folder.
+ROWS = "rows"
 
 
 @dataclass(frozen=True)
@@ -137,6 +145,8 @@ def _search_plan(
         "seconds": cost["seconds"],
         "wall_seconds": time.perf_counter() - start,
         "best_fitness": result.best_fitness,
+        "val_metric": config.protocol.train.metric,
+        "val_score": 1 - result.best_fitness,
         "plan": result.best_plan.to_dict(),
         "plan_text": result.best_plan.describe(),
         "cost": cost,
@@ -177,7 +187,8 @@ def compare_method(
             "status": run.result.status, "trainable_params": run.trainable_params,
         })
         log(f"[{method}] seed {seed}: test top-1 {test.top1:.4f}, balanced {test.balanced:.4f} "
-            f"({run.result.seconds:.1f}s, {run.result.epochs_run} epochs)")
+            f"({run.result.seconds:.1f}s, best epoch {run.result.best_epoch} of "
+            f"{run.result.epochs_run})")
     total = count_parameters(bench.model)
     trainable = runs[0]["trainable_params"]
     return {
@@ -213,8 +224,9 @@ def compare(
 
     ``scales`` shrinks a BioTune method's search (``{"biotune-paper": SearchScale(...)}``);
     ``options`` are method options (``lora_rank``, ``l2sp_alpha``, ``rgn_batches``, ...), each given
-    to the methods that take it; ``meta`` is stored in the JSON (e.g. the command line). A BioTune
-    search resumes from its run directory under ``out_dir`` if one is there.
+    to the methods that take it; ``meta`` is stored in the JSON (e.g. the command line). A method
+    whose row is in ``out_dir/rows`` from an earlier call with the same settings is not run again
+    (other settings: an error), and a BioTune search resumes from its run directory there.
     """
     from biotune.runner import prepare
 
@@ -239,10 +251,18 @@ def compare(
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise BioTuneError(f"cannot create {out}: {exc.strerror}") from None
+    settings = {m: _row_settings(m, data, config, seeds, grid, options, searches.get(m))
+                for m in methods}
+    rows_dir = out / ROWS
+    stored = {m: _stored_row(rows_dir / f"{m}.json", settings[m]) for m in methods}
     bench = bench or prepare(data)
     log(f"compare on {bench.splits.describe()} with {bench.loaded.name}: {', '.join(methods)}")
     rows = []
     for method in methods:
+        if stored[method] is not None:
+            log(f"[{method}] finished earlier: row kept from {rows_dir / f'{method}.json'}")
+            rows.append(stored[method])
+            continue
         if method in BIOTUNE_PRESETS:
             plan, search = _search_plan(method, searches[method], bench, out,
                                         scales.get(method), log)
@@ -253,6 +273,7 @@ def compare(
             row["wall_seconds"] += search["wall_seconds"]
         else:
             row = compare_method(method, bench, config, seeds, grid, options=options, log=log)
+        _keep_row(rows_dir / f"{method}.json", settings[method], row)
         rows.append(row)
     notes = comparison_notes(config, seeds, grid, scales, options, methods)
     for row in rows:
@@ -268,6 +289,64 @@ def compare(
         **dict(meta or {}),
     })
     return rows
+
+
+def _row_settings(
+    method: str, data: DataConfig, config: TrainConfig, seeds: Sequence[int],
+    grid: Sequence[float], options: Mapping[str, Any] | None, search: SearchConfig | None,
+) -> dict[str, Any]:
+    """Everything a method's row depends on, as stored in JSON (a rerun must match it)."""
+    from biotune.baselines import method_options
+
+    taken = method_options("plan" if method in BIOTUNE_PRESETS else method)
+    settings = {
+        "method": method, "data": asdict(data), "train": config.to_dict(), "seeds": list(seeds),
+        "lr_grid": list(grid),
+        "options": {k: v for k, v in sorted((options or {}).items()) if k in taken},
+        "search": search.to_dict() if search is not None else None,
+    }
+    return json.loads(json.dumps(settings, default=str))
+
+
+def _settings_diff(stored: Any, wanted: Any, prefix: str = "") -> list[str]:
+    if isinstance(stored, dict) and isinstance(wanted, dict):
+        return [d for k in sorted(set(stored) | set(wanted))
+                for d in _settings_diff(stored.get(k), wanted.get(k), f"{prefix}{k}.")]
+    return [] if stored == wanted else [f"{prefix.rstrip('.')}: {stored!r} -> {wanted!r}"]
+
+
+def _stored_row(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """A method's finished row from an earlier run of the same command; None if there is none.
+
+    A row made with other settings is refused rather than mixed into a table it does not fit.
+    """
+    try:
+        stored = json.loads(path.read_text())
+        row, made_with = stored["row"], stored["settings"]
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise BioTuneError(f"{path} is unreadable or not a compare row ({exc}); delete it to "
+                           "run that method again") from None
+    diff = _settings_diff(made_with, settings)
+    if diff:
+        raise BioTuneError(
+            f"{path} was made with other settings (" + "; ".join(diff[:3])
+            + (f"; and {len(diff) - 3} more" if len(diff) > 3 else "")
+            + "); use another --out, or delete it to run that method again"
+        )
+    return row
+
+
+def _keep_row(path: Path, settings: dict[str, Any], row: dict[str, Any]) -> None:
+    """Store a finished row at once (atomically), so an interrupted compare loses no method."""
+    from biotune.rundir import write_json_atomic
+
+    try:
+        path.parent.mkdir(exist_ok=True)
+        write_json_atomic(path, {"settings": settings, "row": row})
+    except OSError as exc:
+        raise BioTuneError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def _check_options(options: Mapping[str, Any] | None) -> None:
@@ -449,58 +528,79 @@ def _method_list(text: str) -> list[str]:
 
 
 def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """``biotune compare``: sets ``func=cmd_compare``."""
-    from biotune.cli import _add_data_options, _positive_int, _seeds
+    """``biotune compare``: sets ``func=cmd_compare``; help texts quote the real defaults."""
+    from biotune.cli import (
+        _add_data_options,
+        _positive_int,
+        add_seed_options,
+        defaults_text,
+        seeds_text,
+    )
+    from biotune.presets import FINAL_TRAINING
 
+    recipe = {"": FINAL_TRAINING}
     p = subparsers.add_parser(
         "compare", help="compare BioTune with the baselines on one dataset and model",
         description="Run several methods with the same splits, the same training recipe and "
         "the same learning-rate grid (chosen per method on validation), over several seeds; "
         "write a table (markdown, CSV, JSON) and a plot of accuracy against trainable "
-        "parameters. BioTune rows search a plan first and report the search's cost.",
+        "parameters. BioTune rows search a plan first and report the search's cost. Each "
+        f"finished method's row is kept in OUT/{ROWS}/METHOD.json: the same command run again "
+        "skips finished methods and refuses rows made with other settings.",
     )
     p.add_argument("--methods", type=_method_list, default=list(ALL_METHODS),
                    help=f"comma-separated, from {','.join(ALL_METHODS)} (default: all)")
-    p.add_argument("--seeds", type=_seeds, default=(0, 1, 2),
-                   help="seeds of the final runs: a count or a list (default 3)")
+    add_seed_options(p, "", "seeds of the final runs", seeds_text({"": DEFAULT_SEEDS}))
     p.add_argument("--lr-grid", type=_float_list, default=DEFAULT_LR_GRID,
-                   help="base learning rates to choose from on validation "
-                   "(default 1e-4,1e-3,1e-2)")
+                   help="base learning rates to choose from on validation (default "
+                   f"{','.join(f'{lr:g}' for lr in DEFAULT_LR_GRID)})")
     p.add_argument("--out", help="output folder (default runs/compare-DATASET-MODEL-TIME); "
-                   "a BioTune search found there is resumed")
+                   "finished methods and BioTune searches found there are resumed")
     _add_data_options(p)
     g = p.add_argument_group("training recipe (the same for every method)")
-    g.add_argument("--epochs", type=_positive_int, help="maximum epochs (default 10)")
-    g.add_argument("--patience", type=int, help="early stopping patience (default 3)")
-    g.add_argument("--batch-size", type=_positive_int, help="training batch size (default 64)")
-    g.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], help="optimizer (adam)")
+    g.add_argument("--epochs", type=_positive_int,
+                   help="maximum epochs" + defaults_text("epochs", recipe))
+    g.add_argument("--patience", type=int, help="early stopping: epochs in a row without a new "
+                   "best validation score before stopping" + defaults_text("patience", recipe))
+    g.add_argument("--batch-size", type=_positive_int,
+                   help="training batch size" + defaults_text("batch_size", recipe))
+    g.add_argument("--optimizer", choices=["adam", "adamw", "sgd"],
+                   help="optimizer" + defaults_text("optimizer", recipe))
     g = p.add_argument_group("baseline options")
-    g.add_argument("--lora-rank", type=_positive_int, help="LoRA rank (default 8)")
-    g.add_argument("--lora-alpha", type=float, help="LoRA alpha; scaling = alpha/rank (16)")
+    g.add_argument("--lora-rank", type=_positive_int,
+                   help=f"LoRA rank (default {baselines.LORA_RANK})")
+    g.add_argument("--lora-alpha", type=float, help="LoRA alpha; scaling = alpha/rank "
+                   f"(default {baselines.LORA_ALPHA:g})")
     g.add_argument("--l2sp-alpha", type=float, help="L2-SP pull toward the pretrained "
-                   "weights (default 0.01)")
+                   f"weights (default {baselines.L2SP_ALPHA:g})")
     g.add_argument("--l1sp-alpha", type=float, help="L1-SP pull toward the pretrained "
-                   "weights (default 1e-4)")
-    g.add_argument("--sp-beta", type=float, help="L2-SP/L1-SP weight decay of the head (0.01)")
+                   f"weights (default {baselines.L1SP_ALPHA:g})")
+    g.add_argument("--sp-beta", type=float, help="L2-SP/L1-SP weight decay of the head "
+                   f"(default {baselines.SP_BETA:g})")
     g.add_argument("--rgn-batches", type=_positive_int,
-                   help="AutoRGN: mini-batches its gradient norms average over (default 3)")
+                   help="AutoRGN: mini-batches its gradient norms average over "
+                   f"(default {baselines.RGN_BATCHES})")
     for method, flag in SCALE_FLAGS.items():
         preset_name = BIOTUNE_PRESETS[method]
         g = p.add_argument_group(f"scaling of the '{preset_name}' search ({method})")
         g.add_argument(f"--{flag}-population", type=_positive_int, help="population size")
         g.add_argument(f"--{flag}-generations", type=int, help="generations")
         g.add_argument(f"--{flag}-elite", type=int, help="elites")
-        g.add_argument(f"--{flag}-seeds", type=_seeds, help="seeds per evaluation")
+        add_seed_options(g, f"{flag}-", "seeds per evaluation")
         g.add_argument(f"--{flag}-epochs", type=_positive_int, help="epochs per evaluation")
     p.set_defaults(func=cmd_compare)
     return p
 
 
 def scales_from_args(args: argparse.Namespace) -> dict[str, SearchScale]:
+    from biotune.cli import seeds_from
+
     scales = {}
     for method, flag in SCALE_FLAGS.items():
-        scale = SearchScale(*(getattr(args, f"{flag}_{k}", None)
-                              for k in ("population", "generations", "elite", "seeds", "epochs")))
+        scale = SearchScale(
+            *(getattr(args, f"{flag}_{k}", None) for k in ("population", "generations", "elite")),
+            seeds=seeds_from(args, f"{flag}-"), epochs=getattr(args, f"{flag}_epochs", None),
+        )
         if scale.describe():
             scales[method] = scale
     return scales
@@ -512,7 +612,7 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from biotune.cli import _data_config
+    from biotune.cli import _data_config, seeds_from
     from biotune.presets import FINAL_TRAINING
     from biotune.runner import DataConfig
 
@@ -524,7 +624,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         f"compare-{Path(data.dataset).name}-{data.model}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
     rows = compare(
-        args.methods, data, config, args.seeds, args.lr_grid, out,
+        args.methods, data, config, seeds_from(args) or DEFAULT_SEEDS, args.lr_grid, out,
         scales=scales_from_args(args), options=options_from_args(args),
         meta={"command": " ".join(["biotune", *sys.argv[1:]])},
     )

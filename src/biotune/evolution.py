@@ -373,7 +373,19 @@ class BioTuneEvolution:
         return [self._make_child() for _ in range(count)]
 
     def _make_child(self) -> Candidate:
-        """Crossover, mutation and adoption of three rank-selected pool members."""
+        """Crossover, mutation and adoption of three rank-selected pool members.
+
+        The paper's newcomer rule, kept as what it now is: a guard for a pool too small to
+        give two parents and a prototype. With our fold correction only elites can leave the
+        pool (``_update_pool``), so it never holds fewer than ``population_size - elite``
+        members, and only children told before the next one is made can shrink it (with
+        ``children_batch=None`` all are made first). So a newcomer comes only when
+        ``population_size - elite <= 2`` (e.g. population 4, elite 2, children one at a time;
+        or population 2), never in the presets (6 - 2, 10 - 3). We do not make it fire more
+        often: that needs the other parents scored on this generation's fold (more
+        evaluations) or compared across folds (the defect we correct); and we do not remove
+        it, since those small configurations are valid and could not breed without it.
+        """
         if len(self._pool) <= 2:
             return self._new_candidate(self._random_valid_genes(), "immigrant")
         picks = _linear_ranking_draw(self._rng, len(self._pool), 3)

@@ -1,11 +1,14 @@
 """``biotune report RUN_DIR``: what a search did, in three plots.
 
-* ``fitness.png``: best and mean validation accuracy (1 - fitness) of the population per
-  generation, over every evaluation's score;
+* ``fitness.png``: best and mean validation score (1 - fitness: balanced accuracy by default)
+  of the population per generation, over every evaluation's score;
 * ``blocks.png``: per generation, the share of evaluated candidates that fine-tuned each block;
-* ``plan.png``: the winning plan's learning-rate multiplier per block (frozen blocks hatched).
+* ``plan.png``: the winning plan's learning-rate multiplier per block (frozen blocks hatched),
+  with its validation score and, once the final training has run, its test result.
 
-Only the run directory's files are read (no model, no data), so a report works anywhere.
+The winner is the search's (``best_plan.json``, ``BioTuneEvolution.best``): the best of the
+latest finished generation, never a score of an older fold. Only the run directory's files are
+read (no model, no data), so a report works anywhere.
 """
 
 from __future__ import annotations
@@ -20,6 +23,13 @@ from biotune.errors import BioTuneError
 from biotune.rundir import RunDirectory
 
 REPORT_FILES = ("fitness.png", "blocks.png", "plan.png")
+_SCORE_NAMES = {"balanced": "balanced accuracy", "top1": "top-1 accuracy",
+                "likelihood": "likelihood"}
+
+
+def score_name(metric: str) -> str:
+    """What 1 - fitness is, for a protocol's ``metric``: 'balanced accuracy', ..."""
+    return _SCORE_NAMES.get(metric, metric)
 
 
 def load_run(run_dir: str | Path) -> dict[str, Any]:
@@ -52,6 +62,7 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
         "blocks": blocks,
         "names": names,
         "best_plan": run.read("best_plan.json"),
+        "final": run.read("final.json"),
     }
 
 
@@ -96,9 +107,31 @@ def _pyplot():
     return plt
 
 
+def _metric(run: Mapping[str, Any]) -> str:
+    return run["config"].get("protocol", {}).get("train", {}).get("metric", "balanced")
+
+
+def winner(run: Mapping[str, Any]) -> dict[str, Any]:
+    """The search's answer: ``best_plan.json``, or while the search runs, the best of the latest
+    finished generation (what ``BioTuneEvolution.best`` holds); ``generation`` is None when the
+    plan comes from ``best_plan.json``, else the generation it is the best of."""
+    if run["best_plan"] is not None:
+        return {**run["best_plan"], "generation": None}
+    scored = [e for e in run["evaluations"] if e.get("status") != "invalid"]
+    last = run["generations"][-1] if run["generations"] else None
+    by_id = {e["candidate"]: e for e in scored}
+    if last is not None and last.get("best_id") in by_id:
+        best = by_id[last["best_id"]]
+    else:  # no summary to go by: the best of the latest generation's evaluations so far
+        latest = max(e["generation"] for e in scored)
+        best = min((e for e in scored if e["generation"] == latest), key=lambda e: e["fitness"])
+    return {**best["plan"], "fitness": best["fitness"], "candidate": best["candidate"],
+            "generation": best["generation"]}
+
+
 def plot_fitness(run: Mapping[str, Any], path: Path) -> None:
     plt = _pyplot()
-    metric = run["config"].get("protocol", {}).get("train", {}).get("metric", "balanced")
+    metric = _metric(run)
     gens = run["generations"]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     scored = [e for e in run["evaluations"] if e.get("status") != "invalid"]
@@ -108,7 +141,7 @@ def plot_fitness(run: Mapping[str, Any], path: Path) -> None:
     ax.plot(x, [1 - g["best"] for g in gens], "o-", label="population best")
     ax.plot(x, [1 - g["mean"] for g in gens], "s--", label="population mean")
     ax.set_xlabel("generation")
-    ax.set_ylabel(f"validation {metric} accuracy (1 - fitness)")
+    ax.set_ylabel(f"validation {score_name(metric)} (1 - fitness)")
     ax.set_xticks(x)
     ax.set_title("search progress (each generation scored on its own fold)")
     ax.grid(True, alpha=0.3)
@@ -143,11 +176,7 @@ def plot_block_selection(run: Mapping[str, Any], path: Path) -> None:
 
 def plot_plan(run: Mapping[str, Any], path: Path) -> None:
     plt = _pyplot()
-    plan = run["best_plan"]
-    if plan is None:  # a search still running: its best evaluation so far
-        best = min((e for e in run["evaluations"] if e.get("status") != "invalid"),
-                   key=lambda e: e["fitness"])
-        plan = {**best["plan"], "fitness": best["fitness"]}
+    plan = winner(run)
     blocks = plan["blocks"]
     names = [b["name"] for b in blocks]
     floor = 0.05  # bars start here on the log axis; frozen blocks are drawn as hatched stubs
@@ -171,12 +200,45 @@ def plot_plan(run: Mapping[str, Any], path: Path) -> None:
         total = sum(params.values())
         trained = sum(params.get(b["name"], 0) for b in blocks if b["train"])
         share = f"; {100 * trained / total:.1f}% of parameters trained" if total else ""
-    fitness = plan.get("fitness")
-    acc = f"\nvalidation accuracy {1 - fitness:.3f}{share}" if fitness is not None else ""
-    ax.set_title(f"winning plan{acc}", fontsize=10)
+    lines = _plan_lines(run, plan)
+    lines[0] += share
+    ax.set_title("\n".join(lines), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _plan_lines(run: Mapping[str, Any], plan: Mapping[str, Any]) -> list[str]:
+    """The winner's title: which plan, its validation score, its final test result if any."""
+    head = ("winning plan" if plan["generation"] is None
+            else f"best plan so far (generation {plan['generation']}; the search is not done)")
+    lines = [head]
+    fitness = plan.get("fitness")
+    if fitness is not None:
+        lines.append(f"validation {score_name(_metric(run))} {1 - fitness:.4f} (search fold)")
+    final = run["final"]
+    if final is not None and plan["generation"] is None:
+        lines.append(final_text(final))
+    return lines
+
+
+def final_text(final: Mapping[str, Any]) -> str:
+    """'test top-1 0.9231 +- 0.0035, balanced ... over 3 seeds' from ``final.json``."""
+    t1, bal = final["test_top1"], final["test_balanced"]
+    return (f"test top-1 {t1['mean']:.4f} +- {t1['std']:.4f}, balanced {bal['mean']:.4f} +- "
+            f"{bal['std']:.4f} ({len(final['runs'])} seeds)")
+
+
+def summary_lines(run_dir: str | Path) -> list[str]:
+    """What ``biotune report`` prints: the winner, its validation score, its test result."""
+    run = load_run(run_dir)
+    plan = winner(run)
+    lines = _plan_lines(run, plan)
+    trained = [f"{b['name']} x{b['lr_mult']:.3g}" for b in plan["blocks"] if b["train"]]
+    lines.insert(1, "blocks: " + ", ".join(trained))
+    if run["final"] is None:
+        lines.append("final training: not run yet (final.json is absent)")
+    return lines
 
 
 def report(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
@@ -198,9 +260,10 @@ def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
     """``biotune report``: sets ``func=cmd_report``."""
     p = subparsers.add_parser(
         "report", help="plot a search: fitness per generation, blocks chosen, the winning plan",
-        description="Read a search's run directory and write three plots: best and mean "
-        "fitness per generation, which blocks were fine-tuned across generations, and the "
-        "winning plan's per-block learning rates.",
+        description="Read a search's run directory, print the winning plan with its "
+        "validation score and, once the final training has run (final.json), its test result, "
+        "and write three plots: best and mean validation score per generation, which blocks "
+        "were fine-tuned across generations, and the winning plan's per-block learning rates.",
     )
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory of 'biotune search'")
     p.add_argument("--out", help="where the plots go (default RUN_DIR/report)")
@@ -209,6 +272,8 @@ def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    for line in summary_lines(args.run_dir):
+        print(line)
     for path in report(args.run_dir, args.out):
         print(path)
     return 0

@@ -1,0 +1,193 @@
+"""The command line's options mean what their help says: seeds, data fractions, --resume,
+``biotune train``'s checks before training, Ctrl-C, and what a finished search prints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_cli_errors import SMALL, _assert_one_line_error, _run
+
+import biotune.runner
+from biotune.cli import EXIT_INTERRUPTED, _search_config, build_parser, main, seeds_from
+from biotune.presets import preset
+
+
+def _parse(*argv: str):
+    return build_parser().parse_args(list(argv))
+
+
+@pytest.mark.parametrize(
+    ("argv", "seeds"),
+    [(["--seeds", "7"], (7,)), (["--seeds", "0"], (0,)), (["--seeds", "0,3,7"], (0, 3, 7)),
+     (["--num-seeds", "3"], (0, 1, 2)), (["--num-seeds", "1"], (0,)), ([], None)],
+)
+def test_seeds_are_a_list_and_a_count_is_num_seeds(argv, seeds):
+    for command in (["search"], ["train", "--plan", "head"], ["compare"]):
+        assert seeds_from(_parse(*command, *argv)) == seeds
+    args = _parse("search", *[a.replace("--", "--final-") for a in argv])
+    assert seeds_from(args, "final-") == seeds
+    if seeds is not None:
+        config = _search_config(_parse("search", *argv), preset("default"))
+        assert config.protocol.seeds == seeds
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [(["--seeds", "1,1"], "repeat"), (["--seeds", "-1"], ">= 0"), (["--num-seeds", "0"], "0"),
+     (["--seeds", "3", "--num-seeds", "2"], "not allowed with"), (["--seeds", "a"], "0,3,7")],
+)
+def test_bad_seed_options_are_one_line_usage_errors(argv, needle, capsys):
+    code, err = _run(["search", *argv], capsys)
+    _assert_one_line_error(code, err, needle)
+
+
+@pytest.mark.parametrize(("text", "folds"), [("1", 1), ("0.5", 2), ("1/3", 3), ("0.25", 4)])
+def test_data_fraction_one_over_k_gives_k_folds(text, folds):
+    config = _search_config(_parse("search", "--data-fraction", text), preset("default"))
+    assert config.protocol.folds == folds
+    assert config.protocol.data_fraction == pytest.approx(1 / folds)
+
+
+@pytest.mark.parametrize("text", ["0.7", "0.9", "0.4", "0.3"])
+def test_data_fraction_that_is_not_one_over_k_is_refused(text, tmp_path, capsys):
+    code, err = _run(["search", "--run-dir", str(tmp_path / "run"), "--data-fraction", text],
+                     capsys)
+    _assert_one_line_error(code, err, "1/k", text)
+    assert not (tmp_path / "run").exists()
+
+
+def test_data_fraction_help_says_one_over_k(capsys):
+    with pytest.raises(SystemExit):
+        _parse("search", "--help")
+    text = " ".join(capsys.readouterr().out.split())
+    assert "1/k for a whole number k (1, 0.5, 1/3, 0.25, ...)" in text
+
+
+# -- --resume ------------------------------------------------------------------------------------
+
+
+def test_resume_refuses_another_run_dir_and_a_preset(tmp_path, capsys):
+    code, err = _run(["search", "--resume", str(tmp_path / "a"), "--run-dir",
+                      str(tmp_path / "b")], capsys)
+    _assert_one_line_error(code, err, "--run-dir", "drop --run-dir")
+    code, err = _run(["search", "--resume", str(tmp_path / "a"), "--preset", "paper"], capsys)
+    _assert_one_line_error(code, err, "--preset", "stored")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_resume_accepts_its_own_directory_as_run_dir(tmp_path, capsys):
+    code, err = _run(["search", "--resume", str(tmp_path), "--run-dir", f"{tmp_path}/."], capsys)
+    _assert_one_line_error(code, err, "no search found")
+
+
+# -- Ctrl-C --------------------------------------------------------------------------------------
+
+
+def _interrupt(*_args, **_kwargs):
+    raise KeyboardInterrupt
+
+
+def test_ctrl_c_before_the_search_starts_offers_no_resume_and_leaves_nothing(
+    tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setattr(biotune.runner, "prepare", _interrupt)  # while loading the data
+    run_dir = tmp_path / "run"
+    code, err = _run(["search", "--run-dir", str(run_dir), "--quiet", *SMALL], capsys)
+    assert code == EXIT_INTERRUPTED
+    assert "interrupted before the search started" in err
+    assert "--resume" not in err and "Traceback" not in err
+    assert not run_dir.exists()
+
+
+def test_ctrl_c_during_the_search_prints_the_resume_command(tmp_path, capsys, monkeypatch):
+    import biotune.executors
+
+    monkeypatch.setattr(biotune.executors.InProcessExecutor, "run", _interrupt)
+    run_dir = tmp_path / "run"
+    code, err = _run(["search", "--run-dir", str(run_dir), "--quiet", *SMALL], capsys)
+    assert code == EXIT_INTERRUPTED
+    assert f"biotune search --resume {run_dir}" in err and "Traceback" not in err
+    assert (run_dir / "config.json").exists()
+
+
+def test_ctrl_c_during_start_up_is_one_line(capsys, monkeypatch):
+    monkeypatch.setattr("biotune.cli.build_parser", _interrupt)
+    code = main(["search"])
+    err = capsys.readouterr().err
+    assert code == EXIT_INTERRUPTED
+    assert err.strip() == "biotune: interrupted"
+
+
+# -- biotune train checks before it trains -------------------------------------------------------
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Fail the test if a model is trained; count data loads."""
+    loads = []
+    real_prepare = biotune.runner.prepare
+
+    def counting_prepare(*args, **kwargs):
+        loads.append(args)
+        return real_prepare(*args, **kwargs)
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("trained although the command was bound to fail")
+
+    monkeypatch.setattr(biotune.runner, "prepare", counting_prepare)
+    monkeypatch.setattr(biotune.runner, "final_training_run", refuse)
+    return loads
+
+
+def test_train_refuses_a_plan_file_with_wrong_types_before_loading_data(
+    tmp_path, capsys, no_training
+):
+    plan = tmp_path / "best_plan.json"
+    plan.write_text(json.dumps({"blocks": [{"name": "stem", "train": "false", "lr_mult": 1}]}))
+    code, err = _run(["train", "--plan", str(plan), *SMALL], capsys)
+    _assert_one_line_error(code, err, str(plan), "block 0 'stem'", '"train" must be true or false')
+    assert no_training == []
+
+
+def test_train_refuses_an_unwritable_out_before_loading_data(tmp_path, capsys, no_training):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code, err = _run(["train", "--plan", "head", "--out", str(blocker / "out.json"), *SMALL],
+                     capsys)
+    _assert_one_line_error(code, err, "--out", "not a directory")
+    code, err = _run(["train", "--plan", "head", "--out", str(tmp_path), *SMALL], capsys)
+    _assert_one_line_error(code, err, "--out", "is a directory")
+    assert no_training == []
+
+
+def test_train_refuses_a_plan_for_another_model_before_training(tmp_path, capsys, no_training):
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"blocks": [{"name": "layer1", "train": True, "lr_mult": 1}]}))
+    code, err = _run(["train", "--plan", str(plan), *SMALL], capsys)
+    _assert_one_line_error(code, err, "plan.json", "does not fit")
+    assert len(no_training) == 1  # the model had to be loaded to know its blocks; no training
+
+
+# -- what a finished search prints ---------------------------------------------------------------
+
+
+def test_search_reports_the_winners_validation_accuracy_not_its_fitness(
+    tmp_path, capsys, monkeypatch
+):
+    from biotune.plan import FineTunePlan
+    from biotune.runner import Search, SearchResult
+
+    def finished(self, resume=False, final=True):
+        self.run.path.mkdir(parents=True)
+        (self.run.path / "search_summary.json").write_text(json.dumps(
+            {"cost": {"evaluations": 9, "seconds": 3.0, "ft_equivalents": 1.5}}
+        ))
+        return SearchResult(self.run.path, FineTunePlan.full(["stem", "head"]), 0.3467, [], None)
+
+    monkeypatch.setattr(Search, "run_search", finished)
+    assert main(["search", "--run-dir", str(tmp_path / "run"), "--quiet", "--no-final"]) == 0
+    out = capsys.readouterr().out
+    assert "validation balanced accuracy 0.6533" in out
+    assert "fitness" not in out
+
