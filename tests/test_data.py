@@ -62,7 +62,7 @@ def test_offline_dataset_loads_requested_sizes_as_normalised_rgb(name: str) -> N
 
 
 def test_animal_shape_has_its_ten_animal_class_names() -> None:
-    s = load_dataset("animal-shape", 8, HALF, HALF, train_size=10, val_size=10, test_size=10)
+    s = load_dataset("animal-shape", 8, HALF, HALF, train_size=30, val_size=10, test_size=10)
     assert s.classes[:3] == ["Bear", "Bird", "Cat"] and s.classes[-1] == "Zebra"
 
 
@@ -359,7 +359,8 @@ def test_unreadable_images_are_skipped_with_one_warning(tmp_path: Path) -> None:
     _add_corrupt_files(tmp_path / "dog")
     with pytest.warns(UserWarning, match="skipped 2 unreadable") as record:
         s = load_dataset(str(tmp_path), 16, HALF, HALF)
-    assert len(record) == 1 and "garbage.png" in str(record[0].message)
+    skipped = [str(w.message) for w in record if str(w.message).startswith("skipped ")]
+    assert len(skipped) == 1 and "garbage.png" in skipped[0]
     assert sum(len(d) for d in _splits(s).values()) == 12
 
 

@@ -32,6 +32,7 @@ from biotune.errors import BioTuneError
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 SPLIT_FRACTIONS = (0.6, 0.2, 0.2)  # train / val / test, for datasets without an official split
 VAL_FRACTION = 0.1  # of the official training split, where a dataset has no validation split
+MIN_EVAL_PER_CLASS = 5  # fewer validation or test images per class than this: a warning
 DEFAULT_DATA_ROOT = Path.home() / ".cache" / "biotune" / "datasets"
 TEXTURE_PATCH = 32  # 512x512 photos -> 256 non-overlapping patches per class
 
@@ -102,8 +103,11 @@ class _ImageFileDataset(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        with Image.open(self.files[index]) as image:
-            rgb = image.convert("RGB")
+        path = self.files[index]
+        try:
+            rgb = _decode_rgb(path)
+        except Exception as error:  # the scan decoded it, so the file changed since: name it
+            raise BioTuneError(f"unreadable image '{path}': {_reason(error)}") from error
         return self.transform(rgb), int(self.targets[index])
 
     def take(self, indices: np.ndarray) -> _ImageFileDataset:
@@ -276,8 +280,28 @@ _TORCHVISION: dict[str, _TorchvisionSpec] = {
 _FOLDER_DATASETS = ("isic",)
 
 
+_WIDE_GREY_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
-    return image.convert("RGB")
+    """Any PIL mode -> a new RGB image.
+
+    PIL clips wider greys to 0..255, which turns a 16-bit scan white. Here 16- and 32-bit integer
+    greys are scaled from 0..65535 (what 16-bit PNG and TIFF files hold), and float greys from
+    0..1 where all their values lie in it, else clipped to 0..255. Alpha is dropped, as PIL does.
+    """
+    if image.mode not in _WIDE_GREY_MODES and image.mode != "F":
+        return image.convert("RGB")
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":
+        finite = values[np.isfinite(values)]
+        if finite.size and finite.min() >= 0.0 and finite.max() <= 1.0:
+            values = values * 255.0
+        values = np.nan_to_num(values, nan=0.0, posinf=255.0, neginf=0.0)
+    else:
+        values = values * (255.0 / 65535.0)
+    grey = np.rint(np.clip(values, 0.0, 255.0)).astype(np.uint8)
+    return Image.fromarray(grey).convert("RGB")
 
 
 def _pil_transform(size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> Callable:
@@ -370,13 +394,30 @@ def _image_files(class_folder: Path) -> list[Path]:
     )
 
 
+def _decode_rgb(path: Path, reduced: bool = False) -> Image.Image:
+    """The whole image decoded and converted, as training reads it.
+
+    ``reduced`` lets a JPEG decode at 1/8 scale: every byte is still read (a truncated or
+    corrupt stream fails alike), at a fraction of the cost of a full-size photo."""
+    with Image.open(path) as image:
+        if reduced:
+            image.draft(image.mode, (1, 1))
+        return _to_rgb(image)
+
+
+def _reason(error: Exception) -> str:
+    return f"{type(error).__name__}: {error}".splitlines()[0]
+
+
 def _unreadable(path: Path) -> str | None:
-    """Why PIL cannot read this file, or None: checked at scan time, not mid-training."""
+    """Why this file cannot be read, or None: checked at scan time, not mid-training.
+
+    The file is fully decoded: ``Image.verify()`` reads headers only, so a truncated JPEG passed
+    it and then crashed the search (and every resume) when first read."""
     try:
-        with Image.open(path) as image:
-            image.verify()
+        _decode_rgb(path, reduced=True)
     except Exception as error:  # PIL raises many types for corrupt files
-        return f"{type(error).__name__}: {error}".splitlines()[0]
+        return _reason(error)
     return None
 
 
@@ -559,6 +600,39 @@ def _carve(targets: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray,
     return first, rest
 
 
+def _check_splits(label: str, classes: Sequence[str], targets: dict[str, np.ndarray]) -> None:
+    """Refuse splits a search cannot learn from or be judged on; warn where a score rests on a
+    handful of images (with two images per class a search reported fitness from one image)."""
+    num_classes = max([len(classes), *(int(t.max()) + 1 for t in targets.values() if len(t))])
+    names = [*map(str, classes), *map(str, range(len(classes), num_classes))]
+    train = np.bincount(targets["train"], minlength=num_classes)
+    missing = [names[c] for c in np.flatnonzero(train == 0)]
+    if missing:
+        raise BioTuneError(
+            f"dataset '{label}': no training image for {len(missing)} of {num_classes} classes "
+            f"({_class_list(missing)}); add images or ask for a larger train size"
+        )
+    for split in ("val", "test"):
+        if len(targets[split]) == 0:
+            raise BioTuneError(f"dataset '{label}' has an empty {split} split; add images")
+    for split in ("val", "test"):
+        counts = np.bincount(targets[split], minlength=num_classes)
+        few = np.flatnonzero(counts < MIN_EVAL_PER_CLASS)
+        if few.size:
+            shown = [f"{names[c]} ({counts[c]})" for c in few]
+            warnings.warn(
+                f"dataset '{label}': the {split} split has fewer than {MIN_EVAL_PER_CLASS} "
+                f"images for {few.size} of {num_classes} classes ({_class_list(shown)}); "
+                f"its scores rest on very few images",
+                stacklevel=3,
+            )
+
+
+def _class_list(names: Sequence[str], shown: int = 5) -> str:
+    more = f", ... ({len(names) - shown} more)" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
 def _subsample_sizes(
     name: str, lengths: dict[str, int], requested: dict[str, int | None]
 ) -> dict[str, int]:
@@ -639,7 +713,9 @@ def load_dataset(
     """Deterministic stratified train/val/test splits of a named dataset or an image folder.
 
     Splits depend only on ``seed`` (not on the image size or on the other sizes asked for), and
-    each requested size is a stratified subsample of its full split.
+    each requested size is a stratified subsample of its full split. Splits a search cannot use
+    (a class with no training image, an empty split) are refused, and validation or test splits
+    with fewer than ``MIN_EVAL_PER_CLASS`` images of some class draw a warning.
     """
     if image_size < 1:
         raise BioTuneError(f"image size must be positive, got {image_size}")
@@ -660,12 +736,17 @@ def load_dataset(
         )
         lengths = {s: len(i) for s, i in zip(_SPLITS, indices, strict=True)}
         sizes = _subsample_sizes(key, lengths, requested)
-        datasets: dict[str, Dataset] = {}
+        chosen = {}
         for j, (split, idx) in enumerate(zip(_SPLITS, indices, strict=True)):
             rng = np.random.default_rng([seed, 10 + j])
-            idx = idx[_stratified_sample(pool.targets[idx], sizes[split], rng)]
-            images = _to_tensor(pool.images[idx], image_size, mean3, std3)
-            datasets[split] = TensorImageDataset(images, pool.targets[idx])
+            chosen[split] = idx[_stratified_sample(pool.targets[idx], sizes[split], rng)]
+        _check_splits(key, pool.classes, {s: pool.targets[idx] for s, idx in chosen.items()})
+        datasets: dict[str, Dataset] = {
+            split: TensorImageDataset(
+                _to_tensor(pool.images[idx], image_size, mean3, std3), pool.targets[idx]
+            )
+            for split, idx in chosen.items()
+        }
         return DatasetSplits(
             key,
             list(pool.classes),
@@ -717,6 +798,7 @@ def load_dataset(
             rng = np.random.default_rng([seed, 10 + j])
             ds = ds.take(_stratified_sample(ds.targets, sizes[split], rng))
         datasets[split] = ds
+    _check_splits(label, classes, {s: d.targets for s, d in datasets.items()})
     return DatasetSplits(
         label, classes, datasets["train"], datasets["val"], datasets["test"], image_size
     )
