@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from biotune.data import _to_rgb, load_dataset
+from biotune.data import to_rgb, load_dataset
 from biotune.errors import BioTuneError
 
 HALF = (0.5, 0.5, 0.5)
@@ -135,14 +135,14 @@ def _from_disk(image: Image.Image, folder: Path) -> Image.Image:
 def test_every_image_mode_keeps_mid_grey_mid_grey(tmp_path: Path, mode: str) -> None:
     image = _from_disk(MID_GREY[mode](), tmp_path)
     assert image.mode == mode.split()[0]
-    rgb = _to_rgb(image)
+    rgb = to_rgb(image)
     assert rgb.mode == "RGB" and rgb.size == (6, 5)
     assert np.abs(np.asarray(rgb, dtype=int) - 128).max() <= 2
 
 
 @pytest.mark.parametrize("bit", [0, 1])
 def test_one_bit_images_are_black_and_white(tmp_path: Path, bit: int) -> None:
-    rgb = _to_rgb(_from_disk(Image.new("1", (6, 5), bit), tmp_path))
+    rgb = to_rgb(_from_disk(Image.new("1", (6, 5), bit), tmp_path))
     assert rgb.mode == "RGB" and np.all(np.asarray(rgb) == 255 * bit)
 
 
@@ -152,7 +152,7 @@ def test_sixteen_bit_range_maps_onto_0_to_255_not_white(tmp_path: Path, mode: st
     image = Image.fromarray(ramp)
     if mode == "I":
         image = image.convert("I")
-    rgb = np.asarray(_to_rgb(_from_disk(image, tmp_path)))
+    rgb = np.asarray(to_rgb(_from_disk(image, tmp_path)))
     assert image.mode == mode
     expected = np.rint(ramp / 257.0)
     for c in range(3):
@@ -162,7 +162,7 @@ def test_sixteen_bit_range_maps_onto_0_to_255_not_white(tmp_path: Path, mode: st
 
 def test_float_images_outside_0_to_1_are_clipped_and_nan_is_black() -> None:
     values = np.array([[-5.0, 0.0, 77.0, 300.0, np.nan]], dtype=np.float32)
-    rgb = np.asarray(_to_rgb(Image.fromarray(values)))
+    rgb = np.asarray(to_rgb(Image.fromarray(values)))
     assert rgb[0, :, 0].tolist() == [0, 0, 77, 255, 0]
 
 

@@ -223,7 +223,7 @@ def _offline_pool(key: str) -> _Pool:
     return _Pool(images, targets, pool.classes)
 
 
-def _to_tensor(
+def arrays_to_tensor(
     images: np.ndarray, size: int, mean: tuple[float, ...], std: tuple[float, ...]
 ) -> torch.Tensor:
     """uint8 N x C x H x W -> float32 N x C x size x size, normalised (C stays 1 if it can).
@@ -283,7 +283,7 @@ _FOLDER_DATASETS = ("isic",)
 _WIDE_GREY_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode -> a new RGB image.
 
     PIL clips wider greys to 0..255, which turns a 16-bit scan white. Here 16- and 32-bit integer
@@ -310,7 +310,7 @@ def _pil_transform(size: int, mean: tuple[float, ...], std: tuple[float, ...]) -
 
     return transforms.Compose(
         [
-            transforms.Lambda(_to_rgb),
+            transforms.Lambda(to_rgb),
             transforms.Resize(int(size * 232 / 224)),
             transforms.CenterCrop(size),
             transforms.ToTensor(),
@@ -402,7 +402,7 @@ def _decode_rgb(path: Path, reduced: bool = False) -> Image.Image:
     with Image.open(path) as image:
         if reduced:
             image.draft(image.mode, (1, 1))
-        return _to_rgb(image)
+        return to_rgb(image)
 
 
 def _reason(error: Exception) -> str:
@@ -743,7 +743,7 @@ def load_dataset(
         _check_splits(key, pool.classes, {s: pool.targets[idx] for s, idx in chosen.items()})
         datasets: dict[str, Dataset] = {
             split: TensorImageDataset(
-                _to_tensor(pool.images[idx], image_size, mean3, std3), pool.targets[idx]
+                arrays_to_tensor(pool.images[idx], image_size, mean3, std3), pool.targets[idx]
             )
             for split, idx in chosen.items()
         }
