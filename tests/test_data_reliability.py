@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from biotune.data import to_rgb, load_dataset
+from biotune.data import load_dataset, to_rgb
 from biotune.errors import BioTuneError
 
 HALF = (0.5, 0.5, 0.5)
