@@ -126,12 +126,18 @@ class DatasetSplits:
     val: Dataset
     test: Dataset
     image_size: int
+    origin: str = ""  # where the splits came from, e.g. "val carved from train/ (10%)"
 
     def describe(self) -> str:
-        """One line for logs and reports."""
+        """One line for logs and reports: classes, split sizes, image size, origin."""
         shown = ", ".join(self.classes[:5]) + (", ..." if len(self.classes) > 5 else "")
-        sizes = " / ".join(f"{split} {len(getattr(self, split))}" for split in _SPLITS)
-        return f"{self.name}: {len(self.classes)} classes ({shown}); {sizes}; {self.image_size} px"
+        sizes = " / ".join(
+            f"{split} {len(getattr(self, split))}" for split in _SPLITS
+            if getattr(self, split) is not None
+        )
+        origin = f" ({self.origin})" if self.origin else ""
+        return (f"{self.name}: {len(self.classes)} classes ({shown}); {sizes}; "
+                f"{self.image_size} px{origin}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -470,7 +476,8 @@ def _scan_split_folder(
 
 def _load_folder(
     folder: Path, transform: Callable, seed: int, bad_images: str
-) -> tuple[list[str], dict[str, _ImageFileDataset]]:
+) -> tuple[list[str], dict[str, _ImageFileDataset], str]:
+    """Classes, the three splits and a few words on where each split came from."""
     if not folder.exists():
         raise BioTuneError(f"image folder '{folder}' does not exist")
     if not folder.is_dir():
@@ -488,7 +495,9 @@ def _load_folder(
         _, test_files, test_targets = _scan_split_folder(folder / "test", classes, bad_images, bad)
         if (folder / "val").is_dir():
             _, val_files, val_targets = _scan_split_folder(folder / "val", classes, bad_images, bad)
+            origin = "train/, val/ and test/ folders"
         else:
+            origin = f"train/ and test/ folders; val carved from train/ ({VAL_FRACTION:.0%})"
             val_idx, train_idx = _carve(train_targets, VAL_FRACTION, seed)
             val_files = [train_files[i] for i in val_idx]
             val_targets = train_targets[val_idx]
@@ -503,6 +512,7 @@ def _load_folder(
         classes, files, targets = _scan_split_folder(folder, None, bad_images, bad)
         rng = np.random.default_rng(seed)
         indices = _stratified_split(targets, _split_sizes(len(targets)), rng)
+        origin = f"one folder per class, split 60/20/20 by seed {seed}"
         parts = {
             split: ([files[i] for i in idx], targets[idx])
             for split, idx in zip(_SPLITS, indices, strict=True)
@@ -513,7 +523,7 @@ def _load_folder(
             stacklevel=3,
         )
     datasets = {split: _ImageFileDataset(f, t, transform) for split, (f, t) in parts.items()}
-    return classes, datasets
+    return classes, datasets, origin
 
 
 # ---------------------------------------------------------------------------------------------
@@ -665,6 +675,32 @@ def stratified_folds(targets: np.ndarray, k: int, seed: int) -> list[np.ndarray]
     return _stratified_split(targets, sizes, np.random.default_rng([seed, 2]))
 
 
+def with_targets(ds: Dataset) -> Dataset:
+    """``ds`` with integer ``.targets``: as it is if it has them, else a view whose labels are
+    read once, item by item (any Dataset of (image, label) pairs, e.g. a ``TensorDataset``)."""
+    targets = getattr(ds, "targets", None)
+    if targets is not None and len(targets) == len(ds):  # type: ignore[arg-type]
+        return ds
+    labels = []
+    for i in range(len(ds)):  # type: ignore[arg-type]
+        try:
+            _, label = ds[i]
+        except (TypeError, ValueError):
+            raise BioTuneError(
+                f"{type(ds).__name__} item {i} is not an (image, label) pair"
+            ) from None
+        labels.append(int(label))
+    return _IndexedDataset(ds, np.arange(len(labels)), np.asarray(labels, dtype=np.int64))
+
+
+def split_dataset(ds: Dataset, seed: int = 0) -> tuple[Dataset, Dataset, Dataset]:
+    """One labelled dataset -> stratified train / val / test (60 / 20 / 20, as folders are)."""
+    ds = with_targets(ds)
+    targets = np.asarray(ds.targets)  # type: ignore[attr-defined]
+    parts = _stratified_split(targets, _split_sizes(len(targets)), np.random.default_rng(seed))
+    return tuple(subset(ds, p) for p in parts)  # type: ignore[return-value]
+
+
 def subset(ds: Dataset, indices: Sequence[int] | np.ndarray) -> Dataset:
     """A subset that keeps ``.targets`` (and stays in memory for in-memory datasets)."""
     indices = np.asarray(indices, dtype=np.int64)
@@ -676,6 +712,16 @@ def subset(ds: Dataset, indices: Sequence[int] | np.ndarray) -> Dataset:
 
 # ---------------------------------------------------------------------------------------------
 # Entry points.
+
+
+#: Train / val / test caps of the offline demo datasets when no size is given (other datasets,
+#: a user's folder included, are used whole unless a size is given).
+DEMO_SIZES = (1000, 500, 1500)
+
+
+def is_offline(name: str) -> bool:
+    """True for the offline demo datasets that ship inside packages."""
+    return _normalise_name(name) in _OFFLINE
 
 
 def available_datasets() -> list[str]:
@@ -754,6 +800,7 @@ def load_dataset(
             datasets["val"],
             datasets["test"],
             image_size,
+            f"offline pool split 60/20/20 by seed {seed}, stratified subsamples",
         )
 
     if key in _TORCHVISION:
@@ -761,6 +808,8 @@ def load_dataset(
         transform = _pil_transform(image_size, mean3, std3)
         classes, parts = _load_torchvision(key, data_root, download, transform, seed)
         label = key
+        origin = (f"official splits; where there is no validation split, {VAL_FRACTION:.0%} of "
+                  "train carved off as val")
     elif key in _FOLDER_DATASETS:
         if root is None:
             raise BioTuneError(
@@ -771,12 +820,12 @@ def load_dataset(
         if (folder / key).is_dir():
             folder = folder / key
         transform = _pil_transform(image_size, mean3, std3)
-        classes, parts = _load_folder(folder, transform, seed, bad_images)
+        classes, parts, origin = _load_folder(folder, transform, seed, bad_images)
         label = key
     elif Path(name).expanduser().exists():
         folder = Path(name).expanduser()
         transform = _pil_transform(image_size, mean3, std3)
-        classes, parts = _load_folder(folder, transform, seed, bad_images)
+        classes, parts, origin = _load_folder(folder, transform, seed, bad_images)
         label = folder.resolve().name
     else:
         close = difflib.get_close_matches(key, available_datasets(), n=3, cutoff=0.6)
@@ -799,6 +848,10 @@ def load_dataset(
             ds = ds.take(_stratified_sample(ds.targets, sizes[split], rng))
         datasets[split] = ds
     _check_splits(label, classes, {s: d.targets for s, d in datasets.items()})
+    subsampled = [f"{s} {sizes[s]} of {len(parts[s])}" for s in _SPLITS
+                  if sizes[s] < len(parts[s])]
+    if subsampled:
+        origin += "; subsampled: " + ", ".join(subsampled)
     return DatasetSplits(
-        label, classes, datasets["train"], datasets["val"], datasets["test"], image_size
+        label, classes, datasets["train"], datasets["val"], datasets["test"], image_size, origin
     )
