@@ -5,8 +5,13 @@ from __future__ import annotations
 import builtins
 import functools
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -106,3 +111,39 @@ def test_ray_missing_gives_an_install_hint(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_ray)
     with pytest.raises(BioTuneError, match=r"pip install 'biotune\[ray\]'"):
         make_executor("ray", None, lambda: None)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------- workers of a dead driver
+
+PROCESS_SEARCH = [
+    "--image-size", "32", "--train-size", "40", "--val-size", "20", "--test-size", "20",
+    "--population", "4", "--generations", "3", "--elite", "1", "--seeds", "1", "--epochs", "1",
+    "--final-epochs", "1", "--final-seeds", "1", "--executor", "process", "--workers", "2",
+    "--quiet",
+]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_workers_exit_when_the_driver_is_killed(tmp_path, sig):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "biotune.cli", "search", "--run-dir", str(run_dir),
+         *PROCESS_SEARCH],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    records = run_dir / "evaluations.jsonl"
+    deadline = time.time() + 300
+    while not (records.exists() and records.read_text().count("\n")) and time.time() < deadline:
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.1)
+    children = psutil.Process(proc.pid).children(recursive=True)
+    workers = [c for c in children if "spawn_main" in " ".join(c.cmdline())]
+    assert len(workers) == 2
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    _, alive = psutil.wait_procs(children, timeout=15)
+    assert not alive, f"still running after the driver died: {[p.cmdline() for p in alive]}"
+    if sig == signal.SIGTERM:  # like Ctrl-C: stopped cleanly, resumable
+        assert proc.returncode == 130
+        assert f"--resume {run_dir}" in err
+

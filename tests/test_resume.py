@@ -40,6 +40,11 @@ def _final(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "seconds"} for r in runs]
 
 
+def _counted_cost(run_dir: Path) -> dict:
+    cost = json.loads((run_dir / "search_summary.json").read_text())["cost"]
+    return {k: v for k, v in cost.items() if k not in ("seconds", "wall_seconds")}
+
+
 def _resume(run_dir: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "biotune.cli", "search", "--resume", str(run_dir), "--quiet"],
@@ -65,6 +70,12 @@ def _assert_same_as_reference(run_dir: Path, reference: Path) -> None:
         (reference / "best_plan.json").read_text()
     )
     assert _final(run_dir) == _final(reference)
+    # The resumed search counts the work of an uninterrupted one, and the time of every run.
+    assert _counted_cost(run_dir) == _counted_cost(reference)
+    sessions = json.loads((run_dir / "sessions.json").read_text())
+    assert len(sessions) == 2
+    wall = json.loads((run_dir / "search_summary.json").read_text())["cost"]["wall_seconds"]
+    assert wall == pytest.approx(sum(s["seconds"] for s in sessions))
 
 
 def test_kill_during_training_then_resume_gives_the_same_search(tmp_path, reference):

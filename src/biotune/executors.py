@@ -17,8 +17,11 @@ Workers build their own evaluator once, from a picklable factory
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import multiprocessing as mp
 import os
+import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -90,15 +93,36 @@ def threads_per_worker(workers: int) -> int:
     return max(1, (cores or 1) // max(1, workers))
 
 
+ORPHAN_POLL_SECONDS = 0.5
+
+
+def _exit_with_parent(parent: int) -> None:
+    """End this worker as soon as ``parent`` is gone (``kill -9`` of the driver, say).
+
+    A daemon thread watches the parent's id: an orphan is re-parented, so ``getppid`` changes.
+    Without it, orphaned workers (each holding a model and data) and the resource tracker whose
+    pipe they keep open would run on until their current evaluation, or forever, ends.
+    """
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(ORPHAN_POLL_SECONDS)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="biotune-parent-watch", daemon=True).start()
+
+
 def _init_worker(
-    factory: Callable[[], Evaluator], threads: int, devices: Any, lock: Any
+    factory: Callable[[], Evaluator], threads: int, devices: Any, lock: Any, parent: int
 ) -> None:
     """Runs once in each new worker: pin it to a GPU (if any), split the cores, build the evaluator.
 
     ``devices`` is a queue of GPU ids (empty on CPU machines); a worker takes one before torch
-    touches CUDA, so each worker sees exactly one GPU.
+    touches CUDA, so each worker sees exactly one GPU. ``parent`` is the driver's process id:
+    the worker exits when the driver dies.
     """
     global _WORKER_EVALUATOR
+    _exit_with_parent(parent)
     with lock:
         if not devices.empty():
             os.environ["CUDA_VISIBLE_DEVICES"] = str(devices.get())
@@ -134,20 +158,37 @@ class ProcessPoolExecutor:
             max_workers=self.workers,
             mp_context=ctx,
             initializer=_init_worker,
-            initargs=(factory, threads_per_worker(self.workers), devices, ctx.Lock()),
+            initargs=(
+                factory, threads_per_worker(self.workers), devices, ctx.Lock(), os.getpid()
+            ),
         )
+        self._interrupted = False
 
     def run(self, tasks: Sequence[Task], on_result: Callable[[Evaluation], None]) -> None:
         futures = [self._pool.submit(_worker_run, t) for t in tasks]
         try:
             for future in cf.as_completed(futures):
                 on_result(future.result())
-        except BaseException:
+        except BaseException as exc:
             for f in futures:
                 f.cancel()
+            # Interrupted (Ctrl-C, SIGTERM) or failed: running evaluations are lost anyway, so
+            # stop the workers now instead of waiting for them in close().
+            self._interrupted = True
+            if isinstance(exc, cf.process.BrokenProcessPool):
+                raise BioTuneError(
+                    "a worker process died unexpectedly (killed for lack of memory?)"
+                ) from None
             raise
 
     def close(self) -> None:
+        if not self._interrupted:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            return
+        workers = list((getattr(self._pool, "_processes", None) or {}).values())
+        for process in workers:
+            with contextlib.suppress(Exception):
+                process.terminate()
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 

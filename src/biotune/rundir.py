@@ -1,20 +1,24 @@
 """The run directory: atomic writes, append-only records, and a lock.
 
-Layout: ``config.json`` (what was asked), ``evaluations.jsonl`` (one line per finished
-evaluation), ``generations.jsonl`` (one summary per generation), ``state.json`` (the evolution's
-state after the last finished step), ``best_plan.json`` and ``final.json``. Every file is either
-complete or absent: JSON files are replaced atomically, and a torn last line of a ``.jsonl`` file
-(a kill in the middle of a write) is cut off when the run is opened again.
+Layout: ``config.json`` (what was asked), ``partition.json`` (the model's blocks, fingerprinted),
+``evaluations.jsonl`` (one line per finished evaluation), ``generations.json`` (one summary per
+generation), ``state.json`` (the evolution's state after the last finished step),
+``sessions.json`` (how long each invocation searched), ``best_plan.json`` and ``final.json``.
+Every file is either complete or absent: JSON files are replaced atomically, a torn last line of
+a ``.jsonl`` file (a kill in the middle of a write) is cut off when the run is opened again, and
+a corrupt line elsewhere is skipped with a warning, keeping every other record.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import signal
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,18 +28,31 @@ CONFIG = "config.json"
 EVALUATIONS = "evaluations.jsonl"
 GENERATIONS = "generations.jsonl"
 STATE = "state.json"
+PARTITION = "partition.json"
+SESSIONS = "sessions.json"
 LOCK = ".lock"
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write to a temporary file, fsync, then rename over the target: never a half file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def fingerprint(data: Any) -> str:
+    """A sha256 of JSON data (keys sorted): equal exactly when the data are equal."""
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _failpoint(where: str, f: Any, line: str) -> None:
@@ -56,12 +73,21 @@ def _failpoint(where: str, f: Any, line: str) -> None:
 _appends = 0
 
 
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """A full disk, a read-only file system or a denied permission: one line, not a traceback."""
+    try:
+        yield
+    except OSError as exc:
+        raise BioTuneError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
 class RunDirectory:
     """One search's directory on disk."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._lock_file: Any = None
+        self.created = False  # the last prepare() made the directory (so it may remove it)
 
     def exists(self) -> bool:
         return (self.path / CONFIG).exists()
@@ -69,7 +95,12 @@ class RunDirectory:
     def prepare(self) -> None:
         """Create the directory, or say clearly why it cannot be written."""
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.path.mkdir()
+                self.created = True
+            except FileExistsError:
+                self.created = False
             probe = self.path / ".write-test"
             probe.write_text("")
             probe.unlink()
@@ -87,6 +118,7 @@ class RunDirectory:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.close()
+            self.created = False  # the holder decides what happens to the directory
             raise BioTuneError(
                 f"run directory {self.path} is in use by another biotune process"
             ) from None
@@ -100,9 +132,27 @@ class RunDirectory:
             fcntl.flock(f, fcntl.LOCK_UN)
             f.close()
 
+    def discard(self, names: Iterable[str]) -> None:
+        """Remove files this process wrote, then the directory if it made it and it is now empty.
+
+        Call it holding the lock: a directory another process holds is never touched, and
+        ``rmdir`` leaves a directory with anything else in it alone.
+        """
+        for name in names:
+            for path in (self.path / name, self.path / f".{name}.tmp"):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+        if not self.created:
+            return
+        with contextlib.suppress(OSError):
+            if all(p.name == LOCK for p in self.path.iterdir()):
+                (self.path / LOCK).unlink()
+                self.path.rmdir()
+
     # JSON documents
     def write(self, name: str, data: Any) -> None:
-        write_json_atomic(self.path / name, data)
+        with _writing(self.path / name):
+            write_json_atomic(self.path / name, data)
 
     def read(self, name: str) -> Any:
         path = self.path / name
@@ -110,39 +160,80 @@ class RunDirectory:
             return json.loads(path.read_text())
         except FileNotFoundError:
             return None
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, ValueError) as exc:
             raise BioTuneError(f"{path} is unreadable or corrupt: {exc}") from None
 
     # append-only records
     def append(self, name: str, record: dict[str, Any]) -> None:
-        """Append one JSON line and fsync it: after this returns the record survives a crash."""
-        line = json.dumps(record, separators=(",", ":")) + "\n"
-        with open(self.path / name, "a") as f:
-            _failpoint("append", f, line)
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        """Append one JSON line and fsync it: after this returns the record survives a crash.
 
-    def records(self, name: str, repair: bool = False) -> list[dict[str, Any]]:
-        """All complete records; with ``repair``, a torn last line is cut off the file."""
+        A failed write is cut off again, so the file never ends in a partial line of ours.
+        """
         path = self.path / name
-        if not path.exists():
-            return []
-        data = path.read_bytes()
-        good_end, out = 0, []
-        for line in data.splitlines(keepends=True):
-            if not line.endswith(b"\n"):
-                break
+        line = json.dumps(record, separators=(",", ":")) + "\n"
+        with _writing(path), open(path, "a") as f:
+            size = f.tell()
             try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-            good_end += len(line)
-        if good_end != len(data):
-            if not repair:
-                return out
-            with open(path, "r+b") as f:
-                f.truncate(good_end)
+                _failpoint("append", f, line)
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+            except OSError:
+                with contextlib.suppress(OSError):
+                    f.truncate(size)
+                raise
+
+    def records(
+        self, name: str, repair: bool = False, required: Iterable[str] = ()
+    ) -> list[dict[str, Any]]:
+        """All complete records, in file order; with ``repair``, a torn last line is cut off.
+
+        A corrupt line before the last is skipped with one warning (the records after it are
+        kept); a record without a ``required`` key is a one-line error naming file and line.
+        """
+        path = self.path / name
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise BioTuneError(f"cannot read {path}: {exc.strerror or exc}") from None
+        lines = data.splitlines(keepends=True)
+        torn = bool(lines) and not lines[-1].endswith(b"\n")
+        if torn:
+            last = lines.pop()
+            with contextlib.suppress(ValueError):
+                if isinstance(json.loads(last), dict):  # complete but for its newline
+                    lines.append(last + b"\n")
+        required = tuple(required)
+        out, corrupt = [], []
+        for number, line in enumerate(lines, start=1):
+            try:
+                record = json.loads(line)
+            except ValueError:  # JSONDecodeError and UnicodeDecodeError
+                record = None
+            if not isinstance(record, dict):
+                corrupt.append(number)
+                continue
+            missing = [key for key in required if key not in record]
+            if missing:
+                raise BioTuneError(
+                    f"{path} line {number}: the record has no {', '.join(map(repr, missing))}"
+                )
+            out.append(record)
+        if corrupt:
+            where = ", ".join(map(str, corrupt[:5])) + (", ..." if len(corrupt) > 5 else "")
+            warnings.warn(
+                f"{path}: skipped {len(corrupt)} corrupt line(s) (line {where}); "
+                "kept the other records",
+                stacklevel=2,
+            )
+        if torn and repair:
+            kept = b"".join(lines)
+            with _writing(path), open(path, "r+b") as f:
+                f.truncate(min(len(kept), len(data)))
+                f.seek(0, os.SEEK_END)
+                f.write(kept[len(data):])  # the newline of a complete last record
                 f.flush()
                 os.fsync(f.fileno())
         return out
