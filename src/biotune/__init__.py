@@ -1,67 +1,83 @@
 """biotune: evolutionary selective fine-tuning of pretrained image classifiers (BioTune).
 
 The flow: a model is split into blocks (:func:`partition_blocks`), a genome decodes to a
-:class:`FineTunePlan` that :func:`apply_plan` turns into optimizer param groups, and
-:func:`search` runs the evolutionary search that finds the plan.
+:class:`FineTunePlan` that :func:`apply_plan` turns into optimizer param groups, :func:`search`
+runs the evolutionary search that finds the plan and trains it, :func:`train` trains a given
+plan, and :func:`load_finetuned` loads the fine-tuned model a search or a training saved.
+
+Names are imported on first use (PEP 562), so ``import biotune`` and the command line's start-up
+stay fast and ``biotune.evolution`` needs no torch.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
-from pathlib import Path
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-from biotune.blocks import BlockPartition, partition_blocks  # noqa: E402
-from biotune.data import load_dataset  # noqa: E402
-from biotune.errors import BioTuneError  # noqa: E402
-from biotune.models import load_model  # noqa: E402
-from biotune.plan import FineTunePlan, apply_plan, decode_genome  # noqa: E402
-from biotune.runner import DataConfig, Search, SearchConfig, SearchResult  # noqa: E402
+#: Public name -> the module that defines it.
+_EXPORTS = {
+    "BioTuneError": "biotune.errors",
+    "BlockPartition": "biotune.blocks",
+    "partition_blocks": "biotune.blocks",
+    "load_dataset": "biotune.data",
+    "load_model": "biotune.models",
+    "FineTunePlan": "biotune.plan",
+    "apply_plan": "biotune.plan",
+    "decode_genome": "biotune.plan",
+    "DataConfig": "biotune.runner",
+    "Search": "biotune.runner",
+    "SearchConfig": "biotune.runner",
+    "SearchResult": "biotune.runner",
+    "TrainConfig": "biotune.training",
+    "FineTuned": "biotune.finetuned",
+    "load_finetuned": "biotune.finetuned",
+    "search": "biotune.api",
+    "train": "biotune.api",
+}
 
 __all__ = [
     "BioTuneError",
     "BlockPartition",
     "DataConfig",
     "FineTunePlan",
+    "FineTuned",
+    "Search",
     "SearchConfig",
     "SearchResult",
+    "TrainConfig",
     "apply_plan",
     "decode_genome",
     "load_dataset",
+    "load_finetuned",
     "load_model",
     "partition_blocks",
     "search",
+    "train",
 ]
 
 
-def search(
-    run_dir: str | Path,
-    config: SearchConfig | None = None,
-    *,
-    preset: str = "default",
-    resume: bool = False,
-    final: bool = True,
-    executor: str = "inprocess",
-    workers: int = 1,
-    ray_address: str | None = None,
-    progress: bool = True,
-    **data: Any,
-) -> SearchResult:
-    """Search a fine-tuning plan (and train and test it unless ``final=False``).
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'biotune' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
 
-    ``data`` overrides fields of :class:`DataConfig` (``model=``, ``dataset=``,
-    ``image_size=``, ...) of ``config`` or of the named preset ("default" or "paper").
-    """
-    from biotune.presets import preset as named_preset
-    from biotune.progress import SearchProgress
 
-    config = config or named_preset(preset)
-    if data:
-        config = replace(config, data=replace(config.data, **data))
-    runner = Search(
-        config, run_dir, progress=SearchProgress() if progress else None,
-        executor=executor, workers=workers, ray_address=ray_address,
-    )
-    return runner.run_search(resume=resume, final=final)
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])
+
+
+if TYPE_CHECKING:
+    from biotune.api import search, train
+    from biotune.blocks import BlockPartition, partition_blocks
+    from biotune.data import load_dataset
+    from biotune.errors import BioTuneError
+    from biotune.finetuned import FineTuned, load_finetuned
+    from biotune.models import load_model
+    from biotune.plan import FineTunePlan, apply_plan, decode_genome
+    from biotune.runner import DataConfig, Search, SearchConfig, SearchResult
+    from biotune.training import TrainConfig

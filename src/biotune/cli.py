@@ -95,6 +95,7 @@ def _fraction(text: str) -> float:
 
 
 def _add_data_options(p: argparse.ArgumentParser) -> None:
+    from biotune.data import DEMO_SIZES
     from biotune.runner import DataConfig
 
     d = DataConfig()  # the defaults the help quotes
@@ -117,20 +118,28 @@ def _add_data_options(p: argparse.ArgumentParser) -> None:
                    "model's own)")
     g.add_argument("--native-size", action="store_true",
                    help="use the model's native input resolution (224 for ResNet-50)")
+    demo = "; the offline demo datasets: {}"
     g.add_argument("--train-size", type=_positive_int,
                    help="use at most this many training images, a stratified subsample "
-                   f"(default {d.train_size})")
+                   "(default: all" + demo.format(DEMO_SIZES[0]) + ")")
     g.add_argument("--val-size", type=_positive_int,
-                   help=f"at most this many validation images (default {d.val_size})")
+                   help="at most this many validation images (default: all"
+                   + demo.format(DEMO_SIZES[1]) + ")")
     g.add_argument("--test-size", type=_positive_int,
-                   help=f"at most this many test images (default {d.test_size})")
+                   help="at most this many test images (default: all"
+                   + demo.format(DEMO_SIZES[2]) + ")")
     g.add_argument("--full-data", action="store_true",
                    help="use the whole splits (no subsampling)")
     g.add_argument("--split-seed", type=int,
                    help=f"seed of the train/val/test split (default {d.split_seed})")
     g.add_argument("--bad-images", choices=["skip", "error"],
-                   help="unreadable image files in a folder dataset: skip them with a warning "
-                   "(default) or stop with an error")
+                   help="unreadable image files in a folder dataset (every image is decoded "
+                   "when the folder is scanned): skip them with a warning (default) or stop "
+                   "with an error")
+    g.add_argument("--blocks", metavar="FILE.json",
+                   help='your own block partition: {"block name": ["module prefix or regex", '
+                   '...], ...} in input-to-output order, the classifier last (default: the '
+                   "model family's blocks; see biotune blocks MODEL)")
 
 
 def defaults_text(field: str, defaults: Mapping[str, Any]) -> str:
@@ -169,7 +178,11 @@ def _data_config(args: argparse.Namespace, base: Any) -> Any:
     if getattr(args, "native_size", False):
         changes["image_size"] = None
     if getattr(args, "full_data", False):
-        changes.update(train_size=None, val_size=None, test_size=None)
+        changes.update(train_size=None, val_size=None, test_size=None, full_data=True)
+    if getattr(args, "blocks", None):
+        from biotune.inputs import read_blocks
+
+        changes["blocks"] = read_blocks(args.blocks)
     return replace(base, **changes)
 
 
@@ -325,28 +338,73 @@ def _check_writable(path: Path, option: str) -> None:
         raise BioTuneError(f"{option} {path}: cannot write in {folder} (permission denied)")
 
 
+def _plan_origin(path: str) -> dict[str, Any]:
+    """What a best_plan.json says about where it came from (empty for a bare plan file)."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return raw.get("origin", {}) if isinstance(raw, dict) else {}
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from biotune.plan import FineTunePlan
     from biotune.presets import FINAL_TRAINING
     from biotune.rundir import write_json_atomic
-    from biotune.runner import DataConfig, final_training_run, prepare, summarize_final
+    from biotune.runner import (
+        DataConfig,
+        final_training_run,
+        partition_record,
+        prepare,
+        save_model,
+        summarize_final,
+    )
 
     # Everything that can be refused is checked before the data are loaded or a model trains.
     plan = None if args.plan in ("full", "head", "linear") else FineTunePlan.load(args.plan)
+    origin = _plan_origin(args.plan) if plan is not None else {}
     out = Path(args.out) if args.out else None
     if out is not None:
         _check_writable(out, "--out")
-    config = _train_config(args, "", FINAL_TRAINING)
+    save = Path(args.save) if args.save else None
+    if save is not None:
+        _check_writable(save / "finetuned.json", "--save")
+    base_data = DataConfig(**origin["data"]) if origin.get("data") else DataConfig()
+    if base_data.dataset.startswith("user:") and not args.dataset:
+        raise BioTuneError(f"plan {args.plan} was searched on data given in Python "
+                           f"({base_data.dataset}): name the data with --dataset")
+    if base_data.model.startswith("user:") and not args.model:
+        raise BioTuneError(f"plan {args.plan} was searched on a model given in Python "
+                           f"({base_data.model}): name a model with --model")
+    base_train = FINAL_TRAINING
+    if origin.get("base_lr") and getattr(args, "lr", None) is None:
+        base_train = replace(FINAL_TRAINING, base_lr=float(origin["base_lr"]))
+    config = _train_config(args, "", base_train)
     seeds = seeds_from(args) or TRAIN_SEEDS
-    bench = prepare(_data_config(args, DataConfig()))
+    data = _data_config(args, base_data)
+    if origin:
+        print(f"from the plan: model {data.model}, dataset {data.dataset}, base lr "
+              f"{config.base_lr:g} (options given override them)", file=sys.stderr)
+    bench = prepare(data)
+    print(f"data: {bench.splits.describe()}", file=sys.stderr)
     names = bench.partition.names
     if plan is not None:
         plan.check_fits(bench.partition, source=f"plan {args.plan}")
+        stored = origin.get("partition", {}).get("fingerprint")
+        if stored and stored != partition_record(bench)["fingerprint"]:
+            raise BioTuneError(f"plan {args.plan} was made for other blocks of the same names "
+                               f"(model {origin.get('data', {}).get('model')}): its genes would "
+                               "steer other parameters; use the model it was searched on")
     elif args.plan == "full":
         plan = FineTunePlan.full(names)
     else:
         plan = FineTunePlan.head_only(names)
-    runs = [final_training_run(bench, plan, config, seed) for seed in seeds]
+    runs, best = [], None
+    for seed in seeds:
+        model, run = final_training_run(bench, plan, config, seed, keep_model=True)
+        runs.append(run)
+        if best is None or run["val_balanced"] > best[1]["val_balanced"]:
+            best = (model, run)
     summary = summarize_final(runs, plan, bench)
     if out is not None:
         try:
@@ -356,6 +414,31 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise BioTuneError(f"--out {out}: cannot write ({exc.strerror})") from None
     print(f"plan: {plan.describe()}")
     _print_final(summary)
+    if save is not None and best is not None:
+        save_model(save, best[0], bench, data, plan, config, best[1])
+        print(f"fine-tuned model (seed {best[1]['seed']}, the best on validation): {save}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import csv
+
+    from biotune.finetuned import image_files, load_finetuned, predict_files
+
+    finetuned = load_finetuned(args.model_dir)
+    files = image_files(args.images)
+    rows = predict_files(finetuned, files)
+    if args.csv:
+        out = Path(args.csv)
+        _check_writable(out, "--csv")
+        with open(out, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["file", "class", "index", "probability"])
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"{len(rows)} predictions written to {out}", file=sys.stderr)
+    else:
+        for r in rows:
+            print(f"{r['file']}\t{r['class']}\t{r['probability']:.4f}")
     return 0
 
 
@@ -394,6 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Evolutionary selective fine-tuning (BioTune): search which blocks of a "
         "pretrained image classifier to fine-tune and at what learning rate.",
     )
+    from biotune import __version__
+
+    parser.add_argument("--version", action="version", version=f"biotune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     presets = {"default preset": default(), "paper preset": paper()}
 
@@ -481,9 +567,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--plan", required=True, help="plan JSON file, 'full' or 'head'")
     add_seed_options(t, "", "seeds", seeds_text({"default": TRAIN_SEEDS}))
     t.add_argument("--out", help="write the results as JSON here")
+    t.add_argument("--save", metavar="DIR",
+                   help="save the fine-tuned model (the seed best on validation) in DIR: "
+                   "model.safetensors and finetuned.json, for biotune predict")
     _add_data_options(t)
     _add_training_options(t, "", "training", {"default": FINAL_TRAINING})
     t.set_defaults(func=cmd_train)
+
+    pr = sub.add_parser("predict", help="classify images with a fine-tuned model",
+                        description="Load a fine-tuned model (a search's run directory or a "
+                        "train --save folder) and print the class and its probability for each "
+                        "image (folders are searched recursively).")
+    pr.add_argument("model_dir", help="run directory or folder holding finetuned.json")
+    pr.add_argument("images", nargs="+", help="image files or folders")
+    pr.add_argument("--csv", help="write file,class,index,probability rows here instead")
+    pr.set_defaults(func=cmd_predict)
 
     b = sub.add_parser("blocks", help="show how a model is split into blocks",
                        description="Print a model's blocks with parameter counts and shares.")

@@ -7,11 +7,14 @@ best plan is trained on the whole training split with several seeds and tested o
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import platform
-import shutil
+import signal
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,15 +25,24 @@ import torch
 from biotune import __version__
 from biotune import cost as costs
 from biotune.blocks import BlockPartition, partition_blocks
-from biotune.data import DatasetSplits, load_dataset
+from biotune.data import DEMO_SIZES, DatasetSplits, is_offline, load_dataset, subset
 from biotune.errors import BioTuneError
 from biotune.evolution import BioTuneEvolution, EvolutionConfig
 from biotune.executors import Task, make_executor
 from biotune.features import FeatureCache, block_chain, train_plan_fast
 from biotune.fitness import Evaluation, Evaluator, SearchProtocol
+from biotune.inputs import data_fingerprint, model_fingerprint
 from biotune.models import LoadedModel, load_model
 from biotune.plan import FineTunePlan, decode_genome
-from biotune.rundir import CONFIG, EVALUATIONS, STATE, RunDirectory
+from biotune.rundir import (
+    CONFIG,
+    EVALUATIONS,
+    PARTITION,
+    SESSIONS,
+    STATE,
+    RunDirectory,
+    fingerprint,
+)
 from biotune.training import TrainConfig, batches, count_parameters, default_device, evaluate
 
 FINAL_RUNS = "final_runs.jsonl"
@@ -48,11 +60,15 @@ class DataConfig:
     pretrained: bool = True
     checkpoint: str | None = None
     image_size: int | None = 32  # None: the model's native resolution
-    train_size: int | None = 1000
-    val_size: int | None = 500
-    test_size: int | None = 1500
+    # None: the whole split, except the offline demo datasets (capped at data.DEMO_SIZES)
+    train_size: int | None = None
+    val_size: int | None = None
+    test_size: int | None = None
     split_seed: int = 0
     bad_images: str = "skip"
+    # block name -> module prefixes or regexes, in order (None: the model family's blocks)
+    blocks: dict[str, list[str]] | None = None
+    full_data: bool = False  # the whole splits, the offline demo datasets too (sizes ignored)
 
     def __post_init__(self) -> None:
         if self.image_size is not None and self.image_size < 8:
@@ -136,20 +152,32 @@ class Workbench:
         return {**self.__dict__, "_caches": {}}
 
 
-def prepare(data: DataConfig, block_override: dict[str, list[str]] | None = None) -> Workbench:
+def split_sizes(data: DataConfig) -> tuple[int | None, int | None, int | None]:
+    """The train / val / test caps in force: the ones given, else the demo caps for the offline
+    datasets and the whole splits for everything else (a user's folder is used whole)."""
+    if data.full_data:
+        return (None, None, None)
+    given = (data.train_size, data.val_size, data.test_size)
+    if not is_offline(data.dataset):
+        return given
+    return tuple(g if g is not None else d for g, d in zip(given, DEMO_SIZES, strict=True))
+
+
+def prepare(data: DataConfig) -> Workbench:
     """Load the model and the data, sized and normalised for each other, and split the blocks."""
     probe = load_model(data.model, num_classes=2, pretrained=False)
     size = data.image_size or probe.input_size
+    train_size, val_size, test_size = split_sizes(data)
     splits = load_dataset(
         data.dataset, size, probe.mean, probe.std, root=data.data_root, seed=data.split_seed,
-        train_size=data.train_size, val_size=data.val_size, test_size=data.test_size,
+        train_size=train_size, val_size=val_size, test_size=test_size,
         download=data.download, bad_images=data.bad_images,
     )
     loaded = load_model(
         data.model, num_classes=len(splits.classes), pretrained=data.pretrained,
         checkpoint=data.checkpoint,
     )
-    return Workbench(loaded, partition_blocks(loaded.model, block_override), splits)
+    return Workbench(loaded, partition_blocks(loaded.model, data.blocks), splits)
 
 
 def evaluator_for(bench: Workbench, config: SearchConfig) -> Evaluator:
@@ -185,8 +213,74 @@ def _config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list
     return out
 
 
+def partition_record(bench: Workbench) -> dict[str, Any]:
+    """The blocks, each fingerprinted by its name and its parameters' names and shapes."""
+    shapes = {name: list(p.shape) for name, p in bench.model.named_parameters()}
+    blocks = bench.partition.to_dict()["blocks"]
+    for block in blocks:
+        params = [[name, shapes.get(name)] for name in block["param_names"]]
+        block["fingerprint"] = fingerprint([block["name"], params])
+    return {"fingerprint": fingerprint([b["fingerprint"] for b in blocks]), "blocks": blocks}
+
+
+def _partition_changes(stored: list[dict[str, Any]], current: list[dict[str, Any]]) -> str:
+    """Which blocks differ between two partition records, in a few words."""
+    old = {b.get("name"): b.get("fingerprint") for b in stored}
+    new = {b["name"]: b["fingerprint"] for b in current}
+
+    def names(found: list[Any]) -> str:
+        more = f" and {len(found) - 4} more" if len(found) > 4 else ""
+        return ", ".join(map(str, found[:4])) + more
+
+    parts = []
+    for what, found in (
+        ("removed", [n for n in old if n not in new]),
+        ("added", [n for n in new if n not in old]),
+        ("changed", [n for n in new if n in old and old[n] != new[n]]),
+    ):
+        if found:
+            parts.append(f"{what} {names(found)}")
+    return f"{len(old)} blocks, now {len(new)}: " + ("; ".join(parts) or "reordered")
+
+
+def _out_of_memory(exc: BaseException) -> str | None:
+    """What ran out, if ``exc`` is an allocation failure (host or GPU), else None."""
+    if isinstance(exc, MemoryError):
+        return str(exc) or "MemoryError"
+    message = str(exc)
+    if isinstance(exc, RuntimeError) and (
+        "out of memory" in message or "can't allocate memory" in message
+    ):
+        return message.strip().splitlines()[0][:200]
+    return None
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """While a search runs, SIGTERM raises KeyboardInterrupt as Ctrl-C does: the run is left
+    resumable. Only the main thread can set signal handlers; elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
 class Search:
     """A search bound to a run directory: start it, or resume it after any interruption."""
+
+    #: What every evaluation record holds (the runner reads them when it resumes).
+    RECORD_KEYS = (
+        "candidate", "generation", "role", "genes", "plan", "fold", "seeds", "scores", "fitness",
+        "status", "seconds", "train_images", "eval_images", "epochs",
+    )
 
     def __init__(
         self,
@@ -207,6 +301,9 @@ class Search:
         self.executor = executor
         self.workers = workers
         self.ray_address = ray_address
+        self._written: list[str] = []  # files a new search wrote (taken back if it fails early)
+        self._sessions: list[dict[str, float]] = []
+        self._clock = 0.0
 
     # setup
     def _check_config(self, resume: bool) -> bool:
@@ -235,96 +332,198 @@ class Search:
             )
         return False
 
+    def _check_fingerprints(self, current: dict[str, str]) -> None:
+        """Refuse to resume on another model or other data than the search started with (a
+        run directory from before fingerprints were stored is not checked)."""
+        stored = (self.run.read(CONFIG) or {}).get("fingerprints") or {}
+        for what, words in (("model", "the model (its class, parameter names or shapes)"),
+                            ("data", "the data (sizes, classes, labels or files)")):
+            if stored.get(what) and stored[what] != current[what]:
+                raise BioTuneError(
+                    f"cannot resume {self.run.path}: {words} changed since the search started; "
+                    "resume with the model and data it started with"
+                )
+
+    def _check_partition(
+        self, current: dict[str, Any], names: tuple[str, ...], records: list[dict[str, Any]]
+    ) -> None:
+        """Refuse to resume on other blocks: every stored gene would steer another block."""
+        refuse = (
+            f"cannot resume {self.run.path}: the model's blocks changed since the search started "
+            "({}); resume with the model and blocks it started with"
+        )
+        stored = self.run.read(PARTITION)
+        if stored is not None:
+            if stored.get("fingerprint") != current["fingerprint"]:
+                raise BioTuneError(refuse.format(
+                    _partition_changes(stored.get("blocks", []), current["blocks"])
+                ))
+            return
+        # A run directory from before partitions were stored: check what its records show.
+        state = self.run.read(STATE)
+        if isinstance(state, dict) and state.get("num_blocks", len(names)) != len(names):
+            raise BioTuneError(refuse.format(f"{state['num_blocks']} blocks, now {len(names)}"))
+        for rec in records[:1]:
+            plan = rec["plan"] if isinstance(rec["plan"], dict) else {}
+            old = tuple(str(b.get("name")) for b in plan.get("blocks", []))
+            if old != names:
+                raise BioTuneError(refuse.format(
+                    f"{', '.join(old)} -> {', '.join(names)}"
+                ))
+
     def _evolution(self, num_blocks: int) -> BioTuneEvolution:
         state = self.run.read(STATE)
         if state is not None:
             return BioTuneEvolution.from_state_dict(state)
         return BioTuneEvolution(num_blocks, self.config.evolution, seed=self.config.seed)
 
+    def _write(self, name: str, data: Any) -> None:
+        self.run.write(name, data)
+        if name not in self._written:
+            self._written.append(name)
+
+    def _tick(self) -> None:
+        """Store this invocation's search time so far: resumed wall time sums the invocations."""
+        self._sessions[-1]["seconds"] = time.perf_counter() - self._clock
+        self._write(SESSIONS, self._sessions)
+
     # the loop
     def run_search(self, resume: bool = False, final: bool = True) -> SearchResult:
-        """Run (or continue) the search, then the final training; safe to kill at any point."""
-        created = not self.run.path.exists()
-        try:
+        """Run (or continue) the search, then the final training; safe to kill at any point.
+
+        SIGTERM stops it as Ctrl-C does (KeyboardInterrupt), leaving it resumable.
+        """
+        with self.run.locked(), _sigterm_interrupts():
             return self._run_locked(resume, final)
-        except BioTuneError:
-            if created and not self.run.exists():  # refused before anything was recorded
-                shutil.rmtree(self.run.path, ignore_errors=True)
-            raise
 
     def _run_locked(self, resume: bool, final: bool) -> SearchResult:
-        with self.run.locked():
+        """Under the lock: a failure before the first record takes back what this call wrote,
+        so the directory can be used again (or is gone, if this call made it)."""
+        new = False
+        self._written = []
+        try:
             new = self._check_config(resume)
-            bench = self.bench or prepare(self.config.data)
-            self.bench = bench
+            return self._run_checked(new, final)
+        except Exception as exc:
+            records = self.run.path / EVALUATIONS
+            kept = records.exists() and records.stat().st_size > 0
+            if not kept:
+                self.run.discard(self._written if new else [])
+            detail = _out_of_memory(exc)
+            if detail is None:
+                raise
+            saved = f"; finished evaluations are saved, resume with --resume {self.run.path}"
+            raise BioTuneError(f"out of memory: {detail}{saved if kept else ''}") from None
+
+    def _run_checked(self, new: bool, final: bool) -> SearchResult:
+        """Load and check everything (data, model, blocks, folds, executor), then write."""
+        bench = self.bench or prepare(self.config.data)
+        self.bench = bench
+        evaluator = evaluator_for(bench, self.config)
+        records = self.run.records(EVALUATIONS, repair=True, required=self.RECORD_KEYS)
+        partition = partition_record(bench)
+        prints = {"model": model_fingerprint(bench.model), "data": data_fingerprint(bench.splits)}
+        if not new:
+            self._check_partition(partition, bench.partition.names, records)
+            self._check_fingerprints(prints)
+        evo = self._evolution(len(bench.partition))
+        # Workers rebuild the evaluator: from the configuration, or from the given bench
+        # (pickled to them) when the caller brought its own model or data.
+        factory = (
+            functools.partial(evaluator_for, bench, self.config)
+            if self.bench_given
+            else functools.partial(build_evaluator, self.config)
+        )
+        executor = make_executor(
+            self.executor, evaluator, factory, workers=self.workers, ray_address=self.ray_address,
+        )
+        try:
             if new:
-                self.run.write(CONFIG, {"biotune": __version__, "search": self.config.to_dict()})
-            self.run.write(
+                self._write(CONFIG, {"biotune": __version__, "search": self.config.to_dict(),
+                                     "fingerprints": prints})
+            self._write(
                 "blocks.json",
                 [{"name": n, "params": p, "share": s} for n, p, s in bench.partition.summary()],
             )
-            evaluator = evaluator_for(bench, self.config)
-            # Workers rebuild the evaluator: from the configuration, or from the given bench
-            # (pickled to them) when the caller brought its own model or data.
-            factory = (
-                functools.partial(evaluator_for, bench, self.config)
-                if self.bench_given
-                else functools.partial(build_evaluator, self.config)
-            )
-            executor = make_executor(
-                self.executor, evaluator, factory,
-                workers=self.workers, ray_address=self.ray_address,
-            )
-            done = {r["candidate"]: r for r in self.run.records(EVALUATIONS, repair=True)}
-            evo = self._evolution(len(bench.partition))
-            total = self.config.evolution.total_evaluations
-            if self.progress is not None:
-                self.progress.start(total, len(done))
-            started = time.perf_counter()
-            try:
-                while not evo.done:
-                    candidates = evo.ask()
-                    results = {c.id: done[c.id]["fitness"] for c in candidates if c.id in done}
-                    for c in candidates:
-                        if c.id in done:
-                            self._check_record(done[c.id], c)
-                    on_result = functools.partial(self._record, done, results, evo)
+            if new or self.run.read(PARTITION) is None:
+                self._write(PARTITION, partition)
+            done = self._loop(evo, evaluator, executor, records)
+        finally:
+            executor.close()
+        best, best_fitness = evo.best
+        plan = decode_genome(best.genes, bench.partition.names)
+        self.run.write(
+            "best_plan.json",
+            {**plan.to_dict(), "fitness": best_fitness, "candidate": best.id,
+             "genes": [float(g) for g in best.genes], "origin": self._origin(partition)},
+        )
+        evaluations = [done[k] for k in sorted(done)]
+        wall = sum(float(s.get("seconds", 0.0)) for s in self._sessions)
+        cost = costs.search_cost(evaluations, evaluator.ft_work, wall_seconds=wall)
+        cost["cache"] = evaluator.cache_status
+        self.run.write("search_summary.json", {"cost": cost, "best_fitness": best_fitness,
+                                               "best_plan": plan.to_dict()})
+        final_result = self._final(plan) if final else None
+        return SearchResult(self.run.path, plan, best_fitness, evaluations, final_result, cost)
 
-                    todo = []
-                    for c in candidates:
-                        if c.id in done:
-                            continue
-                        twin = self._memoised(c, done, evaluator, bench.partition)
-                        if twin is not None:
-                            on_result(twin)
-                        else:
-                            todo.append(self._task(c, done))
-                    executor.run(todo, on_result)
-                    evo.tell(results)
-                    self.run.write(STATE, evo.state_dict())
-                    self.run.write(GENERATIONS, evo.history)
-            finally:
-                executor.close()
-                if self.progress is not None:
-                    self.progress.stop()
-            best, best_fitness = evo.best
-            plan = decode_genome(best.genes, bench.partition.names)
-            self.run.write(
-                "best_plan.json",
-                {**plan.to_dict(), "fitness": best_fitness, "candidate": best.id,
-                 "genes": [float(g) for g in best.genes]},
-            )
-            evaluations = [done[k] for k in sorted(done)]
-            cost = costs.search_cost(
-                evaluations, evaluator.ft_work, wall_seconds=time.perf_counter() - started
-            )
-            cost["cache"] = evaluator.cache_status
-            self.run.write("search_summary.json", {"cost": cost, "best_fitness": best_fitness,
-                                                   "best_plan": plan.to_dict()})
-            final_result = self._final(plan) if final else None
-            return SearchResult(
-                self.run.path, plan, best_fitness, evaluations, final_result, cost
-            )
+    def _loop(
+        self, evo: BioTuneEvolution, evaluator: Evaluator, executor: Any,
+        records: list[dict[str, Any]],
+    ) -> dict[int, dict[str, Any]]:
+        """Ask, evaluate what is not recorded yet, record each result at once, tell."""
+        assert self.bench is not None
+        sessions = self.run.read(SESSIONS)
+        self._sessions = [*(sessions if isinstance(sessions, list) else []),
+                          {"started": time.time(), "seconds": 0.0}]
+        self._clock = time.perf_counter()
+        done = {r["candidate"]: r for r in records}
+        if self.executor == "inprocess":
+            self._replay_cache(evaluator, records)
+        if self.progress is not None:
+            self.progress.start(self.config.evolution.total_evaluations, len(done))
+        try:
+            while not evo.done:
+                candidates = evo.ask()
+                results = {c.id: done[c.id]["fitness"] for c in candidates if c.id in done}
+                for c in candidates:
+                    if c.id in done:
+                        self._check_record(done[c.id], c)
+                on_result = functools.partial(self._record, done, results, evo)
+
+                todo = []
+                for c in candidates:
+                    if c.id in done:
+                        continue
+                    twin = self._memoised(c, done, evaluator, self.bench.partition)
+                    if twin is not None:
+                        on_result(twin)
+                    else:
+                        todo.append(self._task(c, done))
+                executor.run(todo, on_result)
+                evo.tell(results)
+                self._write(STATE, evo.state_dict())
+                self._write(GENERATIONS, evo.history)
+        finally:
+            with contextlib.suppress(BioTuneError):  # the error that stopped it says more
+                self._tick()
+            if self.progress is not None:
+                self.progress.stop()
+        return done
+
+    @staticmethod
+    def _replay_cache(evaluator: Evaluator, records: list[dict[str, Any]]) -> None:
+        """Rebuild the feature cache of the interrupted invocation by replaying its evaluations'
+        requests in order: the evaluations still to come then build (and count) what they would
+        have without the interruption, so a resumed search costs what an uninterrupted one does."""
+        if evaluator.cache is None:
+            return
+        with evaluator._pinned_threads():  # cached features depend on the thread count
+            for rec in records:
+                if rec.get("reused_from") is not None or rec["status"] == "invalid":
+                    continue
+                plan = decode_genome(rec["genes"], evaluator.partition.names)
+                train = subset(evaluator.splits.train, evaluator.folds[rec["fold"]])
+                evaluator._cached(rec["fold"], train, plan.frozen_prefix)
 
     def _record(
         self, done: dict[int, dict[str, Any]], results: dict[int, float], evo: Any,
@@ -335,6 +534,7 @@ class Search:
         self.run.append(EVALUATIONS, rec)
         done[ev.candidate] = rec
         results[ev.candidate] = ev.fitness
+        self._tick()
         if self.progress is not None:
             self.progress.update(ev, evo)
 
@@ -377,51 +577,83 @@ class Search:
             if (
                 rec["status"] == "ok"
                 and rec["fold"] == fold
-                and rec["reused_from"] is None
+                and rec.get("reused_from") is None
                 and FineTunePlan.from_dict(rec["plan"]).key() == plan.key()
             ):
                 return Evaluation(
                     candidate.id, candidate.generation, candidate.role,
                     [float(g) for g in candidate.genes], plan.to_dict(), fold, rec["seeds"],
                     rec["scores"], rec["fitness"], "ok", 0.0, 0, 0, rec["epochs"],
-                    rec["curves"], reused_from=rec["candidate"],
+                    rec.get("curves", []), reused_from=rec["candidate"],
                 )
         return None
 
+    def _origin(self, partition: dict[str, Any]) -> dict[str, Any]:
+        """Where a plan came from, so ``biotune train --plan`` can reuse it and refuse a plan
+        made for other blocks."""
+        return {
+            "data": asdict(self.config.data),
+            "base_lr": self.config.final.base_lr,
+            "partition": {"names": [b["name"] for b in partition["blocks"]],
+                          "fingerprint": partition["fingerprint"]},
+        }
+
     def _final(self, plan: FineTunePlan) -> dict[str, Any]:
-        """Train the plan on the whole training split per seed (resumable), test each once."""
+        """Train the plan on the whole training split per seed (resumable), test each once.
+
+        The seed best on validation so far is saved as the run's fine-tuned model (before its
+        record, so a crash in between retrains that seed rather than losing its model).
+        """
         assert self.bench is not None
-        runs = {r["seed"]: r for r in self.run.records(FINAL_RUNS, repair=True)}
+        runs = {
+            r["seed"]: r for r in self.run.records(FINAL_RUNS, repair=True, required=("seed",))
+        }
+        best = max(runs.values(), key=lambda r: r["val_balanced"], default=None)
         for seed in self.config.final_seeds:
             if seed in runs:
                 continue
-            rec = final_training_run(self.bench, plan, self.config.final, seed)
+            model, rec = final_training_run(
+                self.bench, plan, self.config.final, seed, keep_model=True
+            )
+            if best is None or rec["val_balanced"] > best["val_balanced"]:
+                save_model(self.run.path, model, self.bench, self.config.data, plan,
+                           self.config.final, rec)
+                best = rec
             self.run.append(FINAL_RUNS, rec)
             runs[seed] = rec
         summary = summarize_final(
             [runs[s] for s in self.config.final_seeds], plan, self.bench
         )
+        if best is not None:
+            summary["model"] = {"seed": best["seed"], "files": ["model.safetensors",
+                                                               "finetuned.json"]}
         self.run.write("final.json", summary)
         return summary
 
 
 def final_training_run(
-    bench: Workbench, plan: FineTunePlan, config: TrainConfig, seed: int
-) -> dict[str, Any]:
+    bench: Workbench, plan: FineTunePlan, config: TrainConfig, seed: int,
+    keep_model: bool = False,
+) -> Any:
     """Fine-tune under ``plan`` on the whole training split; early stopping on val; test once.
 
     A plan that freezes the first blocks trains on their cached features (as the search does).
+    Returns the record, or (trained model, record) with ``keep_model``. Without a test split the
+    test scores are None.
     """
     model, result, cached = train_plan_fast(
         bench.model, bench.partition, plan, bench.splits.train, bench.splits.val, config,
         seed=seed, device=default_device(),
         cache=bench.feature_cache(config) if config.frozen_eval else None,
     )
-    test = evaluate(model, bench.splits.test, config.eval_batch_size, default_device(), config.amp)
-    return {
+    test = (
+        evaluate(model, bench.splits.test, config.eval_batch_size, default_device(), config.amp)
+        if bench.splits.test is not None else None
+    )
+    record = {
         "seed": seed,
-        "test_top1": test.top1,
-        "test_balanced": test.balanced,
+        "test_top1": test.top1 if test else None,
+        "test_balanced": test.balanced if test else None,
         "val_top1": result.val.top1,
         "val_balanced": result.val.balanced,
         "best_epoch": result.best_epoch,
@@ -432,16 +664,46 @@ def final_training_run(
         "status": result.status,
         "trainable_params": count_parameters(model, trainable_only=True),
     }
+    return (model, record) if keep_model else record
+
+
+def save_model(
+    directory: str | Path, model: torch.nn.Module, bench: Workbench, data: DataConfig,
+    plan: FineTunePlan, config: TrainConfig, record: dict[str, Any],
+) -> Path:
+    """Write a trained model with what it takes to use it (``biotune.finetuned``)."""
+    from biotune.finetuned import Preprocess, save_finetuned
+
+    user_data = data.dataset.startswith("user:")
+    preprocess = None if user_data else Preprocess(
+        bench.splits.image_size, bench.loaded.mean, bench.loaded.std,
+        "squash" if is_offline(data.dataset) else "crop",
+    )
+    details = {
+        "plan": plan.to_dict(),
+        "plan_text": plan.describe(),
+        "base_lr": config.base_lr,
+        "partition": partition_record(bench),
+        "data": {**asdict(data), "splits": bench.splits.describe()},
+        "scores": {k: record[k] for k in ("val_top1", "val_balanced", "test_top1",
+                                          "test_balanced")},
+        "seed": record["seed"],
+        "trainable_params": record["trainable_params"],
+    }
+    return save_finetuned(directory, model, architecture=bench.loaded.name,
+                          classes=bench.splits.classes, preprocess=preprocess, details=details)
 
 
 def summarize_final(
     runs: list[dict[str, Any]], plan: FineTunePlan, bench: Workbench
 ) -> dict[str, Any]:
-    def stat(key: str) -> dict[str, float]:
+    def stat(key: str) -> dict[str, float] | None:
+        if any(r.get(key) is None for r in runs):
+            return None  # no test split
         values = np.array([r[key] for r in runs], dtype=float)
         return {"mean": float(values.mean()), "std": float(values.std(ddof=0))}
 
-    trained = sum(bench.partition[n].num_params for n in plan.trained)
+    trained = runs[0]["trainable_params"] if runs else 0  # parameters the user froze excluded
     total = count_parameters(bench.model)
     return {
         "plan": plan.to_dict(),

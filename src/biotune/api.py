@@ -1,0 +1,167 @@
+"""The Python front door: search a plan, or train one, on a named or your own model and data.
+
+``model`` is a name (``"efficientnet_lite0"``, ``"tv:resnet50"``, ``"timm:..."``) or an
+``nn.Module`` whose last layer has one output per class; the data is a dataset name or folder
+(``dataset=``), one ``Dataset`` to split 60 / 20 / 20, or ``train=`` / ``val=`` (/ ``test=``)
+Datasets of (image tensor, label) pairs, ``.targets`` or not. ``blocks=`` overrides the block
+partition (block name -> module prefixes or regexes, in order).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from torch.utils.data import Dataset
+
+from biotune.errors import BioTuneError
+from biotune.runner import DataConfig, SearchConfig, SearchResult, Workbench
+
+
+def workbench(
+    data: DataConfig,
+    *,
+    model: str | nn.Module | None = None,
+    dataset: str | Dataset | None = None,
+    train: Dataset | None = None,
+    val: Dataset | None = None,
+    test: Dataset | None = None,
+    classes: list[str] | None = None,
+) -> tuple[Workbench, DataConfig]:
+    """The model and data to work on, and the ``DataConfig`` that describes them in a run's
+    ``config.json`` (``user:...`` names where objects were given)."""
+    from biotune.blocks import partition_blocks
+    from biotune.data import load_dataset
+    from biotune.inputs import check_blocks, user_model, user_splits
+    from biotune.models import load_model
+    from biotune.runner import prepare, split_sizes
+
+    if data.blocks is not None:
+        data = replace(data, blocks=check_blocks(data.blocks))
+    if isinstance(model, str):
+        data = replace(data, model=model)
+    if isinstance(dataset, str | Path):
+        data = replace(data, dataset=str(dataset))
+    elif dataset is not None:
+        if train is not None or val is not None:
+            raise BioTuneError("give dataset= (split for you) or train=/val=, not both")
+        train = dataset
+    user_model_given = isinstance(model, nn.Module)
+    if model is not None and not isinstance(model, str | nn.Module):
+        raise BioTuneError(f"model must be a name or an nn.Module, got {type(model).__name__}")
+    if train is None and (val is not None or test is not None):
+        raise BioTuneError("val= and test= need train= as well")
+    if train is None and not user_model_given:
+        return prepare(data), data
+
+    if train is not None:
+        splits = user_splits(train, val, test, classes=classes, seed=data.split_seed)
+        data = replace(data, dataset=f"user:{type(train).__name__}", image_size=splits.image_size,
+                       train_size=None, val_size=None, test_size=None)
+        mean = std = None
+    else:  # a user model on a named dataset: ImageNet normalisation, DataConfig's image size
+        from biotune.models import IMAGENET_MEAN, IMAGENET_STD
+
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+        sizes = split_sizes(data)
+        splits = load_dataset(
+            data.dataset, data.image_size or 224, mean, std, root=data.data_root,
+            seed=data.split_seed, train_size=sizes[0], val_size=sizes[1], test_size=sizes[2],
+            download=data.download, bad_images=data.bad_images,
+        )
+    sample = splits.val[0][0]
+    if user_model_given:
+        loaded = user_model(model, len(splits.classes), sample, mean=mean, std=std)
+        data = replace(data, model=loaded.name, pretrained=False, checkpoint=None)
+    else:
+        loaded = load_model(data.model, num_classes=len(splits.classes),
+                            pretrained=data.pretrained, checkpoint=data.checkpoint)
+    return Workbench(loaded, partition_blocks(loaded.model, data.blocks), splits), data
+
+
+def search(
+    run_dir: str | Path,
+    config: SearchConfig | None = None,
+    *,
+    preset: str = "default",
+    model: str | nn.Module | None = None,
+    dataset: str | Dataset | None = None,
+    train: Dataset | None = None,
+    val: Dataset | None = None,
+    test: Dataset | None = None,
+    classes: list[str] | None = None,
+    blocks: dict[str, list[str]] | None = None,
+    resume: bool = False,
+    final: bool = True,
+    executor: str = "inprocess",
+    workers: int = 1,
+    ray_address: str | None = None,
+    progress: bool = True,
+    **data: Any,
+) -> SearchResult:
+    """Search a fine-tuning plan (then train and test it, and save the model, unless
+    ``final=False``).
+
+    ``data`` overrides fields of :class:`DataConfig` (``image_size=``, ``train_size=``, ...) of
+    ``config`` or of the named preset ("default" or "paper").
+    """
+    from biotune.presets import preset as named_preset
+    from biotune.progress import SearchProgress
+    from biotune.runner import Search
+
+    config = config or named_preset(preset)
+    if blocks is not None:
+        data["blocks"] = blocks
+    bench, described = workbench(
+        replace(config.data, **data), model=model, dataset=dataset, train=train, val=val,
+        test=test, classes=classes,
+    )
+    config = replace(config, data=described)
+    runner = Search(
+        config, run_dir, bench=bench,
+        progress=SearchProgress(metric=config.protocol.train.metric) if progress else None,
+        executor=executor, workers=workers, ray_address=ray_address,
+    )
+    return runner.run_search(resume=resume, final=final)
+
+
+def train(
+    plan: Any,
+    *,
+    model: str | nn.Module | None = None,
+    dataset: str | Dataset | None = None,
+    train: Dataset | None = None,
+    val: Dataset | None = None,
+    test: Dataset | None = None,
+    classes: list[str] | None = None,
+    blocks: dict[str, list[str]] | None = None,
+    config: Any = None,
+    seed: int = 0,
+    save: str | Path | None = None,
+    **data: Any,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Fine-tune under ``plan`` (a ``FineTunePlan``, a ``best_plan.json`` path, "full" or
+    "head") with the final recipe; returns the trained model and its scores (test included when
+    there is a test split). ``save``: write the model there (see :mod:`biotune.finetuned`).
+    """
+    from biotune.plan import FineTunePlan
+    from biotune.presets import FINAL_TRAINING
+    from biotune.runner import final_training_run, save_model
+
+    if blocks is not None:
+        data["blocks"] = blocks
+    bench, described = workbench(DataConfig(**data), model=model, dataset=dataset, train=train,
+                                 val=val, test=test, classes=classes)
+    names = bench.partition.names
+    if isinstance(plan, str) and plan in ("full", "head"):
+        plan = FineTunePlan.full(names) if plan == "full" else FineTunePlan.head_only(names)
+    elif isinstance(plan, str | Path):
+        plan = FineTunePlan.load(plan)
+    plan.check_fits(bench.partition)
+    config = config or FINAL_TRAINING
+    trained, record = final_training_run(bench, plan, config, seed, keep_model=True)
+    if save is not None:
+        save_model(save, trained, bench, described, plan, config, record)
+    return trained, record

@@ -1,0 +1,118 @@
+"""Your model and data in, a fine-tuned model out (issue 14)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import make_tiny_cnn, make_tiny_data
+from PIL import Image
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import biotune
+from biotune.errors import BioTuneError
+from biotune.training import TrainConfig
+
+TINY = TrainConfig(epochs=2, patience=2, batch_size=16, eval_batch_size=32, base_lr=1e-2)
+
+
+def _tensor_data(n: int, seed: int) -> TensorDataset:
+    """A plain TensorDataset (no .targets), the way a user would have one."""
+    data = make_tiny_data(n, seed=seed)
+    return TensorDataset(data.images, torch.as_tensor(data.targets))
+
+
+def test_a_user_module_and_tensor_datasets_train_through_the_front_door(tmp_path):
+    torch.manual_seed(0)
+    model = make_tiny_cnn()
+    learns = TrainConfig(epochs=4, patience=4, batch_size=16, base_lr=1e-2)
+    trained, record = biotune.train(
+        "full", model=model, train=_tensor_data(96, 0), val=_tensor_data(24, 1),
+        test=_tensor_data(24, 2), config=learns, save=tmp_path / "out",
+    )
+    assert record["test_top1"] is not None and record["val_balanced"] > 0.5
+    meta = json.loads((tmp_path / "out" / "finetuned.json").read_text())
+    assert meta["architecture"] == "user:Sequential" and meta["preprocess"] is None
+    assert meta["classes"] == ["0", "1", "2"]
+    fresh = make_tiny_cnn()
+    loaded = biotune.load_finetuned(tmp_path / "out", model=fresh)
+    x = make_tiny_data(8, seed=5).images
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x), trained.eval()(x))
+
+
+def test_a_user_module_with_the_wrong_head_is_one_line_error():
+    wrong = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 5))
+    with pytest.raises(BioTuneError, match="outputs of shape \\(1, 5\\).*3 classes"):
+        biotune.train("full", model=wrong, train=_tensor_data(30, 0), val=_tensor_data(15, 1),
+                      config=TINY)
+
+
+def test_one_dataset_is_split_and_a_blocks_override_is_used(tmp_path):
+    torch.manual_seed(0)
+    blocks = {"features": ["0", "1", "2"], "head": ["4"]}
+    trained, record = biotune.train(
+        "head", model=make_tiny_cnn(), dataset=_tensor_data(90, 0), blocks=blocks, config=TINY,
+    )
+    assert record["trainable_params"] == sum(p.numel() for p in trained[4].parameters())
+    with pytest.raises(BioTuneError, match="override"):
+        biotune.train("full", model=make_tiny_cnn(), dataset=_tensor_data(90, 0),
+                      blocks={"head": ["4"]}, config=TINY)
+
+
+def _save_lite0(tmp_path):
+    """Lite0 (offline weights) on Digits, the head trained briefly, saved."""
+    trained, record = biotune.train(
+        "head", model="efficientnet_lite0", dataset="digits", image_size=32, train_size=100,
+        val_size=50, test_size=60, config=TINY, save=tmp_path / "lite0",
+    )
+    return trained, record
+
+
+def test_saved_model_loads_in_a_fresh_process_with_identical_logits(tmp_path):
+    trained, _ = _save_lite0(tmp_path)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = trained.eval()(x)
+    torch.save(x, tmp_path / "x.pt")
+    script = textwrap.dedent(f"""
+        import torch, biotune
+        ft = biotune.load_finetuned({str(tmp_path / "lite0")!r})
+        x = torch.load({str(tmp_path / "x.pt")!r})
+        with torch.no_grad():
+            torch.save(ft.model(x), {str(tmp_path / "y.pt")!r})
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True)
+    assert torch.equal(torch.load(tmp_path / "y.pt"), expected)
+
+
+def test_predict_on_test_images_agrees_with_the_test_predictions(tmp_path):
+    """The original 8 x 8 pixels of test images, written as PNG files and classified by
+    ``biotune predict``, get the classes the trained model gave those images in memory."""
+    from biotune.data import _offline_pool, arrays_to_tensor, load_dataset
+
+    trained, _ = _save_lite0(tmp_path)
+    splits = load_dataset("digits", 32, (0.5,) * 3, (0.5,) * 3, train_size=100, val_size=50,
+                          test_size=60)
+    pool = _offline_pool("digits")
+    resized = arrays_to_tensor(pool.images, 32, (0.5,) * 3, (0.5,) * 3)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    test_images = splits.test.images[:6]
+    for i, image in enumerate(test_images):
+        match = next(k for k in range(len(resized)) if torch.allclose(resized[k], image, atol=1e-5))
+        Image.fromarray(pool.images[match][0]).save(folder / f"{i}.png")
+    with torch.no_grad():
+        expected = trained.eval()(test_images).argmax(1).tolist()
+    out = subprocess.run(
+        [sys.executable, "-m", "biotune", "predict", str(tmp_path / "lite0"), str(folder)],
+        check=True, capture_output=True, text=True,
+    ).stdout.splitlines()
+    assert [line.split("\t")[0].rsplit("/", 1)[1] for line in out] == [f"{i}.png" for i in
+                                                                        range(6)]
+    assert [line.split("\t")[1] for line in out] == [str(c) for c in expected]
