@@ -116,3 +116,74 @@ def test_predict_on_test_images_agrees_with_the_test_predictions(tmp_path):
     assert [line.split("\t")[0].rsplit("/", 1)[1] for line in out] == [f"{i}.png" for i in
                                                                         range(6)]
     assert [line.split("\t")[1] for line in out] == [str(c) for c in expected]
+
+
+def _tiny_search_config():
+    from dataclasses import replace
+
+    from biotune.evolution import EvolutionConfig
+    from biotune.presets import default
+
+    config = default()
+    return replace(
+        config,
+        evolution=EvolutionConfig(population_size=3, generations=1, elite=1),
+        protocol=replace(config.protocol, seeds=(0,), train=replace(TINY, epochs=1)),
+        final=TINY,
+        final_seeds=(0, 1),
+    )
+
+
+def test_a_search_on_a_user_module_and_tensor_datasets_saves_its_model(tmp_path):
+    torch.manual_seed(0)
+    result = biotune.search(
+        tmp_path / "run", _tiny_search_config(), model=make_tiny_cnn(),
+        train=_tensor_data(60, 0), val=_tensor_data(30, 1), test=_tensor_data(30, 2),
+        progress=False,
+    )
+    run = tmp_path / "run"
+    config = json.loads((run / "config.json").read_text())
+    assert config["search"]["data"]["model"] == "user:Sequential"
+    assert config["search"]["data"]["dataset"] == "user:TensorDataset"
+    assert set(config["fingerprints"]) == {"model", "data"}
+    best_seed = max(result.final["runs"], key=lambda r: r["val_balanced"])["seed"]
+    meta = json.loads((run / "finetuned.json").read_text())
+    assert meta["seed"] == best_seed == result.final["model"]["seed"]
+    loaded = biotune.load_finetuned(run, model=make_tiny_cnn())
+    assert loaded.classes == ["0", "1", "2"]
+    origin = json.loads((run / "best_plan.json").read_text())["origin"]
+    assert origin["partition"]["names"] == list(result.best_plan.names)
+
+    # Resuming with other data (one label changed) is refused before anything runs.
+    changed = _tensor_data(60, 0)
+    changed.tensors[1][0] = (changed.tensors[1][0] + 1) % 3
+    with pytest.raises(BioTuneError, match="the data .* changed"):
+        biotune.search(run, _tiny_search_config(), model=make_tiny_cnn(), train=changed,
+                       val=_tensor_data(30, 1), test=_tensor_data(30, 2), resume=True,
+                       progress=False)
+    class OtherNet(nn.Sequential):
+        """The same blocks and parameters, another class: another model."""
+
+    # (its name is in the configuration, which is compared first)
+    with pytest.raises(BioTuneError, match="cannot resume .*data.model: 'user:Sequential'"):
+        biotune.search(run, _tiny_search_config(), model=OtherNet(*make_tiny_cnn()),
+                       train=_tensor_data(60, 0), val=_tensor_data(30, 1),
+                       test=_tensor_data(30, 2), resume=True, progress=False)
+
+
+def test_train_plan_uses_the_plans_origin_and_refuses_other_blocks(tmp_path, capsys):
+    """A plan searched on Digits trains on Digits with no --dataset; on another model whose
+    blocks have the same names but other parameters it is refused."""
+    from biotune.cli import main
+
+    config = _tiny_search_config()
+    biotune.search(tmp_path / "run", config, model="efficientnet_lite0", dataset="digits",
+                   image_size=32, train_size=60, val_size=30, test_size=30, progress=False,
+                   final=False)
+    plan = str(tmp_path / "run" / "best_plan.json")
+    assert main(["train", "--plan", plan, "--seeds", "0", "--epochs", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "model efficientnet_lite0, dataset digits" in err and "digits: 10 classes" in err
+    assert main(["train", "--plan", plan, "--model", "efficientnet_lite1", "--seeds", "0",
+                 "--epochs", "1"]) == 2
+    assert "other blocks" in capsys.readouterr().err
