@@ -147,3 +147,27 @@ def test_workers_exit_when_the_driver_is_killed(tmp_path, sig):
         assert proc.returncode == 130
         assert f"--resume {run_dir}" in err
 
+
+
+def test_a_wrong_ray_address_fails_fast_in_one_line_and_leaves_no_run_directory(tmp_path):
+    """Nothing listens on the port: the address is checked before anything loads (Ray itself
+    would retry for minutes), one line, exit 2, and no run directory."""
+    import socket
+    import subprocess
+    import sys
+
+    pytest.importorskip("ray")
+    with socket.socket() as s:  # a free loopback port, closed again: connections are refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run_dir = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "biotune", "search", "--run-dir", str(run_dir), "--executor",
+         "ray", "--ray-address", f"127.0.0.1:{port}", "--quiet"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"biotune: error: cannot reach the Ray cluster at 127.0.0.1:{port}: Connection refused"
+    ]
+    assert not run_dir.exists()

@@ -195,6 +195,35 @@ class ProcessPoolExecutor:
 # ------------------------------------------------------------------------------------------- Ray
 
 
+#: How long a cluster address may take to accept a connection (Ray itself retries for minutes).
+RAY_CONNECT_TIMEOUT_S = 10.0
+
+
+def check_reachable(address: str | None) -> None:
+    """Fail in seconds, in one line, when nothing listens at a Ray address ``host:port`` (or
+    ``ray://host:port``); "auto", "local" and None are Ray's to resolve."""
+    if not address or address in ("auto", "local"):
+        return
+    import socket
+
+    client = address.startswith("ray://")
+    target = address.removeprefix("ray://")
+    host, _, port = target.rpartition(":")
+    if not host:
+        host, port = target, ""
+    try:
+        port_number = int(port) if port else (10001 if client else 6379)
+    except ValueError:
+        raise BioTuneError(f"--ray-address {address}: expected HOST:PORT or ray://HOST:PORT"
+                           ) from None
+    try:
+        with socket.create_connection((host, port_number), timeout=RAY_CONNECT_TIMEOUT_S):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise BioTuneError(f"cannot reach the Ray cluster at {address}: {reason}") from None
+
+
 def _import_ray() -> Any:
     try:
         import ray
@@ -233,6 +262,7 @@ class RayExecutor:
         self._ray = ray
         self._started = False
         if not ray.is_initialized():
+            check_reachable(address)
             try:
                 ray.init(
                     address=address or None, include_dashboard=False, log_to_driver=False,

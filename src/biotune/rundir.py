@@ -12,7 +12,6 @@ a corrupt line elsewhere is skipped with a warning, keeping every other record.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -111,26 +110,24 @@ class RunDirectory:
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[RunDirectory]:
-        """Hold an exclusive lock so that two processes never write one run directory."""
+        """Hold an exclusive lock so that two processes never write one run directory.
+
+        ``filelock`` (an OS lock on every platform): a process that dies releases it."""
+        from filelock import FileLock, Timeout
+
         self.prepare()
-        f = open(self.path / LOCK, "a+")  # noqa: SIM115 (held for the whole block)
+        lock = FileLock(self.path / LOCK)
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.close()
+            lock.acquire(timeout=0)
+        except Timeout:
             self.created = False  # the holder decides what happens to the directory
             raise BioTuneError(
                 f"run directory {self.path} is in use by another biotune process"
             ) from None
-        f.seek(0)
-        f.truncate()
-        f.write(str(os.getpid()))
-        f.flush()
         try:
             yield self
         finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-            f.close()
+            lock.release()
 
     def discard(self, names: Iterable[str]) -> None:
         """Remove files this process wrote, then the directory if it made it and it is now empty.
