@@ -368,7 +368,11 @@ def run_lora(
     Base parameters never change. BatchNorm layers of the base run in train mode like in any PEFT
     fine-tuning, so their running statistics follow the adapted features.
     """
-    from peft import LoraConfig, get_peft_model
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise BioTuneError("the LoRA baseline needs peft: pip install 'biotune[baselines]'"
+                           ) from None
 
     if lora_rank < 1:
         raise BioTuneError(f"LoRA rank must be a positive integer (got {lora_rank})")

