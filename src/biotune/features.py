@@ -3,8 +3,9 @@
 When a plan freezes blocks 0..k-1 (and frozen blocks run in eval mode), their output for an image
 never changes during training. The search then computes those features once per fold (and once
 for the validation split), keeps them in memory within a byte budget, and trains only blocks
-k..end on them. That needs the model as a chain of per-block stages, which this module builds for
-the families we know and checks numerically; for any other model caching is simply off.
+k..end on them. That needs the model as a chain of per-block stages, which this module builds from
+the forward steps the model's family lists (``biotune.families``) and checks numerically; for a
+family that lists none caching is simply off.
 
 Exactness: the features are computed at the batch sizes training reads them in (full batches and
 the smaller last one), as the frozen prefix would run in uncached training. That makes cached
@@ -24,16 +25,15 @@ import contextlib
 import copy
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Hashable, Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
 from biotune.blocks import BlockPartition
+from biotune.families import Op, Stage, family_of, module_op
 from biotune.plan import FineTunePlan, apply_plan
 from biotune.training import (
     TrainConfig,
@@ -47,22 +47,7 @@ from biotune.training import (
     train_plan,
 )
 
-Stage = Callable[[torch.Tensor], torch.Tensor]
-
 _ATOL = 1e-5
-
-
-@dataclass(frozen=True)
-class _Op:
-    """One step of a model's forward: a submodule (by path) or a parameter-free function.
-
-    ``attach`` says where a parameter-free step goes: "prev" (pooling, activations: with the block
-    before it, so a cached prefix includes it) or "next" (dropout: it must run while training).
-    """
-
-    path: str | None
-    fn: Stage
-    attach: str = "prev"
 
 
 class _Chain:
@@ -119,70 +104,13 @@ def _chain_matches(model: nn.Module, chain: _Chain, sample: torch.Tensor) -> boo
     )
 
 
-# --------------------------------------------------------------------------------- family specs
-
-
-def _family_ops(model: nn.Module) -> list[_Op] | None:
-    """A model's forward as a flat list of steps, for the families whose forward we know."""
-    kind = type(model)
-    module = kind.__module__
-    drop = getattr(model, "drop_rate", 0.0) or 0.0
-
-    def dropout(p: float) -> _Op:
-        return _Op(None, lambda x: F.dropout(x, p=float(p), training=model.training), "next")
-
-    flatten = _Op(None, lambda x: torch.flatten(x, 1))
-    if module.startswith("timm.models.efficientnet") and kind.__name__ == "EfficientNet":
-        ops = [_mod(model, n) for n in ("conv_stem", "bn1", "blocks", "conv_head", "bn2")]
-        return [*ops, _mod(model, "global_pool"), dropout(drop), _mod(model, "classifier")]
-    if module.startswith("timm.models.resnet") and kind.__name__ == "ResNet":
-        names = ("conv1", "bn1", "act1", "maxpool", "layer1", "layer2", "layer3", "layer4")
-        return [*(_mod(model, n) for n in names), _mod(model, "global_pool"), dropout(drop),
-                _mod(model, "fc")]
-    if module.startswith("torchvision.models"):
-        return _torchvision_ops(model, flatten)
-    if isinstance(model, nn.Sequential):
-        return [_mod(model, name) for name, _ in model.named_children()]
-    return None
-
-
-def _torchvision_ops(model: nn.Module, flatten: _Op) -> list[_Op] | None:
-    from torchvision import models as tv
-
-    if isinstance(model, tv.ResNet):
-        names = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4",
-                 "avgpool")
-        return [*(_mod(model, n) for n in names), flatten, _mod(model, "fc")]
-    if isinstance(model, tv.RegNet):
-        names = ("stem", "trunk_output", "avgpool")
-        return [*(_mod(model, n) for n in names), flatten, _mod(model, "fc")]
-    if isinstance(model, tv.DenseNet):
-        pool = _Op(None, lambda x: F.adaptive_avg_pool2d(F.relu(x), (1, 1)))
-        return [_mod(model, "features"), pool, flatten, _mod(model, "classifier")]
-    if isinstance(model, tv.MobileNetV2):
-        pool = _Op(None, lambda x: F.adaptive_avg_pool2d(x, (1, 1)))
-        return [_mod(model, "features"), pool, flatten, _mod(model, "classifier")]
-    if isinstance(model, tv.ConvNeXt):
-        return [_mod(model, n) for n in ("features", "avgpool", "classifier")]
-    if isinstance(model, (tv.EfficientNet, tv.MobileNetV3, tv.VGG, tv.AlexNet)):
-        return [_mod(model, "features"), _mod(model, "avgpool"), flatten,
-                _mod(model, "classifier")]
-    return None
-
-
-def _mod(model: nn.Module, path: str) -> _Op:
-    module = model.get_submodule(path)
-    dropout = isinstance(module, nn.modules.dropout._DropoutNd)
-    return _Op(path, module, "next" if dropout else "prev")
-
-
 # ----------------------------------------------------------------------------- grouping into blocks
 
 
 def _build_chain(model: nn.Module, partition: BlockPartition) -> _Chain | None:
     """Group the model's steps into one stage per block; None if the blocks do not line up."""
     try:
-        ops = _family_ops(model)
+        ops = family_of(model).forward_ops(model)
     except AttributeError:
         return None
     if not ops:
@@ -220,9 +148,9 @@ def _build_chain(model: nn.Module, partition: BlockPartition) -> _Chain | None:
     return _Chain(stages)
 
 
-def _expand(model: nn.Module, ops: list[_Op], block_of: dict[str, int]) -> list[_Op] | None:
+def _expand(model: nn.Module, ops: list[Op], block_of: dict[str, int]) -> list[Op] | None:
     """Open Sequential steps whose parameters span several blocks into their children."""
-    out: list[_Op] = []
+    out: list[Op] = []
     for op in ops:
         if len(_blocks_of(model, op, block_of)) <= 1:
             out.append(op)
@@ -230,7 +158,7 @@ def _expand(model: nn.Module, ops: list[_Op], block_of: dict[str, int]) -> list[
         module = model.get_submodule(op.path)  # type: ignore[arg-type]
         if not isinstance(module, nn.Sequential):
             return None
-        children = [_mod(model, f"{op.path}.{name}") for name, _ in module.named_children()]
+        children = [module_op(model, f"{op.path}.{name}") for name, _ in module.named_children()]
         expanded = _expand(model, children, block_of)
         if expanded is None:
             return None
@@ -244,7 +172,7 @@ def _param_names(model: nn.Module, path: str | None) -> list[str]:
     return [f"{path}.{n}" for n, _ in model.get_submodule(path).named_parameters()]
 
 
-def _blocks_of(model: nn.Module, op: _Op, block_of: dict[str, int]) -> set[int]:
+def _blocks_of(model: nn.Module, op: Op, block_of: dict[str, int]) -> set[int]:
     return {block_of.get(p, -1) for p in _param_names(model, op.path)}
 
 

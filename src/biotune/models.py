@@ -27,6 +27,7 @@ from timm.data import resolve_model_data_config
 from torch import nn
 
 from biotune.errors import BioTuneError
+from biotune.families import family_of
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -333,34 +334,12 @@ def reset_head(model: nn.Module, num_classes: int) -> None:
 
 
 def _head_paths(model: nn.Module, include_aux: bool = False) -> list[str]:
-    """Qualified names of the classifier module(s) that map features to class scores."""
-    if hasattr(model, "get_classifier"):  # timm
-        heads = model.get_classifier()
-        heads = heads if isinstance(heads, tuple) else (heads,)
-        ids = {id(h) for h in heads}
-        return [name for name, module in model.named_modules() if id(module) in ids and name]
-    paths: list[str] = []
-    modules = dict(model.named_modules())
-    for candidate in ("heads.head", "fc", "head"):
-        if isinstance(modules.get(candidate), nn.Linear):
-            paths.append(candidate)
-            break
-    else:
-        classifier = modules.get("classifier")
-        if isinstance(classifier, nn.Linear):  # densenet
-            paths.append("classifier")
-        elif isinstance(classifier, nn.Sequential):  # vgg, mobilenet, efficientnet, squeezenet, ...
-            layers = [
-                n for n, m in classifier.named_children() if isinstance(m, nn.Linear | nn.Conv2d)
-            ]
-            if layers:
-                paths.append(f"classifier.{layers[-1]}")
+    """Qualified names of the classifier module(s), as the model's family declares them."""
+    paths = list(family_of(model).classifier(model))
     if not paths:
-        linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        if not linears:
-            raise BioTuneError(f"cannot find the classifier head of {type(model).__name__}")
-        paths.append(linears[-1])
-    if include_aux:
+        raise BioTuneError(f"cannot find the classifier head of {type(model).__name__}")
+    if include_aux:  # GoogLeNet's and Inception v3's auxiliary classifiers
+        modules = dict(model.named_modules())
         paths += [p for p in ("AuxLogits.fc", "aux1.fc2", "aux2.fc2") if p in modules]
     return paths
 
