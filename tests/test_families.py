@@ -69,6 +69,7 @@ def test_every_family_is_listed_once_with_auto_last_and_has_a_model_here() -> No
     assert names[-1] == "auto"
     assert names.index("timm") > max(i for i, n in enumerate(names) if n.startswith("timm-"))
     tested = {family for _, family, _ in MODELS.values()}
+    tested.add("tv-regnet")  # test_regnet_family: RegNet cannot be built on the meta device
     assert set(names) == tested, "a family needs a model in this test"
 
 
@@ -102,6 +103,25 @@ def test_a_forward_chain_exists_exactly_for_the_families_that_list_steps(name: s
     assert (stages is not None) == MODELS[name][2]
     if stages is not None:
         assert len(stages) == len(partition)
+
+
+def test_regnet_family() -> None:
+    """The example family (families/regnet.py): blocks, classifier and a chain equal to forward."""
+    torch.manual_seed(0)
+    model = tv.regnet_y_400mf(num_classes=10).eval()
+    assert family_of(model).name == "tv-regnet"
+    assert family_of(model).classifier(model) == ["fc"]
+    partition = partition_blocks(model)
+    assert partition.names == ("stem", "block1", "block2", "block3", "block4", "head")
+    assert partition["head"].param_names == ("fc.weight", "fc.bias")
+    x = torch.randn(2, 3, 32, 32)
+    stages = block_chain(model, partition, x)
+    assert stages is not None
+    out = x
+    with torch.no_grad():
+        for stage in stages:
+            out = stage(out)
+        assert torch.allclose(out, model(x), atol=1e-5)
 
 
 # --------------------------------------------------------------------------------- the registry
