@@ -284,31 +284,3 @@ def test_report_shows_the_final_test_result_when_there_is_one(tmp_path, capsys):
     assert "test top-1 0.9231 +- 0.0035, balanced 0.9233 +- 0.0032 (3 seeds)" in out
     assert "not run yet" not in out
 
-
-def test_progress_shows_the_winners_score_when_the_search_ends():
-    """The runner reports each evaluation before telling the evolution; the last line shown
-    must still be the winner's (evo.best, best_plan.json), not the previous generation's."""
-    import io
-
-    import numpy as np
-    from rich.console import Console
-
-    from biotune.evolution import BioTuneEvolution, EvolutionConfig
-    from biotune.fitness import Evaluation
-    from biotune.progress import SearchProgress
-
-    out = io.StringIO()
-    progress = SearchProgress(Console(file=out, width=300), metric="balanced")
-    evo = BioTuneEvolution(4, EvolutionConfig(population_size=4, generations=2, elite=1), seed=1)
-    rng = np.random.default_rng(0)
-    progress.start(evo.config.total_evaluations, 0)
-    while not evo.done:
-        told = {}
-        for c in evo.ask():
-            told[c.id] = float(rng.uniform(0.2, 0.8))
-            progress.update(Evaluation(c.id, c.generation, c.role, c.genes.tolist(), {}, 0, [0],
-                                       [1 - told[c.id]], told[c.id], "ok", 0.1, 1, 1, [1]), evo)
-        evo.tell(told)
-    progress.stop()
-    last = out.getvalue().strip().splitlines()[-1]
-    assert f"best val balanced accuracy {1 - evo.best[1]:.3f} (gen 2)" in last, last

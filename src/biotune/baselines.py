@@ -476,12 +476,14 @@ class LrSelection:
 
 def select_lr(
     name: str, bench: Workbench, config: TrainConfig, grid: Sequence[float] = (1e-4, 1e-3, 1e-2),
-    seed: int = 0, device: torch.device | None = None, **options: Any,
+    seed: int = 0, device: torch.device | None = None,
+    on_run: Callable[[BaselineRun], None] | None = None, **options: Any,
 ) -> LrSelection:
     """Pick the base learning rate from ``grid`` by the validation metric (never the test split).
 
     One run per grid value with ``seed``; ties go to the earlier grid value. The winning run is
     returned so that it can serve as that seed's final run (same recipe, same seed).
+    ``on_run`` is called after each run (progress).
     """
     if not grid:
         raise BioTuneError("the learning-rate grid is empty")
@@ -491,6 +493,8 @@ def select_lr(
     for lr in grid:
         run = run_baseline(name, bench, replace(config, base_lr=float(lr)), seed, device,
                            **options)
+        if on_run is not None:
+            on_run(run)
         score = run.result.val.get(config.metric) if run.result.status != "diverged" else 0.0
         val[float(lr)] = score
         seconds += run.result.seconds

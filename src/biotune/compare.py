@@ -11,7 +11,8 @@ with the settings it was made with: the same command run again skips the finishe
 resumes an interrupted BioTune search), and refuses a stored row made with other settings.
 
 Heavy modules (torch, the runner) are imported where they are used, so that building the command
-line parser stays fast.
+line parser stays fast. Messages go to the ``biotune.compare`` logger; ``progress`` adds bars
+(or, without a terminal, a line per finished method) and the BioTune searches' own progress.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import math
 import sys
 import time
@@ -31,6 +33,7 @@ from biotune import baselines
 from biotune.errors import BioTuneError
 
 if TYPE_CHECKING:
+    from biotune.progress import CompareProgress
     from biotune.runner import DataConfig, SearchConfig, Workbench
     from biotune.training import TrainConfig
 
@@ -109,23 +112,32 @@ def _stat(values: Sequence[float]) -> dict[str, float]:
     return {"mean": mean, "std": math.sqrt(sum((v - mean) ** 2 for v in values) / n)}
 
 
-def _log_stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+def _log(message: str) -> None:
+    logging.getLogger("biotune.compare").info(message)
 
 
-def search_config(method: str, data: DataConfig, scale: SearchScale | None) -> SearchConfig:
-    """The preset search of a BioTune method on ``data``, scaled (invalid scales fail here)."""
+def search_config(
+    method: str, data: DataConfig, scale: SearchScale | None, recipe: TrainConfig | None = None,
+) -> SearchConfig:
+    """The preset search of a BioTune method on ``data``, scaled (invalid scales fail here); its
+    evaluations run in ``recipe``'s precision and memory format (no augmentation: that is for
+    the final runs)."""
     from biotune.presets import preset
 
     config = replace(preset(BIOTUNE_PRESETS[method]), data=data)
+    if recipe is not None:
+        train = replace(config.protocol.train, precision=recipe.precision,
+                        channels_last=recipe.channels_last)
+        config = replace(config, protocol=replace(config.protocol, train=train))
     return scale.apply(config) if scale is not None else config
 
 
 def _search_plan(
     method: str, config: SearchConfig, bench: Workbench, out_dir: Path,
-    scale: SearchScale | None, log: Callable[[str], None],
+    scale: SearchScale | None, log: Callable[[str], None], progress: bool = False,
 ) -> tuple[Any, dict[str, Any]]:
     """Run (or resume) the method's search in its own run directory; the plan and its cost."""
+    from biotune.progress import SearchProgress
     from biotune.rundir import RunDirectory
     from biotune.runner import Search
 
@@ -134,7 +146,10 @@ def _search_plan(
     log(f"[{method}] {'resuming' if resume else 'running'} the search in {run_dir} "
         f"({config.evolution.total_evaluations} evaluations x {len(config.protocol.seeds)} seeds)")
     start = time.perf_counter()
-    result = Search(config, run_dir, bench=bench).run_search(resume=resume, final=False)
+    display = SearchProgress(metric=config.protocol.train.metric) if progress else None
+    result = Search(config, run_dir, bench=bench, progress=display).run_search(
+        resume=resume, final=False
+    )
     cost = result.cost
     search = {
         "preset": BIOTUNE_PRESETS[method],
@@ -157,7 +172,8 @@ def _search_plan(
 def compare_method(
     method: str, bench: Workbench, config: TrainConfig, seeds: Sequence[int],
     lr_grid: Sequence[float], *, options: Mapping[str, Any] | None = None,
-    plan: Any = None, log: Callable[[str], None] = _log_stderr,
+    plan: Any = None, log: Callable[[str], None] = _log,
+    progress: CompareProgress | None = None,
 ) -> dict[str, Any]:
     """One row: choose the base lr on validation, train every seed, test each run once."""
     from biotune.baselines import method_options, run_baseline, select_lr
@@ -169,16 +185,23 @@ def compare_method(
         opts["plan"] = plan
     device = default_device()
     start = time.perf_counter()
-    selection = select_lr(name, bench, config, lr_grid, seeds[0], device, **opts)
+    if progress is not None:
+        progress.method_start(method, len(lr_grid) + len(seeds) - 1)
+    selection = select_lr(name, bench, config, lr_grid, seeds[0], device,
+                          on_run=(lambda run: progress.run_done()) if progress else None, **opts)
     log(f"[{method}] lr {selection.lr:g} chosen on validation "
         f"({', '.join(f'{lr:g}: {v:.3f}' for lr, v in selection.val.items())})")
     chosen = replace(config, base_lr=selection.lr)
     runs, info = [], selection.best.info
     for seed in seeds:
-        run = selection.best if seed == seeds[0] else run_baseline(
-            name, bench, chosen, seed, device, **opts
-        )
-        test = evaluate(run.model, bench.splits.test, config.eval_batch_size, device, config.amp)
+        if seed == seeds[0]:
+            run = selection.best
+        else:
+            run = run_baseline(name, bench, chosen, seed, device, **opts)
+            if progress is not None:
+                progress.run_done()
+        test = evaluate(run.model, bench.splits.test, config.eval_batch_size, device,
+                        config.precision, config.channels_last)
         runs.append({
             "seed": seed, "test_top1": test.top1, "test_balanced": test.balanced,
             "val_top1": run.result.val.top1, "val_balanced": run.result.val.balanced,
@@ -218,7 +241,7 @@ def compare(
     lr_grid: Sequence[float] = DEFAULT_LR_GRID, out_dir: str | Path = "compare", *,
     bench: Workbench | None = None, scales: Mapping[str, SearchScale] | None = None,
     options: Mapping[str, Any] | None = None, meta: Mapping[str, Any] | None = None,
-    log: Callable[[str], None] = _log_stderr,
+    log: Callable[[str], None] = _log, progress: bool = False,
 ) -> list[dict[str, Any]]:
     """Run ``methods`` on one dataset and model; write compare.{md,csv,json,png} to ``out_dir``.
 
@@ -227,6 +250,7 @@ def compare(
     to the methods that take it; ``meta`` is stored in the JSON (e.g. the command line). A method
     whose row is in ``out_dir/rows`` from an earlier call with the same settings is not run again
     (other settings: an error), and a BioTune search resumes from its run directory there.
+    ``progress`` shows bars on a terminal, else logs a line per method (``biotune.progress``).
     """
     from biotune.runner import prepare
 
@@ -244,7 +268,7 @@ def compare(
     for m in scales:
         if m not in BIOTUNE_PRESETS:
             raise BioTuneError(f"a search scale applies to {', '.join(BIOTUNE_PRESETS)}, not {m!r}")
-    searches = {m: search_config(m, data, scales.get(m)) for m in methods
+    searches = {m: search_config(m, data, scales.get(m), config) for m in methods
                 if m in BIOTUNE_PRESETS}
     out = Path(out_dir)
     try:
@@ -258,23 +282,37 @@ def compare(
     bench = bench or prepare(data)
     log(f"compare on {bench.splits.describe()} with {bench.loaded.name}: {', '.join(methods)}")
     rows = []
-    for method in methods:
-        if stored[method] is not None:
-            log(f"[{method}] finished earlier: row kept from {rows_dir / f'{method}.json'}")
-            rows.append(stored[method])
-            continue
-        if method in BIOTUNE_PRESETS:
-            plan, search = _search_plan(method, searches[method], bench, out,
-                                        scales.get(method), log)
-            log(f"[{method}] plan: {search['plan_text']}")
-            row = compare_method(method, bench, config, seeds, grid, options=options, plan=plan,
-                                 log=log)
-            row["search"] = search
-            row["wall_seconds"] += search["wall_seconds"]
-        else:
-            row = compare_method(method, bench, config, seeds, grid, options=options, log=log)
-        _keep_row(rows_dir / f"{method}.json", settings[method], row)
-        rows.append(row)
+    display = None
+    if progress:
+        from biotune.progress import CompareProgress
+
+        display = CompareProgress(methods)
+    try:
+        for method in methods:
+            if stored[method] is not None:
+                log(f"[{method}] finished earlier: row kept from {rows_dir / f'{method}.json'}")
+                rows.append(stored[method])
+                if display is not None:
+                    display.method_done(method, stored[method], kept=True)
+                continue
+            if method in BIOTUNE_PRESETS:
+                plan, search = _search_plan(method, searches[method], bench, out,
+                                            scales.get(method), log, progress)
+                log(f"[{method}] plan: {search['plan_text']}")
+                row = compare_method(method, bench, config, seeds, grid, options=options,
+                                     plan=plan, log=log, progress=display)
+                row["search"] = search
+                row["wall_seconds"] += search["wall_seconds"]
+            else:
+                row = compare_method(method, bench, config, seeds, grid, options=options,
+                                     log=log, progress=display)
+            _keep_row(rows_dir / f"{method}.json", settings[method], row)
+            rows.append(row)
+            if display is not None:
+                display.method_done(method, row)
+    finally:
+        if display is not None:
+            display.close()
     notes = comparison_notes(config, seeds, grid, scales, options, methods)
     for row in rows:
         if row["method"] == "lora":
@@ -532,6 +570,7 @@ def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
     from biotune.cli import (
         _add_data_options,
         _positive_int,
+        add_machine_options,
         add_seed_options,
         defaults_text,
         seeds_text,
@@ -556,6 +595,8 @@ def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
                    f"{','.join(f'{lr:g}' for lr in DEFAULT_LR_GRID)})")
     p.add_argument("--out", help="output folder (default runs/compare-DATASET-MODEL-TIME); "
                    "finished methods and BioTune searches found there are resumed")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bars or lines (warnings and errors only)")
     _add_data_options(p)
     g = p.add_argument_group("training recipe (the same for every method)")
     g.add_argument("--epochs", type=_positive_int,
@@ -566,6 +607,7 @@ def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="training batch size" + defaults_text("batch_size", recipe))
     g.add_argument("--optimizer", choices=["adam", "adamw", "sgd"],
                    help="optimizer" + defaults_text("optimizer", recipe))
+    add_machine_options(p, augment="every method's training runs (not the BioTune searches)")
     g = p.add_argument_group("baseline options")
     g.add_argument("--lora-rank", type=_positive_int,
                    help=f"LoRA rank (default {baselines.LORA_RANK})")
@@ -612,21 +654,23 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from biotune.cli import _data_config, seeds_from
+    from biotune.cli import _data_config, seeds_from, use_machine
     from biotune.presets import FINAL_TRAINING
     from biotune.runner import DataConfig
 
     data = _data_config(args, DataConfig())
-    changes = {k: getattr(args, k) for k in ("epochs", "patience", "batch_size", "optimizer")
-               if getattr(args, k, None) is not None}
+    names = ("epochs", "patience", "batch_size", "optimizer", "precision", "channels_last",
+             "augment")
+    changes = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
     config = replace(FINAL_TRAINING, **changes)
+    use_machine(args)
     out = Path(args.out) if args.out else Path("runs") / (
         f"compare-{Path(data.dataset).name}-{data.model}-{time.strftime('%Y%m%d-%H%M%S')}"
     )
     rows = compare(
         args.methods, data, config, seeds_from(args) or DEFAULT_SEEDS, args.lr_grid, out,
         scales=scales_from_args(args), options=options_from_args(args),
-        meta={"command": " ".join(["biotune", *sys.argv[1:]])},
+        meta={"command": " ".join(["biotune", *sys.argv[1:]])}, progress=not args.quiet,
     )
     print(markdown_table(rows))
     print("written: " + ", ".join(str(out / name) for name in OUTPUTS))

@@ -3,7 +3,8 @@
 Small offline datasets (shipped inside pip packages) are decoded, resized and normalised once
 into memory, because a search trains hundreds of small models on them and must not pay for
 decoding in every step. Folder and torchvision datasets are read lazily with the paper's
-preprocessing (resize to size*232/224, centre crop, normalise).
+preprocessing (resize to size*232/224, centre crop, normalise). Augmentation, where a training
+asks for it, works on batches of those tensors (``random_resized_crop_flip``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import functools
 import gzip
 import importlib.metadata
 import importlib.resources
+import math
 import pickle
 import re
 import warnings
@@ -860,3 +862,59 @@ def load_dataset(
     return DatasetSplits(
         label, classes, datasets["train"], datasets["val"], datasets["test"], image_size, origin
     )
+
+
+# ---------------------------------------------------------------------------------- augmentation
+
+#: torchvision's ``RandomResizedCrop`` defaults, which timm's training transforms use as well.
+CROP_SCALE = (0.08, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
+
+
+def _crop_box(height: int, width: int, generator: torch.Generator) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of a random crop, as ``RandomResizedCrop.get_params`` draws
+    it, from ``generator`` instead of the global random state."""
+    area = height * width
+    log_ratio = (math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1]))
+
+    def uniform(low: float, high: float) -> float:
+        return low + (high - low) * float(torch.rand((), generator=generator))
+
+    for _ in range(10):
+        target = area * uniform(*CROP_SCALE)
+        aspect = math.exp(uniform(*log_ratio))
+        w = round(math.sqrt(target * aspect))
+        h = round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (), generator=generator))
+            left = int(torch.randint(0, width - w + 1, (), generator=generator))
+            return top, left, h, w
+    ratio = width / height  # fallback: the largest centred crop within the aspect range
+    if ratio < CROP_RATIO[0]:
+        w, h = width, round(width / CROP_RATIO[0])
+    elif ratio > CROP_RATIO[1]:
+        w, h = round(height * CROP_RATIO[1]), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def random_resized_crop_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The standard training augmentation (torchvision, timm) on a batch of image tensors: per
+    image a random crop of 8% to 100% of its area, aspect 3/4 to 4/3, resized back to its size
+    (bilinear, antialiased), then a horizontal flip with probability 1/2.
+
+    Applied after normalisation, which commutes with both (per-channel affine against linear
+    interpolation); random numbers come from ``generator`` (on the CPU, whatever the images'
+    device), so an augmented training is reproducible.
+    """
+    from torchvision.transforms.v2 import functional as TF
+
+    height, width = images.shape[-2:]
+    out = torch.empty_like(images)
+    for i in range(len(images)):
+        top, left, h, w = _crop_box(height, width, generator)
+        crop = TF.resized_crop(images[i], top, left, h, w, [height, width], antialias=True)
+        flip = bool(torch.rand((), generator=generator) < 0.5)
+        out[i] = crop.flip(-1) if flip else crop
+    return out

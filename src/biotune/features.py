@@ -233,14 +233,14 @@ class FeatureCache:
         budget_bytes: int,
         batch_size: int = 256,
         device: torch.device | None = None,
-        amp: bool = True,
+        precision: str = "auto",
     ) -> None:
         self.model = model
         self.stages = list(stages)
         self.budget_bytes = int(budget_bytes)
         self.batch_size = batch_size
         self.device = device or torch.device("cpu")
-        self.amp = amp
+        self.precision = precision
         self._store: OrderedDict[tuple[Hashable, int, tuple[int, ...]], FeatureDataset] = (
             OrderedDict()
         )
@@ -313,7 +313,7 @@ class FeatureCache:
         return entry
 
     def _run(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        with _autocast(self.device, self.amp):
+        with _autocast(self.device, self.precision):
             x = x.to(self.device)
             for stage in self.stages[start:stop]:
                 x = stage(x)
@@ -366,7 +366,10 @@ def train_plan_cached(
 
     The same steps in the same order (copy, seed, new head, apply the plan), so for one seed the
     trained suffix sees the same batches and random numbers as uncached training would.
+    Augmentation needs the images, so an augmented config is refused here.
     """
+    if config.augment:
+        raise ValueError("augmentation needs the images: train an augmented plan uncached")
     k = plan.frozen_prefix
     model = copy.deepcopy(model)
     seed_everything(seed)
@@ -391,13 +394,16 @@ def train_plan_fast(
     device: torch.device | None = None,
     cache: FeatureCache | None = None,
     keys: tuple[Hashable, Hashable] = ("train", "val"),
+    hooks: TrainHooks | None = None,
 ) -> tuple[nn.Module, TrainResult, int]:
     """``training.train_plan``, on cached features of the plan's frozen prefix when it can.
 
     Returns the trained model, its result and how many leading blocks were served from ``cache``
-    (0: trained uncached, because there is no cache, nothing frozen in front, or no room).
+    (0: trained uncached, because there is no cache, nothing frozen in front, no room, or the
+    training augments its images).
     """
-    k = plan.frozen_prefix if cache is not None and config.frozen_eval else 0
+    usable = cache is not None and config.frozen_eval and not config.augment
+    k = plan.frozen_prefix if usable else 0
     if k:
         sizes = batch_sizes_for(len(train_data), config.batch_size)  # type: ignore[arg-type]
         room = cache.entry_bytes(train_data, k, len(sizes)) + cache.entry_bytes(val_data, k)
@@ -406,10 +412,11 @@ def train_plan_fast(
         val_f = cache.features(keys[1], val_data, k) if train_f is not None else None
         if train_f is not None and val_f is not None:
             trained, result = train_plan_cached(
-                model, partition, plan, train_f, val_f, config, seed, device
+                model, partition, plan, train_f, val_f, config, seed, device, hooks
             )
             return trained, result, k
     trained, result = train_plan(
-        model, partition, plan, train_data, val_data, config, seed=seed, device=device
+        model, partition, plan, train_data, val_data, config, seed=seed, device=device,
+        hooks=hooks,
     )
     return trained, result, 0

@@ -148,6 +148,7 @@ class SearchProtocol:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["seeds"] = list(self.seeds)
+        d["train"] = self.train.to_dict()
         return d
 
     @classmethod
@@ -233,13 +234,15 @@ class Evaluator:
             return None, "off"
         if not self.protocol.train.frozen_eval:
             return None, "off: frozen blocks train in train mode (frozen_eval=False)"
+        if self.protocol.train.augment:
+            return None, "off: training augments its images"
         stages = block_chain(self.model, self.partition, sample)
         if stages is None:
             return None, f"off: cannot run {type(self.model).__name__} block by block"
         budget = int(self.protocol.cache_budget_mb * 2**20)
         train = self.protocol.train
         return FeatureCache(
-            self.model, stages, budget, train.eval_batch_size, self.device, train.amp
+            self.model, stages, budget, train.eval_batch_size, self.device, train.precision
         ), "on"
 
     @property

@@ -1,0 +1,226 @@
+"""Callbacks: what a search tells the code that watches it, and two loggers built on them.
+
+Give ``Search(..., callbacks=[...])`` (or ``biotune.search(callbacks=[...])``) any objects with
+some of the methods of :class:`Callback`; a missing method is simply not called. They run in the
+driver process, in this order::
+
+    on_search_start(total, done)       the search loop (re)starts
+    on_evaluation(record)              after each evaluation is recorded       (many)
+    on_generation(summary)             after each generation                   (one per generation)
+    on_search_end(finished)            the loop stopped: finished, or interrupted (resumable)
+    on_final_start(seed, epochs)       per final training seed:
+    on_final_epoch(seed, epoch)            after each epoch's validation
+    on_final_run(record)                   trained and tested
+    close()                            always, last, even after an error or Ctrl-C
+
+A callback that raises stops the search like any error; every record written before stays, so
+``--resume`` continues it. The built-in ones: :class:`CSVLogger` (cheap, always on in
+``biotune search``), :class:`TensorBoardLogger` (``--log tensorboard``) and the progress display
+(:mod:`biotune.progress`). This module imports no torch: the command line sets up its logging
+with it before anything heavy loads.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from biotune.errors import BioTuneError
+
+TENSORBOARD_MISSING = "--log tensorboard needs tensorboard: pip install 'biotune[tensorboard]'"
+
+
+class Callback:
+    """Every hook a search calls; subclass it and override what you need (each does nothing).
+
+    Records are plain dicts, as the run directory stores them: ``record`` of
+    ``on_evaluation`` is a line of evaluations.jsonl (``candidate``, ``generation``, ``role``,
+    ``fold``, ``plan``, ``fitness`` = 1 - validation score, ``status``, ``seconds``, ...) and
+    ``record`` of ``on_final_run`` a line of final_runs.jsonl (``seed``, ``test_top1``,
+    ``test_balanced``, ``best_epoch``, ``epochs_run``, ``seconds``, ...).
+    """
+
+    def on_search_start(self, total: int, done: int) -> None:
+        """``total`` evaluations in the whole search; ``done`` of them recorded before (resume)."""
+
+    def on_evaluation(self, record: dict[str, Any]) -> None:
+        """An evaluation was scored and recorded (memoised ones included, ``reused_from`` set)."""
+
+    def on_generation(self, summary: dict[str, Any]) -> None:
+        """A generation finished: ``generation``, ``best`` and ``mean`` fitness, ``fitness`` (the
+        ranked population), ``best_id`` and ``best_plan`` (the plan the search would return now,
+        as a dict)."""
+
+    def on_search_end(self, finished: bool) -> None:
+        """The search loop stopped; ``finished`` False means interrupted or failed."""
+
+    def on_final_start(self, seed: int, epochs: int) -> None:
+        """A final training starts: ``seed``, at most ``epochs`` epochs (early stopping)."""
+
+    def on_final_epoch(self, seed: int, epoch: dict[str, float]) -> None:
+        """One epoch of a final training: ``epoch`` (from 1), ``train_loss``, ``val_top1``,
+        ``val_balanced``, ``val_loss``, ``val_likelihood`` and ``seconds``."""
+
+    def on_final_run(self, record: dict[str, Any]) -> None:
+        """A final training ended (best epoch restored) and was tested once."""
+
+    def close(self) -> None:
+        """The run is over, however it ended: release files and displays."""
+
+
+def emit(callbacks: Sequence[Any], event: str, *args: Any) -> None:
+    """Call ``event`` on every callback that has it, in order."""
+    for callback in callbacks:
+        method = getattr(callback, event, None)
+        if method is not None:
+            method(*args)
+
+
+def plan_text(plan: dict[str, Any]) -> str:
+    """'4/10 blocks: blocks.3 x1.2, ...' for a plan dict ('' if it is not one)."""
+    from biotune.plan import FineTunePlan
+
+    try:
+        return FineTunePlan.from_dict(plan).describe()
+    except BioTuneError:
+        return ""
+
+
+def multipliers(plan: dict[str, Any]) -> dict[str, float]:
+    """Each block's learning-rate multiplier in a plan dict, 0 for a frozen block."""
+    return {
+        str(b.get("name")): float(b.get("lr_mult", 1.0)) if b.get("train") else 0.0
+        for b in plan.get("blocks", [])
+    }
+
+
+# ------------------------------------------------------------------------------------------- CSV
+
+
+class CSVLogger(Callback):
+    """Spreadsheet-ready logs in ``folder``: evaluations.csv, generations.csv (with the best
+    plan's multiplier per block, 0 = frozen), final_epochs.csv and final_runs.csv.
+
+    Each row is appended (and the file closed) at once, so the files survive a kill; a resumed
+    search appends its new rows to them. Nothing is created before the first event.
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+
+    def _append(self, name: str, row: dict[str, Any]) -> None:
+        path = self.folder / name
+        self.folder.mkdir(parents=True, exist_ok=True)
+        columns = list(row)
+        if path.exists() and path.stat().st_size > 0:
+            with open(path, newline="") as f:
+                columns = next(csv.reader(f), columns)
+            new = False
+        else:
+            new = True
+        with open(path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+    def on_evaluation(self, record: dict[str, Any]) -> None:
+        self._append("evaluations.csv", {
+            "candidate": record.get("candidate"),
+            "generation": record.get("generation"),
+            "role": record.get("role"),
+            "fold": record.get("fold"),
+            "status": record.get("status"),
+            "fitness": record.get("fitness"),
+            "val_score": 1 - record["fitness"] if record.get("fitness") is not None else "",
+            "seconds": record.get("seconds"),
+            "epochs": " ".join(str(e) for e in record.get("epochs", [])),
+            "cached_prefix": record.get("cached_prefix", 0),
+            "reused_from": "" if record.get("reused_from") is None else record["reused_from"],
+            "plan": plan_text(record.get("plan") or {}),
+        })
+
+    def on_generation(self, summary: dict[str, Any]) -> None:
+        plan = summary.get("best_plan") or {}
+        self._append("generations.csv", {
+            "generation": summary["generation"],
+            "best_fitness": summary["best"],
+            "best_val_score": 1 - summary["best"],
+            "mean_fitness": summary["mean"],
+            "best_id": summary.get("best_id"),
+            "best_plan": plan_text(plan),
+            **{f"lr_mult:{name}": m for name, m in multipliers(plan).items()},
+        })
+
+    def on_final_epoch(self, seed: int, epoch: dict[str, float]) -> None:
+        self._append("final_epochs.csv", {"seed": seed, **epoch})
+
+    def on_final_run(self, record: dict[str, Any]) -> None:
+        self._append("final_runs.csv", record)
+
+
+# ----------------------------------------------------------------------------------- TensorBoard
+
+
+class TensorBoardLogger(Callback):
+    """TensorBoard event files in ``folder`` (``tensorboard --logdir FOLDER``): search/fitness per
+    evaluation, search/best and search/mean per generation, best_plan/BLOCK (its learning-rate
+    multiplier, 0 = frozen) per generation, final/seed_S/... per epoch and final/test_* per seed.
+
+    Needs the ``tensorboard`` package (``pip install 'biotune[tensorboard]'``), checked here so
+    that a search does not start only to fail at its first record.
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        if not self.available():
+            raise BioTuneError(TENSORBOARD_MISSING)
+        self.folder = Path(folder)
+        self._writer: Any = None
+
+    @staticmethod
+    def available() -> bool:
+        """Whether the ``tensorboard`` package is installed."""
+        return importlib.util.find_spec("tensorboard") is not None
+
+    @property
+    def writer(self) -> Any:
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.folder))
+        return self._writer
+
+    def on_evaluation(self, record: dict[str, Any]) -> None:
+        step = record["candidate"]
+        self.writer.add_scalar("search/fitness", record["fitness"], step)
+        self.writer.add_scalar("search/val_score", 1 - record["fitness"], step)
+
+    def on_generation(self, summary: dict[str, Any]) -> None:
+        step = summary["generation"]
+        self.writer.add_scalar("search/best", summary["best"], step)
+        self.writer.add_scalar("search/mean", summary["mean"], step)
+        plan = summary.get("best_plan") or {}
+        for name, mult in multipliers(plan).items():
+            self.writer.add_scalar(f"best_plan/{name}", mult, step)
+        self.writer.add_text("best_plan", plan_text(plan), step)
+        self.writer.flush()
+
+    def on_final_epoch(self, seed: int, epoch: dict[str, float]) -> None:
+        step = int(epoch["epoch"])
+        for key, value in epoch.items():
+            if key != "epoch":
+                self.writer.add_scalar(f"final/seed_{seed}/{key}", value, step)
+
+    def on_final_run(self, record: dict[str, Any]) -> None:
+        for key in ("test_top1", "test_balanced"):
+            if record.get(key) is not None:
+                self.writer.add_scalar(f"final/{key}", record[key], record["seed"])
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
