@@ -49,7 +49,7 @@ def make_bench(train_size: int = 48, partition: BlockPartition | None = None) ->
 
 
 class StopAfter:
-    """A progress display that interrupts the search after ``n`` recorded evaluations."""
+    """A callback that interrupts the search after ``n`` recorded evaluations."""
 
     def __init__(self, n: int, interrupt=None) -> None:  # noqa: ANN001
         self.n, self.seen = n, 0
@@ -59,16 +59,10 @@ class StopAfter:
     def _raise() -> None:
         raise KeyboardInterrupt
 
-    def start(self, total: int, done: int) -> None:
-        pass
-
-    def update(self, ev, evolution) -> None:  # noqa: ANN001
+    def on_evaluation(self, record: dict) -> None:
         self.seen += 1
         if self.seen == self.n:
             self.interrupt()
-
-    def stop(self) -> None:
-        pass
 
 
 def _lines(run_dir: Path) -> list[dict]:

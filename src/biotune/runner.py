@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import platform
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,13 +23,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from biotune import __version__
+from biotune import __version__, rerank
 from biotune import cost as costs
 from biotune.blocks import BlockPartition, partition_blocks
+from biotune.callbacks import emit
 from biotune.data import DEMO_SIZES, DatasetSplits, is_offline, load_dataset, subset
 from biotune.errors import BioTuneError
 from biotune.evolution import BioTuneEvolution, EvolutionConfig
-from biotune.executors import Task, make_executor
+from biotune.executors import Task, check_reachable, make_executor
 from biotune.features import FeatureCache, block_chain, train_plan_fast
 from biotune.fitness import Evaluation, Evaluator, SearchProtocol
 from biotune.inputs import data_fingerprint, model_fingerprint
@@ -43,9 +45,17 @@ from biotune.rundir import (
     RunDirectory,
     fingerprint,
 )
-from biotune.training import TrainConfig, batches, count_parameters, default_device, evaluate
+from biotune.training import (
+    FinalEpochs,
+    TrainConfig,
+    batches,
+    count_parameters,
+    default_device,
+    evaluate,
+)
 
 FINAL_RUNS = "final_runs.jsonl"
+_log = logging.getLogger("biotune.search")
 GENERATIONS = "generations.json"
 
 
@@ -91,6 +101,13 @@ class SearchConfig:
     final: TrainConfig = field(default_factory=TrainConfig)
     final_seeds: tuple[int, ...] = (0, 1, 2)
     seed: int = 0
+    # Re-rank the best k distinct plans of the last generation with the final recipe and choose
+    # on validation (``rerank.py``); 0 or 1: the search's best plan as it is.
+    rerank: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rerank, int) or self.rerank < 0:
+            raise BioTuneError(f"rerank must be a whole number >= 0 (got {self.rerank!r})")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -100,6 +117,8 @@ class SearchConfig:
             "final": self.final.to_dict(),
             "final_seeds": list(self.final_seeds),
             "seed": self.seed,
+            # Written only when on, so configurations from before it existed compare equal.
+            **({"rerank": self.rerank} if self.rerank else {}),
         }
 
     @classmethod
@@ -111,6 +130,7 @@ class SearchConfig:
             final=TrainConfig(**d["final"]),
             final_seeds=tuple(d["final_seeds"]),
             seed=d["seed"],
+            rerank=d.get("rerank", 0),
         )
 
 
@@ -137,13 +157,13 @@ class Workbench:
         """One feature cache of the pretrained model for every training on the whole splits, so
         several seeds, methods and plans share the frozen prefixes; None if the model cannot run
         block by block."""
-        key = (config.eval_batch_size, config.amp)
+        key = (config.eval_batch_size, config.precision)
         if key not in self._caches:
             sample, _ = next(batches(self.splits.val, 2))
             stages = block_chain(self.model, self.partition, sample)
             self._caches[key] = None if stages is None else FeatureCache(
                 self.model, stages, int(FINAL_CACHE_MB * 2**20), config.eval_batch_size,
-                default_device(), config.amp,
+                default_device(), config.precision,
             )
         return self._caches[key]
 
@@ -289,6 +309,7 @@ class Search:
         *,
         bench: Workbench | None = None,
         progress: Any = None,
+        callbacks: Sequence[Any] = (),
         executor: str = "inprocess",
         workers: int = 1,
         ray_address: str | None = None,
@@ -297,7 +318,8 @@ class Search:
         self.run = RunDirectory(run_dir)
         self.bench = bench
         self.bench_given = bench is not None
-        self.progress = progress
+        # The display is one more callback (biotune.callbacks), called first.
+        self.callbacks = [*([progress] if progress is not None else []), *callbacks]
         self.executor = executor
         self.workers = workers
         self.ray_address = ray_address
@@ -393,8 +415,13 @@ class Search:
 
         SIGTERM stops it as Ctrl-C does (KeyboardInterrupt), leaving it resumable.
         """
+        if self.executor == "ray":
+            check_reachable(self.ray_address)  # before anything loads or is written
         with self.run.locked(), _sigterm_interrupts():
-            return self._run_locked(resume, final)
+            try:
+                return self._run_locked(resume, final)
+            finally:
+                emit(self.callbacks, "close")
 
     def _run_locked(self, resume: bool, final: bool) -> SearchResult:
         """Under the lock: a failure before the first record takes back what this call wrote,
@@ -418,6 +445,7 @@ class Search:
     def _run_checked(self, new: bool, final: bool) -> SearchResult:
         """Load and check everything (data, model, blocks, folds, executor), then write."""
         bench = self.bench or prepare(self.config.data)
+        _log.info("data: %s", bench.splits.describe())
         self.bench = bench
         evaluator = evaluator_for(bench, self.config)
         records = self.run.records(EVALUATIONS, repair=True, required=self.RECORD_KEYS)
@@ -451,6 +479,11 @@ class Search:
         finally:
             executor.close()
         best, best_fitness = evo.best
+        reranked = self._rerank(evo, evaluator) if self.config.rerank > 1 else []
+        if reranked:
+            chosen = rerank.choose(reranked)
+            best, best_fitness = next((c, f) for c, f in evo.population
+                                      if c.id == chosen["candidate"])
         plan = decode_genome(best.genes, bench.partition.names)
         self.run.write(
             "best_plan.json",
@@ -461,6 +494,12 @@ class Search:
         wall = sum(float(s.get("seconds", 0.0)) for s in self._sessions)
         cost = costs.search_cost(evaluations, evaluator.ft_work, wall_seconds=wall)
         cost["cache"] = evaluator.cache_status
+        if reranked:
+            work = sum(r["work"] for r in reranked)
+            cost["rerank"] = {"plans": len(reranked), "work_flops": work,
+                              "seconds": sum(r["seconds"] for r in reranked)}
+            cost["work_flops"] += work
+            cost["ft_equivalents"] = cost["work_flops"] / cost["ft_work_flops"]
         self.run.write("search_summary.json", {"cost": cost, "best_fitness": best_fitness,
                                                "best_plan": plan.to_dict()})
         final_result = self._final(plan) if final else None
@@ -479,8 +518,7 @@ class Search:
         done = {r["candidate"]: r for r in records}
         if self.executor == "inprocess":
             self._replay_cache(evaluator, records)
-        if self.progress is not None:
-            self.progress.start(self.config.evolution.total_evaluations, len(done))
+        emit(self.callbacks, "on_search_start", self.config.evolution.total_evaluations, len(done))
         try:
             while not evo.done:
                 candidates = evo.ask()
@@ -500,14 +538,18 @@ class Search:
                     else:
                         todo.append(self._task(c, done))
                 executor.run(todo, on_result)
+                generations = len(evo.history)
                 evo.tell(results)
                 self._write(STATE, evo.state_dict())
                 self._write(GENERATIONS, evo.history)
+                if len(evo.history) > generations:
+                    best = decode_genome(evo.best[0].genes, self.bench.partition.names)
+                    emit(self.callbacks, "on_generation",
+                         {**evo.history[-1], "best_plan": best.to_dict()})
         finally:
             with contextlib.suppress(BioTuneError):  # the error that stopped it says more
                 self._tick()
-            if self.progress is not None:
-                self.progress.stop()
+            emit(self.callbacks, "on_search_end", evo.done)
         return done
 
     @staticmethod
@@ -535,8 +577,7 @@ class Search:
         done[ev.candidate] = rec
         results[ev.candidate] = ev.fitness
         self._tick()
-        if self.progress is not None:
-            self.progress.update(ev, evo)
+        emit(self.callbacks, "on_evaluation", rec)
 
     def _check_record(self, record: dict[str, Any], candidate: Any) -> None:
         if not np.allclose(record["genes"], candidate.genes, rtol=0, atol=1e-12):
@@ -588,6 +629,43 @@ class Search:
                 )
         return None
 
+    def _rerank(self, evo: BioTuneEvolution, evaluator: Evaluator) -> list[dict[str, Any]]:
+        """The best distinct plans of the last generation trained with the final recipe (seed
+        ``final_seeds[0]``, resumable); the best on validation becomes that seed's final run
+        and the run's saved model."""
+        assert self.bench is not None
+        bench, config, seed = self.bench, self.config.final, self.config.final_seeds[0]
+        done = {r["candidate"]: r for r in self.run.records(rerank.RERANK, repair=True,
+                                                            required=("candidate",))}
+        best_model = None
+        picks = rerank.candidates(evo.population, bench.partition.names, self.config.rerank)
+        for rank, (candidate, fitness, plan) in enumerate(picks):
+            if candidate.id in done:
+                continue
+            model, rec = final_training_run(bench, plan, config, seed, keep_model=True)
+            first = plan.frozen_prefix
+            work = costs.run_work(evaluator.flops, rec["cached_prefix"], first,
+                                  rec["train_images"], rec["eval_images"])
+            rec = {**rec, "candidate": candidate.id, "rank": rank, "fitness": fitness,
+                   "plan": plan.to_dict(), "work": work}
+            self.run.append(rerank.RERANK, rec)
+            done[candidate.id] = rec
+            _log.info("re-rank %d/%d: %s: val balanced accuracy %.4f (search fitness %.4f)",
+                      rank + 1, len(picks), plan.describe(), rec["val_balanced"], fitness)
+            if best_model is None or rec["val_balanced"] > best_model[1]["val_balanced"]:
+                best_model = (model, rec, plan)
+        records = [done[c.id] for c, _, _ in picks]
+        chosen = rerank.choose(records)
+        finals = {r["seed"] for r in self.run.records(FINAL_RUNS, repair=True,
+                                                      required=("seed",))}
+        if best_model is not None and best_model[1] is chosen and seed not in finals:
+            model, rec, plan = best_model
+            save_model(self.run.path, model, bench, self.config.data, plan, config, rec)
+            self.run.append(FINAL_RUNS, {k: v for k, v in rec.items()
+                                         if k not in ("candidate", "rank", "fitness", "plan",
+                                                      "work")})
+        return records
+
     def _origin(self, partition: dict[str, Any]) -> dict[str, Any]:
         """Where a plan came from, so ``biotune train --plan`` can reuse it and refuse a plan
         made for other blocks."""
@@ -613,7 +691,8 @@ class Search:
             if seed in runs:
                 continue
             model, rec = final_training_run(
-                self.bench, plan, self.config.final, seed, keep_model=True
+                self.bench, plan, self.config.final, seed, keep_model=True,
+                callbacks=self.callbacks,
             )
             if best is None or rec["val_balanced"] > best["val_balanced"]:
                 save_model(self.run.path, model, self.bench, self.config.data, plan,
@@ -633,21 +712,25 @@ class Search:
 
 def final_training_run(
     bench: Workbench, plan: FineTunePlan, config: TrainConfig, seed: int,
-    keep_model: bool = False,
+    keep_model: bool = False, callbacks: Sequence[Any] = (),
 ) -> Any:
     """Fine-tune under ``plan`` on the whole training split; early stopping on val; test once.
 
     A plan that freezes the first blocks trains on their cached features (as the search does).
     Returns the record, or (trained model, record) with ``keep_model``. Without a test split the
-    test scores are None.
+    test scores are None. ``callbacks`` hear ``on_final_start``, ``on_final_epoch`` and
+    ``on_final_run`` (``biotune.callbacks``).
     """
+    emit(callbacks, "on_final_start", seed, config.epochs)
     model, result, cached = train_plan_fast(
         bench.model, bench.partition, plan, bench.splits.train, bench.splits.val, config,
         seed=seed, device=default_device(),
         cache=bench.feature_cache(config) if config.frozen_eval else None,
+        hooks=FinalEpochs(callbacks, seed) if callbacks else None,
     )
     test = (
-        evaluate(model, bench.splits.test, config.eval_batch_size, default_device(), config.amp)
+        evaluate(model, bench.splits.test, config.eval_batch_size, default_device(),
+                 config.precision, config.channels_last)
         if bench.splits.test is not None else None
     )
     record = {
@@ -660,10 +743,12 @@ def final_training_run(
         "epochs_run": result.epochs_run,
         "seconds": result.seconds,
         "train_images": result.train_images,
+        "eval_images": result.eval_images,
         "cached_prefix": cached,
         "status": result.status,
         "trainable_params": count_parameters(model, trainable_only=True),
     }
+    emit(callbacks, "on_final_run", record)
     return (model, record) if keep_model else record
 
 
