@@ -23,17 +23,13 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parents[1] / "src"))
-sys.path.insert(0, str(HERE))
+import numpy as np
+import torch
+from run import configs, parse_args  # run.py beside this script
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from run import _parse, configs  # noqa: E402
-
-from biotune.errors import BioTuneError  # noqa: E402
-from biotune.plan import BlockSetting, FineTunePlan, decode_genome, encode_plan  # noqa: E402
-from biotune.runner import (  # noqa: E402
+from biotune.errors import BioTuneError
+from biotune.plan import BlockSetting, FineTunePlan, decode_genome, encode_plan
+from biotune.runner import (
     SearchConfig,
     Workbench,
     evaluator_for,
@@ -41,6 +37,8 @@ from biotune.runner import (  # noqa: E402
     prepare,
     summarize_final,
 )
+
+HERE = Path(__file__).resolve().parent
 
 
 def parse_plan(text: str, names: tuple[str, ...]) -> FineTunePlan:
@@ -67,7 +65,7 @@ def final_scores(bench: Workbench, plan: FineTunePlan, config: SearchConfig) -> 
 
 
 def cmd_plans(args: argparse.Namespace) -> None:
-    config = configs(_parse([]), args.search_seed)["default"]
+    config = configs(parse_args([]), args.search_seed)["default"]
     bench = prepare(config.data)
     names = bench.partition.names
     evaluator = evaluator_for(bench, replace(config, protocol=replace(config.protocol, prune=None)))

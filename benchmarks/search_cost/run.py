@@ -36,15 +36,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parents[1] / "src"))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from biotune import cost, presets  # noqa: E402
-from biotune.rundir import write_json_atomic  # noqa: E402
-from biotune.runner import (  # noqa: E402
+from biotune import cost, presets
+from biotune.rundir import write_json_atomic
+from biotune.runner import (
     DataConfig,
     Search,
     SearchConfig,
@@ -53,6 +50,8 @@ from biotune.runner import (  # noqa: E402
     prepare,
     summarize_final,
 )
+
+HERE = Path(__file__).resolve().parent
 
 TARGET_FT_RATIO = 20.0
 TARGET_WALL_RATIO = 10.0
@@ -98,7 +97,7 @@ def _ints(text: str) -> list[int]:
         ) from None
 
 
-def _parse(argv: list[str] | None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
                    help="smoke run: tiny data and small populations (NOT the paper's protocol)")
@@ -302,7 +301,7 @@ SCALE = ("image_size", "train_size", "val_size", "test_size", "epochs", "final_e
 def results_stem(args: argparse.Namespace) -> str:
     """``search_cost``, then ``quick``, the data scale where it is not the default (so another
     scale never overwrites the default's results) and the variant."""
-    defaults = _parse([])
+    defaults = parse_args([])
     scale = ""
     if not args.quick and any(getattr(args, k) != getattr(defaults, k) for k in SCALE):
         scale = (f"{args.image_size}px-{args.train_size}-{args.val_size}-{args.test_size}"
@@ -312,7 +311,7 @@ def results_stem(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parse(argv)
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     report: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M"),

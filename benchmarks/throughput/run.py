@@ -27,27 +27,26 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parents[1] / "src"))
+import torch
 
-import torch  # noqa: E402
-
-from biotune.evolution import Candidate  # noqa: E402
-from biotune.features import FeatureCache  # noqa: E402
-from biotune.fitness import Evaluator, PruneConfig, SearchProtocol  # noqa: E402
-from biotune.plan import BlockSetting, FineTunePlan, encode_plan  # noqa: E402
-from biotune.rundir import write_json_atomic  # noqa: E402
-from biotune.runner import (  # noqa: E402
+from biotune.evolution import Candidate
+from biotune.features import FeatureCache
+from biotune.fitness import Evaluator, PruneConfig, SearchProtocol
+from biotune.plan import BlockSetting, FineTunePlan, encode_plan
+from biotune.rundir import write_json_atomic
+from biotune.runner import (
     DataConfig,
     Search,
     SearchConfig,
     machine_description,
     prepare,
 )
-from biotune.training import TrainConfig  # noqa: E402
+from biotune.training import TrainConfig
+
+HERE = Path(__file__).resolve().parent
 
 
-def _parse(argv: list[str] | None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke run: 32 px, tiny data")
     p.add_argument("--image-size", type=int, default=64)
@@ -89,7 +88,7 @@ def _peak_rss_mb() -> float:
 
 def main(argv: list[str] | None = None) -> int:
     global REPEATS
-    args = _parse(argv)
+    args = parse_args(argv)
     REPEATS = max(1, args.repeats)
     torch.set_num_threads(args.threads)
     data = DataConfig(
