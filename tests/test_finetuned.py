@@ -187,3 +187,26 @@ def test_train_plan_uses_the_plans_origin_and_refuses_other_blocks(tmp_path, cap
     assert main(["train", "--plan", plan, "--model", "efficientnet_lite1", "--seeds", "0",
                  "--epochs", "1"]) == 2
     assert "other blocks" in capsys.readouterr().err
+
+
+def test_predict_skips_an_unreadable_image_with_a_warning(tmp_path):
+    _save_lite0(tmp_path)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("L", (8, 8), 128).save(folder / "good.png")
+    (folder / "broken.png").write_bytes(b"\x89PNG not really")
+    done = subprocess.run(
+        [sys.executable, "-m", "biotune", "predict", str(tmp_path / "lite0"), str(folder)],
+        capture_output=True, text=True,
+    )
+    assert done.returncode == 0
+    assert [line.split("\t")[0].rsplit("/", 1)[1] for line in done.stdout.splitlines()] == [
+        "good.png"
+    ]
+    assert "skipped cannot read image" in done.stderr and "broken.png" in done.stderr
+    (folder / "good.png").unlink()
+    done = subprocess.run(
+        [sys.executable, "-m", "biotune", "predict", str(tmp_path / "lite0"), str(folder)],
+        capture_output=True, text=True,
+    )
+    assert done.returncode == 2 and "none of the 1 image file(s) could be read" in done.stderr

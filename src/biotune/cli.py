@@ -383,6 +383,9 @@ def _check_writable(path: Path, option: str) -> None:
     """Refuse an output file that cannot be written, before any work is done for it."""
     if path.is_dir():
         raise BioTuneError(f"{option} {path}: is a directory, not a file")
+    if result.final and result.final.get("model"):
+        print(f"fine-tuned model (seed {result.final['model']['seed']}, the best on validation): "
+              f"{run_dir / 'model.safetensors'}; use it with: biotune predict {run_dir} IMAGES")
     folder = path.parent
     while not folder.exists():
         folder = folder.parent

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,8 @@ META = "finetuned.json"
 #: size * 232 / 224 and crops the centre (folder and torchvision datasets, the paper's
 #: evaluation); "squash" resizes the whole image to size x size (the offline datasets' arrays).
 RESIZE_MODES = ("crop", "squash")
+_USER_TENSORS = ("this model was trained on tensors you prepared: call finetuned.model on "
+                 "tensors prepared the same way")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 
 
@@ -81,15 +84,18 @@ class FineTuned:
     meta: dict[str, Any] = field(default_factory=dict)
 
     @torch.no_grad()
-    def probabilities(self, images: Sequence[Any], batch_size: int = 64) -> torch.Tensor:
-        """Class probabilities (N x classes) for image files or PIL images."""
-        if self.preprocess is None:
-            raise BioTuneError("this model was trained on tensors you prepared: call "
-                               "finetuned.model on tensors prepared the same way")
+    def probabilities(
+        self, images: Sequence[Any], batch_size: int = 64, prepared: bool = False
+    ) -> torch.Tensor:
+        """Class probabilities (N x classes) for image files or PIL images (``prepared``:
+        tensors that went through ``preprocess`` already)."""
+        if self.preprocess is None and not prepared:
+            raise BioTuneError(_USER_TENSORS)
+        prepare = (lambda im: im) if prepared else self.preprocess
         device = next(self.model.parameters()).device
         out = []
         for start in range(0, len(images), batch_size):
-            x = torch.stack([self.preprocess(im) for im in images[start : start + batch_size]])
+            x = torch.stack([prepare(im) for im in images[start : start + batch_size]])
             out.append(torch.softmax(self.model(x.to(device)).float(), dim=1).cpu())
         return torch.cat(out) if out else torch.empty(0, len(self.classes))
 
@@ -208,11 +214,24 @@ def image_files(paths: Iterable[str | Path]) -> list[Path]:
 
 
 def predict_files(finetuned: FineTuned, files: Sequence[Path]) -> list[dict[str, Any]]:
-    """Per file: the predicted class (name and index) and its probability."""
-    probs = finetuned.probabilities(list(files))
+    """Per file: the predicted class (name and index) and its probability. A file that cannot
+    be read is skipped with a warning naming it; if none can be read, a one-line error."""
+    if finetuned.preprocess is None:
+        raise BioTuneError(_USER_TENSORS)
+    readable, images = [], []
+    for f in files:
+        try:
+            images.append(finetuned.preprocess(f))
+        except BioTuneError as exc:
+            warnings.warn(f"skipped {exc}", stacklevel=2)
+            continue
+        readable.append(f)
+    if not readable:
+        raise BioTuneError(f"none of the {len(files)} image file(s) could be read")
+    probs = finetuned.probabilities(images, prepared=True)
     best = probs.argmax(1)
     return [
         {"file": str(f), "class": finetuned.classes[int(i)], "index": int(i),
          "probability": float(probs[k, i])}
-        for k, (f, i) in enumerate(zip(files, best, strict=True))
+        for k, (f, i) in enumerate(zip(readable, best, strict=True))
     ]

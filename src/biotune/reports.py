@@ -4,7 +4,10 @@
   of the population per generation, over every evaluation's score;
 * ``blocks.png``: per generation, the share of evaluated candidates that fine-tuned each block;
 * ``plan.png``: the winning plan's learning-rate multiplier per block (frozen blocks hatched),
-  with its validation score and, once the final training has run, its test result.
+  with its validation score and, once the final training has run, its test result;
+* ``pareto.png`` (a search with ``--objective pareto``): the front of validation score against
+  cost with every evaluated plan behind it, and the front's and the anchors' test scores after
+  the final training; ``pareto_table`` is the same as a table.
 
 The winner is the search's (``best_plan.json``, ``BioTuneEvolution.best``): the best of the
 latest finished generation, never a score of an older fold. Only the run directory's files are
@@ -20,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from biotune.errors import BioTuneError
-from biotune.rundir import RunDirectory
+from biotune.rundir import GENERATIONS, RunDirectory
 
 REPORT_FILES = ("fitness.png", "blocks.png", "plan.png")
 _SCORE_NAMES = {"balanced": "balanced accuracy", "top1": "top-1 accuracy",
@@ -46,7 +49,7 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
         )
     if not evaluations:
         raise BioTuneError(f"{path}: the search has no finished evaluation yet")
-    generations = run.read("generations.json")
+    generations = run.read(GENERATIONS)
     if generations is None:
         generations = run.records("generations.jsonl") or None
     blocks = run.read("blocks.json")
@@ -63,6 +66,7 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
         "names": names,
         "best_plan": run.read("best_plan.json"),
         "final": run.read("final.json"),
+        "pareto": run.read("pareto.json"),
     }
 
 
@@ -238,6 +242,8 @@ def summary_lines(run_dir: str | Path) -> list[str]:
     lines.insert(1, "blocks: " + ", ".join(trained))
     if run["final"] is None:
         lines.append("final training: not run yet (final.json is absent)")
+    if run["pareto"] is not None:
+        lines += ["", pareto_table(run["pareto"])]
     return lines
 
 
@@ -253,6 +259,9 @@ def report(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]
     plot_fitness(run, paths[0])
     plot_block_selection(run, paths[1])
     plot_plan(run, paths[2])
+    if run["pareto"] is not None:
+        paths.append(out / "pareto.png")
+        plot_pareto(run["pareto"], paths[-1])
     return paths
 
 
@@ -277,3 +286,134 @@ def cmd_report(args: argparse.Namespace) -> int:
     for path in report(args.run_dir, args.out):
         print(path)
     return 0
+
+
+# -- the Pareto objective ---------------------------------------------------------------------
+
+_ANCHOR_STYLE = {"full fine-tuning": ("s", "tab:red"), "top half": ("^", "tab:orange"),
+                 "linear probing": ("D", "tab:green")}
+
+
+def _cost_value(pareto: Mapping[str, Any], cost: Mapping[str, Any]) -> float:
+    """A plan's cost on the plot's axis: percent of parameters, or MB."""
+    value = cost[pareto["cost_key"]]
+    return 100 * value if pareto["cost"] == "params" else value
+
+
+def _log_cost_axis(ax: Any) -> None:
+    """A log axis labelled in plain numbers (0.3, 1, 3, 10, ...), without minor labels."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 3.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+def _cost_label(pareto: Mapping[str, Any]) -> str:
+    if pareto["cost"] == "params":
+        return "trainable parameters (% of the model, log)"
+    return "peak training memory (MB, float32 step, log)"
+
+
+def plot_pareto(pareto: Mapping[str, Any], path: Path) -> None:
+    """Left: validation score (the search's short training, one fold) against cost, every
+    evaluated plan behind the front; right, once the final training ran: test scores of the
+    front's plans and of the anchors (mean +- std over the final seeds)."""
+    plt = _pyplot()
+    finals = any(e.get("final") for e in [*pareto["front"], *pareto["anchors"]])
+    fig, axes = plt.subplots(1, 2 if finals else 1, figsize=(12.0 if finals else 6.4, 4.8),
+                             squeeze=False)
+    ax = axes[0][0]
+    fold, name = pareto["fold"], score_name(pareto["metric"])
+    same = [e for e in pareto["evaluated"] if e["fold"] == fold]
+    other = [e for e in pareto["evaluated"] if e["fold"] != fold]
+    if other:
+        ax.scatter([_cost_value(pareto, e["cost"]) for e in other],
+                   [e["val_score"] for e in other], s=14, facecolors="none", edgecolors="0.75",
+                   label="evaluated, other folds (not compared)")
+    ax.scatter([_cost_value(pareto, e["cost"]) for e in same], [e["val_score"] for e in same],
+               s=14, color="0.55", label=f"evaluated, fold {fold}")
+    front = pareto["front"]
+    ax.step([_cost_value(pareto, e["cost"]) for e in front], [e["val_score"] for e in front],
+            where="post", color="tab:blue", lw=1.2)
+    ax.scatter([_cost_value(pareto, e["cost"]) for e in front], [e["val_score"] for e in front],
+               s=36, color="tab:blue", zorder=3, label=f"front (fold {fold})")
+    for anchor in pareto["anchors"]:
+        if anchor["search"] is None:
+            continue
+        marker, color = _ANCHOR_STYLE.get(anchor["name"], ("o", "k"))
+        where = anchor["search"]["fold"]
+        ax.scatter(_cost_value(pareto, anchor["cost"]), anchor["search"]["val_score"], s=110,
+                   marker=marker, facecolors="none", edgecolors=color, linewidths=1.8,
+                   zorder=4, label=f"{anchor['name']} (fold {where})")
+    _log_cost_axis(ax)
+    ax.set_xlabel(_cost_label(pareto))
+    ax.set_ylabel(f"validation {name} (search: short training, one fold)")
+    ax.set_title("the search: every evaluated plan and the front", fontsize=10)
+    ax.grid(True, alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="lower right")
+    if finals:
+        _plot_final(pareto, axes[0][1])
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_final(pareto: Mapping[str, Any], ax: Any) -> None:
+    trained = [e for e in pareto["front"] if e.get("final") and e["final"]["test_top1"]]
+    x = [_cost_value(pareto, e["cost"]) for e in trained]
+    y = [100 * e["final"]["test_top1"]["mean"] for e in trained]
+    err = [100 * e["final"]["test_top1"]["std"] for e in trained]
+    ax.errorbar(x, y, yerr=err, fmt="o-", color="tab:blue", capsize=3, label="front plans")
+    for anchor in pareto["anchors"]:
+        final = anchor.get("final")
+        if not final or not final["test_top1"]:
+            continue
+        marker, color = _ANCHOR_STYLE.get(anchor["name"], ("o", "k"))
+        ax.errorbar(_cost_value(pareto, anchor["cost"]), 100 * final["test_top1"]["mean"],
+                    yerr=100 * final["test_top1"]["std"], fmt=marker, color=color, capsize=3,
+                    markersize=11, markerfacecolor="none", markeredgewidth=1.8,
+                    label=anchor["name"], zorder=4)
+    _log_cost_axis(ax)
+    ax.set_xlabel(_cost_label(pareto))
+    ax.set_ylabel("test top-1 % (final training, mean +- std over seeds)")
+    seeds = len(pareto.get("final_seeds", []))
+    plural = "" if seeds == 1 else "s"
+    ax.set_title(f"after the final training ({seeds} seed{plural}): front and anchors", fontsize=10)
+    ax.grid(True, alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="lower right")
+
+
+def _percent(stat: Mapping[str, float] | None) -> str:
+    return "" if not stat else f"{100 * stat['mean']:.2f} +- {100 * stat['std']:.2f}"
+
+
+def pareto_table(pareto: Mapping[str, Any]) -> str:
+    """The front and the anchors as a markdown table: costs, validation and test scores, and
+    which anchors dominate a front plan on test (top-1 at its cost)."""
+    name = score_name(pareto["metric"])
+    head = ("| plan | blocks trained | trainable % | memory MB | train GFLOPs/image "
+            f"| val {name} (fold {pareto['fold']}) | test top-1 % | test balanced % "
+            "| dominated by (test top-1) |")
+    lines = [head, "|" + "---|" * 9]
+
+    def row(label: str, entry: Mapping[str, Any], val: str, dominated: str) -> str:
+        cost = entry["cost"]
+        final = entry.get("final") or {}
+        memory = "" if cost.get("memory_mb") is None else f"{cost['memory_mb']:.4g}"
+        return (f"| {label} | {entry['plan_text']} | {100 * cost['trainable_share']:.2f} "
+                f"| {memory} | {cost['train_gflops']:.3g} | {val} "
+                f"| {_percent(final.get('test_top1'))} | {_percent(final.get('test_balanced'))} "
+                f"| {dominated} |")
+
+    for i, entry in enumerate(pareto["front"], 1):
+        dominated = entry.get("dominated_by")
+        text = "" if dominated is None else ", ".join(dominated.get("test_top1", [])) or "none"
+        lines.append(row(f"front {i}", entry, f"{entry['val_score']:.4f}", text))
+    for anchor in pareto["anchors"]:
+        search = anchor["search"]
+        val = "" if search is None else f"{search['val_score']:.4f} (fold {search['fold']})"
+        label = anchor["name"] + ("" if anchor["within_budget"] else " (over budget)")
+        lines.append(row(label, anchor, val, ""))
+    return "\n".join(lines)

@@ -25,7 +25,7 @@ from biotune.errors import BioTuneError
 
 CONFIG = "config.json"
 EVALUATIONS = "evaluations.jsonl"
-GENERATIONS = "generations.jsonl"
+GENERATIONS = "generations.json"
 STATE = "state.json"
 PARTITION = "partition.json"
 SESSIONS = "sessions.json"

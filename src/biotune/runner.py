@@ -40,6 +40,7 @@ from biotune.rundir import (
     CONFIG,
     EVALUATIONS,
     PARTITION,
+    GENERATIONS,
     SESSIONS,
     STATE,
     RunDirectory,
@@ -56,7 +57,6 @@ from biotune.training import (
 
 FINAL_RUNS = "final_runs.jsonl"
 _log = logging.getLogger("biotune.search")
-GENERATIONS = "generations.json"
 
 
 @dataclass(frozen=True)
