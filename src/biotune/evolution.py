@@ -8,22 +8,36 @@ Two corrections of the authors' code shape this module. The data fold rotates ev
 so fitness values from different generations are never ranked against each other: elites are
 re-evaluated on the new fold, and a child is only compared with parents scored on its own fold.
 And the genes stored after the elite local search are exactly the clipped genes evaluated.
+
+Beyond the paper, the search can respect a budget and trace a trade-off. ``fits`` (genes ->
+bool, e.g. "trains at most 10 % of the parameters") keeps every proposal within a budget: a
+genome over it is repaired by keeping its most important trained blocks that fit together
+(``_repair``), and one that cannot be repaired is redrawn. ``objective="pareto"`` with a
+``cost`` (genes -> cost) ranks each generation by Pareto front of (1 - validation score, cost)
+instead of by score alone. Both are functions of the genes given by the caller, so this module
+stays numpy only; with neither, the search is the paper's, random stream included.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
 from biotune.errors import BioTuneError
+from biotune.pareto import dominates, non_dominated, pareto_order
 
 ROLES = ("initial", "elite", "local", "child", "immigrant")
+OBJECTIVES = ("accuracy", "pareto")
 _STATE_FORMAT = 1
+#: Random genomes in a row that no repair brings within the budget before the search gives up.
+_MAX_REDRAWS = 1000
+
+Genes = np.ndarray
 
 
 def _is_int(value: object) -> bool:
@@ -46,6 +60,12 @@ class EvolutionConfig:
     ``initial_size`` (not in the paper; None: ``population_size``) scores that many genomes in
     the initial generation and keeps the best ``population_size`` of them: a wider first look
     at the space for a few more evaluations.
+
+    ``objective`` (not in the paper): "accuracy" ranks by fitness alone; "pareto" ranks each
+    generation by Pareto front of (fitness, cost), the ends and least crowded members of each
+    front first (NSGA-II), so the elites are the front's most accurate and cheapest plans; a
+    local variant replaces its elite only if it dominates it, and a child removes an elite
+    parent from the mating pool only if it dominates it. The search then needs a ``cost``.
     """
 
     population_size: int = 10
@@ -55,6 +75,7 @@ class EvolutionConfig:
     children_batch: int | None = None
     anchors: bool = False
     initial_size: int | None = None
+    objective: str = "accuracy"
 
     def __post_init__(self) -> None:
         for name in ("population_size", "generations", "elite"):
@@ -88,13 +109,20 @@ class EvolutionConfig:
                 "initial_size must be None or an integer >= population_size "
                 f"(got initial_size={initial!r}, population_size={self.population_size})"
             )
+        if self.objective not in OBJECTIVES:
+            raise BioTuneError(
+                f"objective must be one of {', '.join(OBJECTIVES)} (got {self.objective!r})"
+            )
 
     def to_dict(self) -> dict[str, Any]:
-        """The settings as stored in a run directory; an unset ``initial_size`` is left out, so
-        run directories made before that setting existed still resume."""
+        """The settings as stored in a run directory; an unset ``initial_size`` and the
+        accuracy objective are left out, so run directories made before those settings existed
+        still resume."""
         settings = asdict(self)
         if self.initial_size is None:
             del settings["initial_size"]
+        if self.objective == "accuracy":
+            del settings["objective"]
         return settings
 
     @property
@@ -166,10 +194,19 @@ class BioTuneEvolution:
     variants (one ``ask()``), then makes children until the population is full (``children_batch``
     at a time). Everything random comes from one seeded generator whose state is saved by
     ``state_dict()``, so a resumed search asks exactly what the original would have.
+
+    ``fits`` and ``cost`` are functions of a genome (see the module's docstring); they are not
+    saved with the state, so give the same ones to ``from_state_dict``.
     """
 
     def __init__(
-        self, num_blocks: int, config: EvolutionConfig = _DEFAULT_CONFIG, seed: int = 0
+        self,
+        num_blocks: int,
+        config: EvolutionConfig = _DEFAULT_CONFIG,
+        seed: int = 0,
+        *,
+        fits: Callable[[Genes], bool] | None = None,
+        cost: Callable[[Genes], float] | None = None,
     ) -> None:
         if not _is_int(num_blocks) or num_blocks < 1:
             raise BioTuneError(f"num_blocks must be an integer >= 1 (got {num_blocks!r})")
@@ -177,6 +214,10 @@ class BioTuneEvolution:
             raise BioTuneError(f"config must be an EvolutionConfig (got {type(config).__name__})")
         if not _is_int(seed) or seed < 0:
             raise BioTuneError(f"seed must be an integer >= 0 (got {seed!r})")
+        if config.objective == "pareto" and cost is None:
+            raise BioTuneError("the pareto objective needs cost= (a genome's cost, lower better)")
+        self._fits = fits
+        self._cost = cost
         self._num_blocks = int(num_blocks)
         self._config = config
         self._seed = int(seed)
@@ -223,14 +264,30 @@ class BioTuneEvolution:
 
     @property
     def best(self) -> tuple[Candidate, float]:
-        """Best of the latest finished generation; scores of older folds are not comparable."""
+        """Best of the latest finished generation; scores of older folds are not comparable.
+
+        With the pareto objective: its most accurate member (lowest fitness, then lowest id).
+        """
         if not self._population:
             raise BioTuneError("no generation has finished yet: tell() the initial population")
+        if self._config.objective == "pareto":
+            return min(self._population, key=lambda cf: (cf[1], cf[0].id))
         return self._population[0]
 
     @property
+    def front(self) -> list[tuple[Candidate, float]]:
+        """The non-dominated members of the latest finished generation (one fold), as
+        (candidate, fitness), cheapest first; needs ``cost``."""
+        if self._cost is None:
+            raise BioTuneError("front needs cost= (a genome's cost)")
+        points = [self._point(c, f) for c, f in self._population]
+        members = [self._population[i] for i in non_dominated(points)]
+        return sorted(members, key=lambda cf: (self._point(*cf)[1], cf[1], cf[0].id))
+
+    @property
     def history(self) -> list[dict[str, Any]]:
-        """One summary per finished generation: generation, best, mean, fitness, best_id."""
+        """One summary per finished generation: generation, best, mean, fitness (population
+        order), best_id; with the pareto objective also front (the ids of its front)."""
         return copy.deepcopy(self._history)
 
     # -- ask / tell --------------------------------------------------------------------------
@@ -242,6 +299,8 @@ class BioTuneEvolution:
         if self._phase == "initial":
             size = self._config.initial_evaluations
             genes = anchor_genes(self._num_blocks)[:size] if self._config.anchors else []
+            if self._fits is not None:
+                genes = self._anchors_within_budget(genes)
             genes += [self._random_valid_genes() for _ in range(size - len(genes))]
             self._pending = [self._new_candidate(g, "initial") for g in genes]
         elif self._phase == "elite":
@@ -298,12 +357,22 @@ class BioTuneEvolution:
         }
 
     @classmethod
-    def from_state_dict(cls, state: Mapping[str, Any]) -> BioTuneEvolution:
-        """Rebuild a search saved by ``state_dict()``; it continues bit-identically."""
+    def from_state_dict(
+        cls,
+        state: Mapping[str, Any],
+        *,
+        fits: Callable[[Genes], bool] | None = None,
+        cost: Callable[[Genes], float] | None = None,
+    ) -> BioTuneEvolution:
+        """Rebuild a search saved by ``state_dict()``; it continues bit-identically (given the
+        ``fits`` and ``cost`` it was made with)."""
         if not isinstance(state, Mapping) or state.get("format") != _STATE_FORMAT:
             raise BioTuneError(f"not a BioTune evolution state of format {_STATE_FORMAT}")
         try:
-            evo = cls(state["num_blocks"], EvolutionConfig(**state["config"]), state["seed"])
+            evo = cls(
+                state["num_blocks"], EvolutionConfig(**state["config"]), state["seed"],
+                fits=fits, cost=cost,
+            )
             evo._rng.bit_generator.state = copy.deepcopy(dict(state["rng"]))
             evo._next_id = int(state["next_id"])
             evo._generation = int(state["generation"])
@@ -332,10 +401,46 @@ class BioTuneEvolution:
         return candidate
 
     def _random_valid_genes(self) -> np.ndarray:
+        """Uniform genes that select a block (and fit the budget, after repair if need be)."""
+        redraws = 0
         while True:
             genes = self._rng.random(self._num_blocks + 1)
-            if np.any(genes[:-1] > genes[-1]):
-                return genes
+            if not np.any(genes[:-1] > genes[-1]):
+                continue
+            fitted = self._within_budget(genes)
+            if fitted is not None:
+                return fitted
+            redraws += 1
+            if redraws >= _MAX_REDRAWS:
+                raise BioTuneError(
+                    f"no genome within the budget in {_MAX_REDRAWS} random draws: the budget "
+                    "admits almost no plan; loosen it"
+                )
+
+    def _within_budget(self, genes: np.ndarray) -> np.ndarray | None:
+        """``genes`` if they fit the budget (or there is none), else repaired; None if no
+        repair fits. Uses no random numbers, so a budget that everything fits changes nothing."""
+        if self._fits is None or self._fits(genes):
+            return genes
+        return _repair(genes, self._fits)
+
+    def _anchors_within_budget(self, anchors: list[np.ndarray]) -> list[np.ndarray]:
+        """The anchors repaired to fit (full fine-tuning becomes as many of the top blocks as
+        fit), without duplicates; random genomes take the places of those left out."""
+        out: list[np.ndarray] = []
+        for genes in anchors:
+            fitted = self._within_budget(genes)
+            if fitted is not None and not any(_same_plan(fitted, g) for g in out):
+                out.append(fitted)
+        return out
+
+    def _point(self, candidate: Candidate, fitness: float) -> tuple[float, float]:
+        """(fitness, cost) for Pareto comparisons; a genome that trains nothing costs nothing
+        but is worth nothing either, so it is put behind every plan."""
+        assert self._cost is not None
+        if not candidate.valid:
+            return (fitness, math.inf)
+        return (fitness, float(self._cost(candidate.genes)))
 
     def _ask_elite(self) -> list[Candidate]:
         """Each elite, re-evaluated on this generation's fold, and its two local variants."""
@@ -348,6 +453,10 @@ class BioTuneEvolution:
             for sign in (1.0, -1.0):
                 genes = elite.genes.copy()
                 genes[gene] = np.clip(genes[gene] + sign * delta, 0.0, 1.0)
+                # A variant no repair brings within the budget falls back on the elite itself
+                # (memoised by the runner, so it costs nothing).
+                fitted = self._within_budget(genes)
+                genes = elite.genes.copy() if fitted is None else fitted
                 asked.append(self._new_candidate(genes, "local", (elite.id,)))
         return asked
 
@@ -362,8 +471,15 @@ class BioTuneEvolution:
         for start in range(0, len(told), 3):
             trio = told[start : start + 3]
             self._elite_fitness.append(trio[0][1])
-            # Strictly better only: on ties the re-evaluated original (listed first) is kept.
-            self._survivors.append(min(trio, key=lambda cf: cf[1]))
+            if self._config.objective == "pareto":
+                # A variant replaces its elite only if it dominates it (the same fold's scores).
+                original = self._point(*trio[0])
+                better = [cf for cf in trio[1:] if dominates(self._point(*cf), original)]
+                survivor = min(better, key=lambda cf: self._point(*cf)) if better else trio[0]
+                self._survivors.append(survivor)
+            else:
+                # Strictly better only: on ties the re-evaluated original (listed first) is kept.
+                self._survivors.append(min(trio, key=lambda cf: cf[1]))
         self._phase = "children"
 
     def _ask_children(self) -> list[Candidate]:
@@ -397,7 +513,10 @@ class BioTuneEvolution:
         genes = _crossover(self._rng, a.genes, b.genes)
         genes = _mutate(self._rng, genes, extinction)
         genes = _adopt(self._rng, genes, a.genes, b.genes, prototype.genes)
-        return self._new_candidate(genes, "child", (a.id, b.id, prototype.id))
+        fitted = self._within_budget(genes)
+        if fitted is None:  # none of its blocks fits the budget: a random newcomer instead
+            return self._new_candidate(self._random_valid_genes(), "immigrant")
+        return self._new_candidate(fitted, "child", (a.id, b.id, prototype.id))
 
     def _tell_children(self, told: list[tuple[Candidate, float]]) -> None:
         for child, fitness in told:
@@ -421,25 +540,46 @@ class BioTuneEvolution:
             if (
                 index < len(self._elite_fitness)
                 and index in self._pool
-                and fitness < self._elite_fitness[index]
+                and self._beats(child, fitness, index)
             ):
                 self._pool.remove(index)
 
+    def _beats(self, child: Candidate, fitness: float, elite_index: int) -> bool:
+        """Whether a child beats an elite scored on its fold: lower fitness, or with the
+        pareto objective, domination in (fitness, cost)."""
+        elite_fitness = self._elite_fitness[elite_index]
+        if self._config.objective != "pareto":
+            return fitness < elite_fitness
+        elite = self._population[elite_index][0]
+        return dominates(self._point(child, fitness), self._point(elite, elite_fitness))
+
     def _finish_generation(self, members: list[tuple[Candidate, float]]) -> None:
         # Only the initial generation can be larger than the population (``initial_size``).
-        ranked = sorted(members, key=lambda cf: (cf[1], cf[0].id))[: self._config.population_size]
+        pareto = self._config.objective == "pareto"
+        if pareto:
+            points = [self._point(c, f) for c, f in members]
+            order = pareto_order(points, [c.id for c, _ in members])
+            ranked = [members[i] for i in order][: self._config.population_size]
+        else:
+            ranked = sorted(members, key=lambda cf: (cf[1], cf[0].id))
+            ranked = ranked[: self._config.population_size]
         fitness = [f for _, f in ranked]
         self._population = ranked
-        self._extinction = _extinction_probabilities(fitness).tolist()
-        self._history.append(
-            {
-                "generation": self._generation,
-                "best": fitness[0],
-                "mean": float(np.mean(fitness)),
-                "fitness": fitness,
-                "best_id": ranked[0][0].id,
-            }
-        )
+        if pareto:  # by rank: the best 0 .. the worst 1, as the paper's formula gives by fitness
+            self._extinction = np.linspace(0.0, 1.0, len(ranked)).tolist()
+        else:
+            self._extinction = _extinction_probabilities(fitness).tolist()
+        best, best_fitness = self.best
+        summary = {
+            "generation": self._generation,
+            "best": best_fitness,
+            "mean": float(np.mean(fitness)),
+            "fitness": fitness,
+            "best_id": best.id,
+        }
+        if pareto:
+            summary["front"] = [c.id for c, _ in self.front]
+        self._history.append(summary)
         self._survivors, self._elite_fitness, self._children = [], [], []
         if self._generation >= self._config.generations:
             self._phase = "done"
@@ -469,6 +609,40 @@ def anchor_genes(num_blocks: int) -> list[np.ndarray]:
         if not any(np.array_equal(genes, g) for g in out):
             out.append(genes)
     return out
+
+
+def _repair(genes: np.ndarray, fits: Callable[[Genes], bool]) -> np.ndarray | None:
+    """Keep the most important trained blocks that fit the budget together, freeze the others.
+
+    Blocks are taken by gene, highest first (ties: the later block first, so full fine-tuning
+    becomes its top blocks), each kept if the plan with it still fits. A frozen block's gene is
+    set to the threshold, the least change that freezes it; the others keep theirs, learning
+    rates included. None if not one of the trained blocks fits alone.
+    """
+    threshold = genes[-1]
+    trained = [int(b) for b in np.flatnonzero(genes[:-1] > threshold)]
+    order = sorted(trained, key=lambda b: (-genes[b], -b))
+
+    def only(kept: list[int]) -> np.ndarray:
+        out = genes.copy()
+        for b in trained:
+            if b not in kept:
+                out[b] = threshold
+        return out
+
+    kept: list[int] = []
+    for block in order:
+        if fits(only([*kept, block])):
+            kept.append(block)
+    return only(kept) if kept else None
+
+
+def _same_plan(a: np.ndarray, b: np.ndarray) -> bool:
+    """Two genomes that train the same blocks at the same rates (the genes of frozen blocks
+    and the threshold may differ)."""
+    trained_a, trained_b = a[:-1] > a[-1], b[:-1] > b[-1]
+    return bool(np.array_equal(trained_a, trained_b) and np.array_equal(a[:-1][trained_a],
+                                                                          b[:-1][trained_b]))
 
 
 def _checked_fitness(candidate_id: int, value: float) -> float:
