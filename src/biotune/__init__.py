@@ -20,6 +20,7 @@ __version__ = "0.2.0"
 _EXPORTS = {
     "BioTuneError": "biotune.errors",
     "BlockPartition": "biotune.blocks",
+    "BudgetConfig": "biotune.budget",
     "partition_blocks": "biotune.blocks",
     "load_dataset": "biotune.data",
     "load_model": "biotune.models",
@@ -40,6 +41,7 @@ _EXPORTS = {
 __all__ = [
     "BioTuneError",
     "BlockPartition",
+    "BudgetConfig",
     "DataConfig",
     "FineTunePlan",
     "FineTuned",
@@ -74,6 +76,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     from biotune.api import search, train
     from biotune.blocks import BlockPartition, partition_blocks
+    from biotune.budget import BudgetConfig
     from biotune.data import load_dataset
     from biotune.errors import BioTuneError
     from biotune.finetuned import FineTuned, load_finetuned

@@ -99,19 +99,31 @@ def search(
     workers: int = 1,
     ray_address: str | None = None,
     progress: bool = True,
+    objective: str | None = None,
+    max_trainable: float | None = None,
+    max_memory_mb: float | None = None,
     **data: Any,
 ) -> SearchResult:
     """Search a fine-tuning plan (then train and test it, and save the model, unless
     ``final=False``).
 
     ``data`` overrides fields of :class:`DataConfig` (``image_size=``, ``train_size=``, ...) of
-    ``config`` or of the named preset ("default" or "paper").
+    ``config`` or of the named preset ("default" or "paper"). ``max_trainable`` (a share: 0.1
+    is 10 % of the parameters) and ``max_memory_mb`` are budgets no trained plan exceeds;
+    ``objective="pareto"`` returns the front of accuracy against cost (``result.pareto``);
+    the other settings of :class:`biotune.budget.BudgetConfig` go through ``config.budget``.
     """
     from biotune.presets import preset as named_preset
     from biotune.progress import SearchProgress
     from biotune.runner import Search
 
     config = config or named_preset(preset)
+    budget = {k: v for k, v in (("max_trainable", max_trainable),
+                                ("max_memory_mb", max_memory_mb)) if v is not None}
+    if budget:
+        config = replace(config, budget=replace(config.budget, **budget))
+    if objective is not None:
+        config = replace(config, evolution=replace(config.evolution, objective=objective))
     if blocks is not None:
         data["blocks"] = blocks
     bench, described = workbench(

@@ -283,7 +283,9 @@ def _search_config(args: argparse.Namespace, base: Any) -> Any:
         changes["final_seeds"] = seeds_from(args, "final-")
     if args.seed is not None:
         changes["seed"] = args.seed
-    return replace(base, **changes)
+    from biotune.budget import budget_options
+
+    return budget_options(args, replace(base, **changes))
 
 
 def _print_final(final: dict[str, Any]) -> None:
@@ -375,7 +377,15 @@ def cmd_search(args: argparse.Namespace) -> int:
           f"{cost['ft_equivalents']:.2f} FT-equivalents")
     if result.final:
         _print_final(result.final)
+    if result.pareto:
+        from biotune.reports import pareto_table
+
+        print(pareto_table(result.pareto))
+        print(f"front: {run_dir / 'pareto.json'}, {run_dir / 'pareto.png'}")
     print(f"plan: {run_dir / 'best_plan.json'}")
+    if result.final and result.final.get("model"):
+        print(f"fine-tuned model (seed {result.final['model']['seed']}, the best on validation): "
+              f"{run_dir / 'model.safetensors'}; use it with: biotune predict {run_dir} IMAGES")
     return 0
 
 
@@ -383,9 +393,6 @@ def _check_writable(path: Path, option: str) -> None:
     """Refuse an output file that cannot be written, before any work is done for it."""
     if path.is_dir():
         raise BioTuneError(f"{option} {path}: is a directory, not a file")
-    if result.final and result.final.get("model"):
-        print(f"fine-tuned model (seed {result.final['model']['seed']}, the best on validation): "
-              f"{run_dir / 'model.safetensors'}; use it with: biotune predict {run_dir} IMAGES")
     folder = path.parent
     while not folder.exists():
         folder = folder.parent
@@ -631,6 +638,9 @@ def build_parser() -> argparse.ArgumentParser:
         label: c.final_seeds for label, c in presets.items()
     }))
     add_machine_options(s, augment="the final training (not the search's evaluations)")
+    from biotune.budget import add_budget_options
+
+    add_budget_options(s)
     s.set_defaults(func=cmd_search)
 
     t = sub.add_parser("train", help="train a given plan and test it",

@@ -26,6 +26,7 @@ import torch
 from biotune import __version__, rerank
 from biotune import cost as costs
 from biotune.blocks import BlockPartition, partition_blocks
+from biotune.budget import BudgetConfig, SearchBudget, search_budget
 from biotune.callbacks import emit
 from biotune.data import DEMO_SIZES, DatasetSplits, is_offline, load_dataset, subset
 from biotune.errors import BioTuneError
@@ -39,8 +40,8 @@ from biotune.plan import FineTunePlan, decode_genome
 from biotune.rundir import (
     CONFIG,
     EVALUATIONS,
-    PARTITION,
     GENERATIONS,
+    PARTITION,
     SESSIONS,
     STATE,
     RunDirectory,
@@ -104,6 +105,8 @@ class SearchConfig:
     # Re-rank the best k distinct plans of the last generation with the final recipe and choose
     # on validation (``rerank.py``); 0 or 1: the search's best plan as it is.
     rerank: int = 0
+    # Budgets and the Pareto trade-off's settings (``budget.py``); the defaults change nothing.
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
 
     def __post_init__(self) -> None:
         if not isinstance(self.rerank, int) or self.rerank < 0:
@@ -119,6 +122,7 @@ class SearchConfig:
             "seed": self.seed,
             # Written only when on, so configurations from before it existed compare equal.
             **({"rerank": self.rerank} if self.rerank else {}),
+            **({"budget": self.budget.to_dict()} if self.budget != BudgetConfig() else {}),
         }
 
     @classmethod
@@ -131,6 +135,7 @@ class SearchConfig:
             final_seeds=tuple(d["final_seeds"]),
             seed=d["seed"],
             rerank=d.get("rerank", 0),
+            budget=BudgetConfig.from_dict(d.get("budget")),
         )
 
 
@@ -220,6 +225,7 @@ class SearchResult:
     evaluations: list[dict[str, Any]]
     final: dict[str, Any] | None
     cost: dict[str, Any] = field(default_factory=dict)
+    pareto: dict[str, Any] | None = None  # the objective "pareto": what pareto.json holds
 
 
 def _config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
@@ -326,6 +332,7 @@ class Search:
         self._written: list[str] = []  # files a new search wrote (taken back if it fails early)
         self._sessions: list[dict[str, float]] = []
         self._clock = 0.0
+        self.budget: SearchBudget | None = None  # set when the search starts (budget.py)
 
     # setup
     def _check_config(self, resume: bool) -> bool:
@@ -395,9 +402,10 @@ class Search:
 
     def _evolution(self, num_blocks: int) -> BioTuneEvolution:
         state = self.run.read(STATE)
+        hooks = self.budget.evolution_hooks() if self.budget else {}
         if state is not None:
-            return BioTuneEvolution.from_state_dict(state)
-        return BioTuneEvolution(num_blocks, self.config.evolution, seed=self.config.seed)
+            return BioTuneEvolution.from_state_dict(state, **hooks)
+        return BioTuneEvolution(num_blocks, self.config.evolution, seed=self.config.seed, **hooks)
 
     def _write(self, name: str, data: Any) -> None:
         self.run.write(name, data)
@@ -448,6 +456,7 @@ class Search:
         _log.info("data: %s", bench.splits.describe())
         self.bench = bench
         evaluator = evaluator_for(bench, self.config)
+        self.budget = search_budget(bench, self.config, evaluator.flops)
         records = self.run.records(EVALUATIONS, repair=True, required=self.RECORD_KEYS)
         partition = partition_record(bench)
         prints = {"model": model_fingerprint(bench.model), "data": data_fingerprint(bench.splits)}
@@ -503,7 +512,13 @@ class Search:
         self.run.write("search_summary.json", {"cost": cost, "best_fitness": best_fitness,
                                                "best_plan": plan.to_dict()})
         final_result = self._final(plan) if final else None
-        return SearchResult(self.run.path, plan, best_fitness, evaluations, final_result, cost)
+        pareto = None
+        if self.config.evolution.objective == "pareto":
+            from biotune.tradeoff import finish_pareto
+
+            pareto = finish_pareto(self, evaluations, final)
+        return SearchResult(self.run.path, plan, best_fitness, evaluations, final_result, cost,
+                            pareto)
 
     def _loop(
         self, evo: BioTuneEvolution, evaluator: Evaluator, executor: Any,
@@ -532,11 +547,12 @@ class Search:
                 for c in candidates:
                     if c.id in done:
                         continue
-                    twin = self._memoised(c, done, evaluator, self.bench.partition)
+                    twin = self.budget.over_budget(c, evaluator) if self.budget else None
+                    twin = twin or self._memoised(c, done, evaluator, self.bench.partition)
                     if twin is not None:
                         on_result(twin)
                     else:
-                        todo.append(self._task(c, done))
+                        todo.append(self._task(c, done, evo.config.objective != "pareto"))
                 executor.run(todo, on_result)
                 generations = len(evo.history)
                 evo.tell(results)
@@ -561,7 +577,8 @@ class Search:
             return
         with evaluator._pinned_threads():  # cached features depend on the thread count
             for rec in records:
-                if rec.get("reused_from") is not None or rec["status"] == "invalid":
+                if rec.get("reused_from") is not None or rec["status"] in ("invalid",
+                                                                           "over_budget"):
                     continue
                 plan = decode_genome(rec["genes"], evaluator.partition.names)
                 train = subset(evaluator.splits.train, evaluator.folds[rec["fold"]])
@@ -573,6 +590,8 @@ class Search:
     ) -> None:
         """Persist a finished evaluation at once (fsynced) and note its fitness for ``tell``."""
         rec = ev.to_dict()
+        if self.budget is not None:
+            rec["cost"] = self.budget.record(ev.genes)
         self.run.append(EVALUATIONS, rec)
         done[ev.candidate] = rec
         results[ev.candidate] = ev.fitness
@@ -587,10 +606,12 @@ class Search:
             )
 
     @staticmethod
-    def _task(candidate: Any, done: dict[int, dict[str, Any]]) -> Task:
-        """A task; children carry this generation's elite curves for early termination."""
+    def _task(candidate: Any, done: dict[int, dict[str, Any]], prune: bool = True) -> Task:
+        """A task; children carry this generation's elite curves for early termination (not
+        with ``prune=False``: the pareto objective, where a cheap plan below the accurate elites'
+        curves may still be on the front)."""
         reference: tuple[tuple[float, ...], ...] = ()
-        if candidate.role in ("child", "immigrant"):
+        if prune and candidate.role in ("child", "immigrant"):
             reference = tuple(
                 tuple(curve)
                 for r in done.values()
