@@ -365,7 +365,11 @@ def _plot_final(pareto: Mapping[str, Any], ax: Any) -> None:
     x = [_cost_value(pareto, e["cost"]) for e in trained]
     y = [100 * e["final"]["test_top1"]["mean"] for e in trained]
     err = [100 * e["final"]["test_top1"]["std"] for e in trained]
-    ax.errorbar(x, y, yerr=err, fmt="o-", color="tab:blue", capsize=3, label="front plans")
+    ax.step(x, y, where="post", color="tab:blue", lw=1.0, alpha=0.6)
+    ax.errorbar(x, y, yerr=err, fmt="o", color="tab:blue", capsize=3, label="front plans")
+    for i, (xi, yi) in enumerate(zip(x, y, strict=True), 1):  # "front k" as in the table
+        ax.annotate(f"front {i}", (xi, yi), textcoords="offset points", xytext=(6, -12),
+                    fontsize=7, color="tab:blue")
     for anchor in pareto["anchors"]:
         final = anchor.get("final")
         if not final or not final["test_top1"]:
