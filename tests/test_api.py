@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import biotune
-from biotune.evolution import EvolutionConfig
+from biotune.core.evolution import EvolutionConfig
 from biotune.presets import default
 from biotune.training import TrainConfig
 

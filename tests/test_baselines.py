@@ -23,10 +23,11 @@ from biotune.baselines import (
     select_lr,
 )
 from biotune.blocks import partition_blocks
+from biotune.core.plan import FineTunePlan
 from biotune.data import DatasetSplits, TensorImageDataset
 from biotune.errors import BioTuneError
+from biotune.freezing import apply_plan
 from biotune.models import LoadedModel
-from biotune.plan import FineTunePlan, apply_plan
 from biotune.runner import Workbench
 from biotune.training import TrainConfig, batches, fine_tune, reinit_head
 

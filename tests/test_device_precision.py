@@ -11,10 +11,10 @@ from conftest import make_tiny_cnn, make_tiny_data
 
 from biotune import training
 from biotune.blocks import partition_blocks
+from biotune.core.plan import FineTunePlan
 from biotune.data import random_resized_crop_flip
 from biotune.errors import BioTuneError
 from biotune.features import FeatureCache, block_chain, train_plan_fast
-from biotune.plan import FineTunePlan
 from biotune.presets import default, paper
 from biotune.runner import SearchConfig
 from biotune.training import (

@@ -8,8 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from biotune.errors import BioTuneError
-from biotune.evolution import (
+from biotune.core.evolution import (
     BioTuneEvolution,
     Candidate,
     EvolutionConfig,
@@ -18,7 +17,8 @@ from biotune.evolution import (
     _linear_ranking_draw,
     anchor_genes,
 )
-from biotune.plan import decode_genome
+from biotune.core.plan import decode_genome
+from biotune.errors import BioTuneError
 
 NUM_BLOCKS = 5
 TARGET = np.array([0.9, 0.1, 0.8, 0.2, 0.7, 0.4])  # blocks 0, 2, 4 selected, threshold 0.4
@@ -635,7 +635,7 @@ def test_a_budget_every_genome_fits_changes_nothing_random_stream_included(confi
 
 
 def test_repair_keeps_the_most_important_trained_blocks_that_fit_and_their_rates():
-    from biotune.evolution import _repair
+    from biotune.core.evolution import _repair
 
     #               blocks 0    1    2    3    4    5   threshold
     genes = np.array([0.9, 0.8, 0.7, 0.2, 0.6, 0.95, 0.3])
@@ -675,7 +675,7 @@ def _pareto(seed: int = 0, **settings) -> BioTuneEvolution:
 
 
 def test_pareto_generations_rank_the_front_first_with_its_ends_as_elites():
-    from biotune.pareto import dominates
+    from biotune.core.pareto import dominates
 
     evo = _pareto()
     finish_initial(evo)

@@ -15,10 +15,11 @@ import psutil
 import pytest
 import torch
 
+from biotune.core.evolution import EvolutionConfig
+from biotune.core.records import MEASURED_FIELDS
 from biotune.errors import BioTuneError
-from biotune.evolution import EvolutionConfig
 from biotune.executors import Task, make_executor, run_task
-from biotune.fitness import MEASURED_FIELDS, PruneConfig, SearchProtocol
+from biotune.fitness import PruneConfig, SearchProtocol
 from biotune.runner import DataConfig, Search, SearchConfig, build_evaluator
 from biotune.training import TrainConfig
 

@@ -121,7 +121,7 @@ def test_predict_on_test_images_agrees_with_the_test_predictions(tmp_path):
 def _tiny_search_config():
     from dataclasses import replace
 
-    from biotune.evolution import EvolutionConfig
+    from biotune.core.evolution import EvolutionConfig
     from biotune.presets import default
 
     config = default()

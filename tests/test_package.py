@@ -27,12 +27,40 @@ def test_python_dash_m_biotune_is_the_command_line():
     assert done.stdout.startswith("usage: biotune")
 
 
-def test_the_evolution_and_the_package_import_without_torch():
-    """The evolutionary core is pure numpy: importing it (and biotune itself) loads no torch."""
-    code = "import sys, biotune, biotune.evolution; print('torch' in sys.modules)"
+def test_the_package_imports_without_torch():
+    """``import biotune`` is lazy: it loads no torch until a name that needs it is used."""
+    code = "import sys, biotune; print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
+
+
+def test_every_core_module_imports_with_torch_blocked():
+    """``biotune.core`` is pure logic (plans, the evolution, budgets, splits, costs, records):
+    each of its modules imports while any import of torch fails."""
+    code = (
+        "import importlib, pkgutil, sys\n"
+        "sys.modules['torch'] = None  # import torch now raises ImportError\n"
+        "import biotune.core\n"
+        "names = [m.name for m in pkgutil.iter_modules(biotune.core.__path__, 'biotune.core.')]\n"
+        "for name in names:\n"
+        "    importlib.import_module(name)\n"
+        "print(','.join(sorted(names)))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    expected = sorted(f"biotune.core.{p.stem}" for p in (SRC / "core").glob("[!_]*.py"))
+    assert done.stdout.strip().split(",") == expected
+    assert {"biotune.core.evolution", "biotune.core.plan", "biotune.core.records"} <= set(expected)
+
+
+def test_the_core_imports_nothing_of_biotune_outside_it_but_errors():
+    """Imports point one way: everything may import the core, the core imports none of it."""
+    graph = _module_imports()
+    for module, targets in graph.items():
+        if module.startswith("biotune.core"):
+            outside = {t for t in targets if not t.startswith("biotune.core")} - {"biotune.errors"}
+            assert not outside, f"{module} imports {sorted(outside)}"
 
 
 def _module_imports() -> dict[str, set[str]]:

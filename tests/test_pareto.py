@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 from test_budget import BUDGETED, StopAfter, bench
 
-from biotune.budget import BudgetConfig
-from biotune.evolution import EvolutionConfig, anchor_genes
-from biotune.fitness import MEASURED_FIELDS, PruneConfig
-from biotune.pareto import (
+from biotune.core.budget import BudgetConfig
+from biotune.core.evolution import EvolutionConfig, anchor_genes
+from biotune.core.pareto import (
     crowding,
     dominates,
     fold_front,
@@ -24,7 +23,9 @@ from biotune.pareto import (
     plan_key,
     spread_along,
 )
-from biotune.plan import FineTunePlan, decode_genome
+from biotune.core.plan import FineTunePlan, decode_genome
+from biotune.core.records import MEASURED_FIELDS
+from biotune.fitness import PruneConfig
 from biotune.reports import pareto_table, report, summary_lines
 from biotune.runner import Search, SearchConfig
 from biotune.tradeoff import anchor_plans

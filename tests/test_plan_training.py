@@ -10,15 +10,15 @@ import pytest
 import torch
 
 from biotune.blocks import partition_blocks
-from biotune.errors import BioTuneError
-from biotune.plan import (
+from biotune.core.plan import (
     BlockSetting,
     FineTunePlan,
-    apply_plan,
     decode_genome,
     encode_plan,
     genome_is_valid,
 )
+from biotune.errors import BioTuneError
+from biotune.freezing import apply_plan
 from biotune.training import TrainConfig, accuracy, count_parameters, fine_tune, train_plan
 
 BLOCKS = {"stem": ["0"], "mid": ["1"], "top": ["2"], "head": ["4"]}

@@ -14,8 +14,8 @@ from conftest import make_tiny_cnn, make_tiny_data
 from rich.console import Console
 
 from biotune.callbacks import Callback, CSVLogger, TensorBoardLogger, emit
+from biotune.core.evolution import BioTuneEvolution, EvolutionConfig
 from biotune.data import DatasetSplits
-from biotune.evolution import BioTuneEvolution, EvolutionConfig
 from biotune.fitness import SearchProtocol
 from biotune.models import LoadedModel
 from biotune.progress import CompareProgress, SearchProgress, TrainingProgress, eta

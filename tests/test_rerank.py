@@ -9,10 +9,10 @@ import numpy as np
 from conftest import make_tiny_cnn, make_tiny_data
 
 from biotune.blocks import partition_blocks
+from biotune.core.evolution import Candidate, EvolutionConfig
+from biotune.core.plan import FineTunePlan, encode_plan
 from biotune.data import DatasetSplits
-from biotune.evolution import Candidate, EvolutionConfig
 from biotune.models import LoadedModel
-from biotune.plan import FineTunePlan, encode_plan
 from biotune.presets import default
 from biotune.rerank import candidates, choose
 from biotune.runner import Search, Workbench

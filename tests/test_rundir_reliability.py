@@ -16,9 +16,9 @@ from conftest import make_tiny_cnn, make_tiny_data
 from biotune import fitness as fitness_module
 from biotune import rundir as rundir_module
 from biotune.blocks import Block, BlockPartition, partition_blocks
+from biotune.core.evolution import EvolutionConfig
 from biotune.data import DatasetSplits
 from biotune.errors import BioTuneError
-from biotune.evolution import EvolutionConfig
 from biotune.fitness import SearchProtocol
 from biotune.models import LoadedModel
 from biotune.rundir import EVALUATIONS, PARTITION, SESSIONS, RunDirectory

@@ -12,14 +12,15 @@ from conftest import make_tiny_cnn, make_tiny_data
 from torch import nn
 
 import biotune.fitness as fitness_module
-from biotune import cost
 from biotune.blocks import partition_blocks
+from biotune.core import cost
+from biotune.core.evolution import EvolutionConfig
+from biotune.core.plan import BlockSetting, FineTunePlan, encode_plan
 from biotune.data import DatasetSplits
-from biotune.evolution import EvolutionConfig
 from biotune.features import FeatureCache, batch_sizes_for, block_chain, train_plan_cached
 from biotune.fitness import Evaluator, PruneConfig, PruneHooks, SearchProtocol
+from biotune.measure import block_flops
 from biotune.models import LoadedModel
-from biotune.plan import BlockSetting, FineTunePlan, encode_plan
 from biotune.runner import DataConfig, Search, SearchConfig, Workbench
 from biotune.training import TrainConfig, batches, train_plan
 
@@ -264,7 +265,7 @@ def test_block_flops_add_up_to_the_whole_model(tiny_cnn):
     from torch.utils.flop_counter import FlopCounterMode
 
     partition = partition_blocks(tiny_cnn)
-    flops = cost.block_flops(tiny_cnn, partition, torch.randn(3, 8, 8))
+    flops = block_flops(tiny_cnn, partition, torch.randn(3, 8, 8))
     with FlopCounterMode(display=False) as counter:
         tiny_cnn.eval()(torch.randn(1, 3, 8, 8))
     assert sum(flops) == pytest.approx(counter.get_total_flops())

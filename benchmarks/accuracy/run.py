@@ -103,7 +103,8 @@ class Dataset:
     """One dataset's workbench, its cost unit and the record folder; runs pieces on demand."""
 
     def __init__(self, name: str, records: Path, work: Path, log: Callable[[str], None]) -> None:
-        from biotune import cost
+        from biotune.core import cost
+        from biotune.measure import block_flops
         from biotune.runner import DataConfig, prepare
         from biotune.training import batches
 
@@ -113,14 +114,14 @@ class Dataset:
                                train_size=train, val_size=val, test_size=test)
         self.bench = prepare(self.data)
         sample, _ = next(batches(self.bench.splits.val, 1))
-        self.flops = cost.block_flops(self.bench.model, self.bench.partition, sample[0])
+        self.flops = block_flops(self.bench.model, self.bench.partition, sample[0])
         self.ft_work = cost.ft_work(self.flops, len(self.bench.splits.train),
                                     len(self.bench.splits.val), EPOCHS)
 
     def run(self, method: str, lr: float, seed: int, plan: Any = None) -> dict[str, Any]:
         """One training run with the shared recipe, recorded; read back if already recorded."""
-        from biotune import cost
         from biotune.baselines import run_baseline
+        from biotune.core import cost
         from biotune.training import count_parameters, evaluate
 
         path = _record_path(self.records, self.name, method, _run_name(lr, seed))
@@ -168,7 +169,7 @@ class Dataset:
 
     def search(self, method: str, seed: int) -> dict[str, Any]:
         """One BioTune search (its own seed), recorded; its plan is trained like a baseline."""
-        from biotune.plan import FineTunePlan
+        from biotune.core.plan import FineTunePlan
         from biotune.runner import Search
 
         path = _record_path(self.records, self.name, method, f"search-seed{seed}")
@@ -218,7 +219,7 @@ class Dataset:
                 self.search(method, seed)
             return
         done = self.search(method, SEEDS[0])
-        from biotune.plan import FineTunePlan
+        from biotune.core.plan import FineTunePlan
 
         plan = FineTunePlan.from_dict(done["plan"])
         for seed in SEEDS[1:]:

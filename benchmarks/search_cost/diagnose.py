@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from run import configs, parse_args  # run.py beside this script
 
+from biotune.core.plan import BlockSetting, FineTunePlan, decode_genome, encode_plan
 from biotune.errors import BioTuneError
-from biotune.plan import BlockSetting, FineTunePlan, decode_genome, encode_plan
 from biotune.runner import (
     SearchConfig,
     Workbench,

@@ -10,7 +10,8 @@ Each search's best plan is then trained by one final recipe on the whole trainin
 seeds and tested once.
 
 Cost unit: one FT-equivalent = fine-tuning every block on the whole training split for
-``--epochs`` epochs with validation after each (``biotune.cost``), the same unit for both sides.
+``--epochs`` epochs with validation after each (``biotune.core.cost``), the same unit for both
+sides.
 
     python benchmarks/search_cost/run.py                        # one search seed, ~35 min
     python benchmarks/search_cost/run.py --search-seeds 0,1,2   # three, ~1 h 45
@@ -39,7 +40,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from biotune import cost, presets
+from biotune import presets
+from biotune.core import cost
+from biotune.measure import block_flops
 from biotune.rundir import write_json_atomic
 from biotune.runner import (
     DataConfig,
@@ -174,7 +177,7 @@ def run_side(name: str, config: SearchConfig, args: argparse.Namespace, unit_epo
     start = time.perf_counter()
     result = search.run_search(resume=resume, final=False)
     search_wall = time.perf_counter() - start
-    flops = cost.block_flops(bench.model, bench.partition, bench.splits.val[0][0])
+    flops = block_flops(bench.model, bench.partition, bench.splits.val[0][0])
     unit = cost.ft_work(flops, len(bench.splits.train), len(bench.splits.val), unit_epochs)
     summary = cost.search_cost(result.evaluations, unit, search_wall)
     if resume:

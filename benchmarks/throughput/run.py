@@ -29,10 +29,10 @@ from typing import Any
 
 import torch
 
-from biotune.evolution import Candidate
+from biotune.core.evolution import Candidate
+from biotune.core.plan import BlockSetting, FineTunePlan, encode_plan
 from biotune.features import FeatureCache
 from biotune.fitness import Evaluator, PruneConfig, SearchProtocol
-from biotune.plan import BlockSetting, FineTunePlan, encode_plan
 from biotune.rundir import write_json_atomic
 from biotune.runner import (
     DataConfig,

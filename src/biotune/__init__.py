@@ -6,7 +6,7 @@ runs the evolutionary search that finds the plan and trains it, :func:`train` tr
 plan, and :func:`load_finetuned` loads the fine-tuned model a search or a training saved.
 
 Names are imported on first use (PEP 562), so ``import biotune`` and the command line's start-up
-stay fast and ``biotune.evolution`` needs no torch.
+stay fast, and ``biotune.core`` (plans, the evolution, splits, costs, records) needs no torch.
 """
 
 from __future__ import annotations
@@ -20,13 +20,13 @@ __version__ = "0.2.0"
 _EXPORTS = {
     "BioTuneError": "biotune.errors",
     "BlockPartition": "biotune.blocks",
-    "BudgetConfig": "biotune.budget",
+    "BudgetConfig": "biotune.core.budget",
     "partition_blocks": "biotune.blocks",
     "load_dataset": "biotune.data",
     "load_model": "biotune.models",
-    "FineTunePlan": "biotune.plan",
-    "apply_plan": "biotune.plan",
-    "decode_genome": "biotune.plan",
+    "FineTunePlan": "biotune.core.plan",
+    "apply_plan": "biotune.freezing",
+    "decode_genome": "biotune.core.plan",
     "DataConfig": "biotune.runner",
     "Search": "biotune.runner",
     "SearchConfig": "biotune.runner",
@@ -76,11 +76,12 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     from biotune.api import search, train
     from biotune.blocks import BlockPartition, partition_blocks
-    from biotune.budget import BudgetConfig
+    from biotune.core.budget import BudgetConfig
+    from biotune.core.plan import FineTunePlan, decode_genome
     from biotune.data import load_dataset
     from biotune.errors import BioTuneError
     from biotune.finetuned import FineTuned, load_finetuned
+    from biotune.freezing import apply_plan
     from biotune.models import load_model
-    from biotune.plan import FineTunePlan, apply_plan, decode_genome
     from biotune.runner import DataConfig, Search, SearchConfig, SearchResult
     from biotune.training import TrainConfig

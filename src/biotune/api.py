@@ -111,7 +111,7 @@ def search(
     ``config`` or of the named preset ("default" or "paper"). ``max_trainable`` (a share: 0.1
     is 10 % of the parameters) and ``max_memory_mb`` are budgets no trained plan exceeds;
     ``objective="pareto"`` returns the front of accuracy against cost (``result.pareto``);
-    the other settings of :class:`biotune.budget.BudgetConfig` go through ``config.budget``.
+    the other settings of :class:`biotune.core.budget.BudgetConfig` go through ``config.budget``.
     """
     from biotune.presets import preset as named_preset
     from biotune.progress import SearchProgress
@@ -158,7 +158,7 @@ def train(
     "head") with the final recipe; returns the trained model and its scores (test included when
     there is a test split). ``save``: write the model there (see :mod:`biotune.finetuned`).
     """
-    from biotune.plan import FineTunePlan
+    from biotune.core.plan import FineTunePlan
     from biotune.presets import FINAL_TRAINING
     from biotune.runner import final_training_run, save_model
 

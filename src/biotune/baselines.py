@@ -14,7 +14,8 @@ are the shared recipe, so a comparison measures the method and nothing else.
   head trained fully; grouped convolutions PEFT cannot adapt are skipped and reported.
 * ``l2sp`` / ``l1sp``: full fine-tuning plus ``alpha/2 * ||w - w0||^2`` (``alpha * |w - w0|_1``)
   on the pretrained weights and ``beta/2 * ||w_head||^2`` on the new head (Li et al. 2018).
-* ``plan``: a given :class:`~biotune.plan.FineTunePlan` (BioTune's winner) under the same recipe.
+* ``plan``: a given :class:`~biotune.core.plan.FineTunePlan` (BioTune's winner) under the same
+  recipe.
 """
 
 from __future__ import annotations
@@ -32,9 +33,10 @@ import torch
 from torch import nn
 
 from biotune.blocks import BlockPartition
+from biotune.core.plan import FineTunePlan
 from biotune.errors import BioTuneError
 from biotune.features import train_plan_fast
-from biotune.plan import FineTunePlan, apply_plan
+from biotune.freezing import apply_plan
 from biotune.runner import Workbench
 from biotune.training import (
     TrainConfig,

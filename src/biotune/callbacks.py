@@ -81,7 +81,7 @@ def emit(callbacks: Sequence[Any], event: str, *args: Any) -> None:
 
 def plan_text(plan: dict[str, Any]) -> str:
     """'4/10 blocks: blocks.3 x1.2, ...' for a plan dict ('' if it is not one)."""
-    from biotune.plan import FineTunePlan
+    from biotune.core.plan import FineTunePlan
 
     try:
         return FineTunePlan.from_dict(plan).describe()

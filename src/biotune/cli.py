@@ -283,7 +283,7 @@ def _search_config(args: argparse.Namespace, base: Any) -> Any:
         changes["final_seeds"] = seeds_from(args, "final-")
     if args.seed is not None:
         changes["seed"] = args.seed
-    from biotune.budget import budget_options
+    from biotune.core.budget import budget_options
 
     return budget_options(args, replace(base, **changes))
 
@@ -413,7 +413,7 @@ def _plan_origin(path: str) -> dict[str, Any]:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from biotune.callbacks import emit
-    from biotune.plan import FineTunePlan
+    from biotune.core.plan import FineTunePlan
     from biotune.presets import FINAL_TRAINING
     from biotune.progress import TrainingProgress
     from biotune.rundir import write_json_atomic
@@ -638,7 +638,7 @@ def build_parser() -> argparse.ArgumentParser:
         label: c.final_seeds for label, c in presets.items()
     }))
     add_machine_options(s, augment="the final training (not the search's evaluations)")
-    from biotune.budget import add_budget_options
+    from biotune.core.budget import add_budget_options
 
     add_budget_options(s)
     s.set_defaults(func=cmd_search)

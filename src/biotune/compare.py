@@ -413,7 +413,7 @@ def comparison_notes(
         "BioTune rows: the search's best plan (validation only), trained like every other row; "
         "search cost in FT-equivalents (the search's training and validation work over that of "
         "one full fine-tuning of the whole training split with the search's epoch budget, as "
-        "biotune.cost counts it) and seconds of training.",
+        "biotune.core.cost counts it) and seconds of training.",
     ]
     for method in methods:
         if method in scales and scales[method].describe():

@@ -29,10 +29,15 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
+from biotune.core.splits import (
+    carve,
+    default_split_sizes,
+    stratified_sample,
+    stratified_split,
+)
 from biotune.errors import BioTuneError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-SPLIT_FRACTIONS = (0.6, 0.2, 0.2)  # train / val / test, for datasets without an official split
 VAL_FRACTION = 0.1  # of the official training split, where a dataset has no validation split
 MIN_EVAL_PER_CLASS = 5  # fewer validation or test images per class than this: a warning
 DEFAULT_DATA_ROOT = Path.home() / ".cache" / "biotune" / "datasets"
@@ -380,7 +385,7 @@ def _load_torchvision(
             "val": _IndexedDataset(val, np.arange(len(val_targets)), val_targets),
         }
     else:
-        val_idx, train_idx = _carve(train_targets, VAL_FRACTION, seed)
+        val_idx, train_idx = carve(train_targets, VAL_FRACTION, seed)
         splits = {
             "train": _IndexedDataset(train, train_idx, train_targets[train_idx]),
             "val": _IndexedDataset(train, val_idx, train_targets[val_idx]),
@@ -505,7 +510,7 @@ def _load_folder(
             origin = "train/, val/ and test/ folders"
         else:
             origin = f"train/ and test/ folders; val carved from train/ ({VAL_FRACTION:.0%})"
-            val_idx, train_idx = _carve(train_targets, VAL_FRACTION, seed)
+            val_idx, train_idx = carve(train_targets, VAL_FRACTION, seed)
             val_files = [train_files[i] for i in val_idx]
             val_targets = train_targets[val_idx]
             train_files = [train_files[i] for i in train_idx]
@@ -518,7 +523,7 @@ def _load_folder(
     else:
         classes, files, targets = _scan_split_folder(folder, None, bad_images, bad)
         rng = np.random.default_rng(seed)
-        indices = _stratified_split(targets, _split_sizes(len(targets)), rng)
+        indices = stratified_split(targets, default_split_sizes(len(targets)), rng)
         origin = f"one folder per class, split 60/20/20 by seed {seed}"
         parts = {
             split: ([files[i] for i in idx], targets[idx])
@@ -534,87 +539,7 @@ def _load_folder(
 
 
 # ---------------------------------------------------------------------------------------------
-# Stratified splitting.
-
-
-def _round_preserving_margins(
-    counts: np.ndarray, sizes: Sequence[int], rng: np.random.Generator
-) -> np.ndarray:
-    """Class x split table of counts: every entry within 1 of its proportional share, with rows
-    summing to the class counts and columns to the split sizes exactly (controlled rounding)."""
-    counts = np.asarray(counts, dtype=np.int64)
-    sizes_arr = np.asarray(sizes, dtype=np.int64)
-    total = int(counts.sum())
-    numerators = np.outer(counts, sizes_arr)
-    table = numerators // total
-    eligible = (numerators % total) > 0  # entries that may round up
-    row_need = counts - table.sum(axis=1)
-    col_left = sizes_arr - table.sum(axis=0)
-    up = np.zeros_like(eligible)
-    for row in rng.permutation(len(counts)):
-        for _ in range(int(row_need[row])):
-            _augment(int(row), up, eligible, col_left, rng)
-    return table + up
-
-
-def _augment(
-    row: int, up: np.ndarray, eligible: np.ndarray, col_left: np.ndarray, rng: np.random.Generator
-) -> None:
-    """Give ``row`` one more round-up, moving other rows' round-ups along an augmenting path
-    (a bipartite b-matching; a solution always exists because the real-valued table is one)."""
-    parent: dict[int, tuple[int, int | None]] = {}
-    frontier = []
-    for col in rng.permutation(up.shape[1]):
-        if eligible[row, col] and not up[row, col]:
-            parent[int(col)] = (row, None)
-            frontier.append(int(col))
-    while frontier:
-        col = frontier.pop(0)
-        if col_left[col] > 0:
-            col_left[col] -= 1
-            while True:
-                mover, source = parent[col]
-                up[mover, col] = True
-                if source is None:
-                    return
-                up[mover, source] = False
-                col = source
-        for other in np.flatnonzero(up[:, col]):
-            for target in rng.permutation(up.shape[1]):
-                target = int(target)
-                if target not in parent and eligible[other, target] and not up[other, target]:
-                    parent[target] = (int(other), col)
-                    frontier.append(target)
-    raise AssertionError("controlled rounding found no augmenting path")
-
-
-def _stratified_split(
-    targets: np.ndarray, sizes: Sequence[int], rng: np.random.Generator
-) -> list[np.ndarray]:
-    """Disjoint index arrays of the given sizes covering all items, each stratified by class."""
-    labels, inverse = np.unique(targets, return_inverse=True)
-    table = _round_preserving_margins(np.bincount(inverse, minlength=len(labels)), sizes, rng)
-    parts: list[list[np.ndarray]] = [[] for _ in sizes]
-    for c in range(len(labels)):
-        members = rng.permutation(np.flatnonzero(inverse == c))
-        bounds = np.concatenate([[0], np.cumsum(table[c])])
-        for j in range(len(sizes)):
-            parts[j].append(members[bounds[j] : bounds[j + 1]])
-    return [np.sort(np.concatenate(p)).astype(np.int64) for p in parts]
-
-
-def _split_sizes(n: int) -> list[int]:
-    val, test = round(n * SPLIT_FRACTIONS[1]), round(n * SPLIT_FRACTIONS[2])
-    return [n - val - test, val, test]
-
-
-def _carve(targets: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Split off a stratified validation part of a training split: (carved, rest)."""
-    n = len(targets)
-    carved = max(1, round(n * fraction))
-    rng = np.random.default_rng([seed, 1])
-    first, rest = _stratified_split(targets, [carved, n - carved], rng)
-    return first, rest
+# Checks and subsamples of splits (the stratified arithmetic is ``core.splits``).
 
 
 def _check_splits(label: str, classes: Sequence[str], targets: dict[str, np.ndarray]) -> None:
@@ -664,24 +589,6 @@ def _subsample_sizes(
     return sizes
 
 
-def _stratified_sample(targets: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    if n == len(targets):
-        return np.arange(n)
-    return _stratified_split(targets, [n, len(targets) - n], rng)[0]
-
-
-def stratified_folds(targets: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
-    """k disjoint index arrays covering all items, each with the class proportions of the whole
-    (the search trains each evaluation on one fold, rotating with the generation)."""
-    targets = np.asarray(targets)
-    if k < 1 or k > len(targets):
-        raise BioTuneError(f"cannot make {k} folds of {len(targets)} items")
-    if k == 1:
-        return [np.arange(len(targets))]
-    sizes = [len(targets) // k + (1 if j < len(targets) % k else 0) for j in range(k)]
-    return _stratified_split(targets, sizes, np.random.default_rng([seed, 2]))
-
-
 def with_targets(ds: Dataset) -> Dataset:
     """``ds`` with integer ``.targets``: as it is if it has them, else a view whose labels are
     read once, item by item (any Dataset of (image, label) pairs, e.g. a ``TensorDataset``)."""
@@ -704,7 +611,8 @@ def split_dataset(ds: Dataset, seed: int = 0) -> tuple[Dataset, Dataset, Dataset
     """One labelled dataset -> stratified train / val / test (60 / 20 / 20, as folders are)."""
     ds = with_targets(ds)
     targets = np.asarray(ds.targets)  # type: ignore[attr-defined]
-    parts = _stratified_split(targets, _split_sizes(len(targets)), np.random.default_rng(seed))
+    sizes = default_split_sizes(len(targets))
+    parts = stratified_split(targets, sizes, np.random.default_rng(seed))
     return tuple(subset(ds, p) for p in parts)  # type: ignore[return-value]
 
 
@@ -784,15 +692,15 @@ def load_dataset(
 
     if key in _OFFLINE:
         pool = _offline_pool(key)
-        indices = _stratified_split(
-            pool.targets, _split_sizes(len(pool.targets)), np.random.default_rng(seed)
+        indices = stratified_split(
+            pool.targets, default_split_sizes(len(pool.targets)), np.random.default_rng(seed)
         )
         lengths = {s: len(i) for s, i in zip(_SPLITS, indices, strict=True)}
         sizes = _subsample_sizes(key, lengths, requested)
         chosen = {}
         for j, (split, idx) in enumerate(zip(_SPLITS, indices, strict=True)):
             rng = np.random.default_rng([seed, 10 + j])
-            chosen[split] = idx[_stratified_sample(pool.targets[idx], sizes[split], rng)]
+            chosen[split] = idx[stratified_sample(pool.targets[idx], sizes[split], rng)]
         _check_splits(key, pool.classes, {s: pool.targets[idx] for s, idx in chosen.items()})
         datasets: dict[str, Dataset] = {
             split: TensorImageDataset(
@@ -852,7 +760,7 @@ def load_dataset(
         ds = parts[split]
         if sizes[split] < len(ds):
             rng = np.random.default_rng([seed, 10 + j])
-            ds = ds.take(_stratified_sample(ds.targets, sizes[split], rng))
+            ds = ds.take(stratified_sample(ds.targets, sizes[split], rng))
         datasets[split] = ds
     _check_splits(label, classes, {s: d.targets for s, d in datasets.items()})
     subsampled = [f"{s} {sizes[s]} of {len(parts[s])}" for s in _SPLITS

@@ -26,8 +26,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from biotune.core.records import Evaluation
 from biotune.errors import BioTuneError
-from biotune.fitness import Evaluation, Evaluator
+from biotune.fitness import Evaluator
 
 EXECUTORS = ("inprocess", "process", "ray")
 RAY_MISSING = "--executor ray needs ray: pip install 'biotune[ray]'"

@@ -33,8 +33,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from biotune.blocks import BlockPartition
+from biotune.core.plan import FineTunePlan
 from biotune.families import Op, Stage, family_of, module_op
-from biotune.plan import FineTunePlan, apply_plan
+from biotune.freezing import apply_plan
 from biotune.training import (
     TrainConfig,
     TrainHooks,

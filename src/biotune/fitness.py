@@ -25,9 +25,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from biotune import cost
 from biotune.blocks import BlockPartition
-from biotune.data import DatasetSplits, stratified_folds, subset
+from biotune.core import cost
+from biotune.core.plan import decode_genome, genome_is_valid
+from biotune.core.records import WORST_FITNESS, Evaluation, Status
+from biotune.core.splits import stratified_folds
+from biotune.data import DatasetSplits, subset
 from biotune.errors import BioTuneError
 from biotune.features import (
     FeatureCache,
@@ -36,13 +39,8 @@ from biotune.features import (
     block_chain,
     train_plan_cached,
 )
-from biotune.plan import decode_genome, genome_is_valid
+from biotune.measure import block_flops
 from biotune.training import TrainConfig, TrainHooks, batches, default_device, train_plan
-
-WORST_FITNESS = 1.0
-#: Fields of an ``Evaluation`` that measure where and when it ran, not what it found: they may
-#: differ between executors, worker counts and resumed runs; every other field may not.
-MEASURED_FIELDS = ("seconds", "cache_work", "cache_images")
 
 
 @dataclass(frozen=True)
@@ -166,38 +164,6 @@ class SearchProtocol:
         )
 
 
-@dataclass
-class Evaluation:
-    """One record of the run: a genome scored on one fold over the protocol's seeds."""
-
-    candidate: int
-    generation: int
-    role: str
-    genes: list[float]
-    plan: dict[str, Any]
-    fold: int
-    seeds: list[int]
-    scores: list[float]  # validation metric per seed
-    fitness: float
-    status: str  # "ok", "invalid", "diverged", "pruned"
-    seconds: float
-    train_images: int
-    eval_images: int
-    epochs: list[int]
-    curves: list[list[float]] = field(default_factory=list)  # validation metric per epoch, per seed
-    reused_from: int | None = None  # memoised: the candidate whose identical evaluation this copies
-    work: float = 0.0  # training + validation work in forward FLOPs (cost.py), cache excluded
-    cached_prefix: int = 0  # leading blocks served from the feature cache (0: not cached)
-    pruned_at: int | None = None  # epochs the pruned seed ran before early termination
-    # Building cache entries: it falls to whichever evaluation first needs an entry in its worker,
-    # so like ``seconds`` these two depend on the executor; nothing else in a record does.
-    cache_work: float = 0.0
-    cache_images: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
 class Evaluator:
     """Scores genomes for one model and dataset; holds the folds so every worker agrees on them.
 
@@ -225,7 +191,7 @@ class Evaluator:
             else stratified_folds(targets, protocol.folds, fold_seed)
         )
         sample, _ = next(batches(splits.val, 2))
-        self.flops = cost.block_flops(model, partition, sample[0])
+        self.flops = block_flops(model, partition, sample[0])
         self.cache, self.cache_status = self._make_cache(sample)
 
     def _make_cache(self, sample: torch.Tensor) -> tuple[FeatureCache | None, str]:
@@ -287,7 +253,7 @@ class Evaluator:
         if not genome_is_valid(genes):
             return Evaluation(
                 candidate, generation, role, genes.tolist(), plan.to_dict(), fold, seeds,
-                [], WORST_FITNESS, "invalid", 0.0, 0, 0, [],
+                [], WORST_FITNESS, Status.INVALID, 0.0, 0, 0, [],
             )
         train = subset(self.splits.train, self.folds[fold])
         scores, epochs, curves, status = [], [], [], "ok"

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from biotune.core.evolution import EvolutionConfig
 from biotune.errors import BioTuneError
-from biotune.evolution import EvolutionConfig
 from biotune.fitness import PruneConfig, SearchProtocol
 from biotune.runner import DataConfig, SearchConfig
 from biotune.training import TrainConfig

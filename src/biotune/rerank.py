@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from biotune.plan import FineTunePlan, decode_genome
+from biotune.core.plan import FineTunePlan, decode_genome
 
 RERANK = "rerank.jsonl"
 

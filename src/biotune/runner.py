@@ -24,19 +24,21 @@ import numpy as np
 import torch
 
 from biotune import __version__, rerank
-from biotune import cost as costs
 from biotune.blocks import BlockPartition, partition_blocks
-from biotune.budget import BudgetConfig, SearchBudget, search_budget
 from biotune.callbacks import emit
+from biotune.core import cost as costs
+from biotune.core.budget import BudgetConfig, SearchBudget
+from biotune.core.evolution import BioTuneEvolution, EvolutionConfig
+from biotune.core.plan import FineTunePlan, decode_genome
+from biotune.core.records import Evaluation, Status
 from biotune.data import DEMO_SIZES, DatasetSplits, is_offline, load_dataset, subset
 from biotune.errors import BioTuneError
-from biotune.evolution import BioTuneEvolution, EvolutionConfig
 from biotune.executors import Task, check_reachable, make_executor
 from biotune.features import FeatureCache, block_chain, train_plan_fast
-from biotune.fitness import Evaluation, Evaluator, SearchProtocol
+from biotune.fitness import Evaluator, SearchProtocol
 from biotune.inputs import data_fingerprint, model_fingerprint
+from biotune.measure import PlanCosts
 from biotune.models import LoadedModel, load_model
-from biotune.plan import FineTunePlan, decode_genome
 from biotune.rundir import (
     CONFIG,
     EVALUATIONS,
@@ -203,6 +205,21 @@ def prepare(data: DataConfig) -> Workbench:
         checkpoint=data.checkpoint,
     )
     return Workbench(loaded, partition_blocks(loaded.model, data.blocks), splits)
+
+
+def search_budget(bench: Any, config: Any, flops: Sequence[float]) -> SearchBudget | None:
+    """The budget of a search on ``bench`` (a ``Workbench``) by ``config`` (its
+    ``SearchConfig``), its feasibility checked; None for a search with neither budget nor
+    Pareto objective: nothing is checked or measured, so it runs and records as before."""
+    objective = config.evolution.objective
+    if not config.budget.limited and objective != "pareto":
+        return None
+    sample, _ = next(batches(bench.splits.val, 4))
+    costs = PlanCosts(bench.model, bench.partition, sample, flops, config.final.batch_size,
+                      config.final.optimizer)
+    budget = SearchBudget(config.budget, costs, objective)
+    budget.check_feasible()
+    return budget
 
 
 def evaluator_for(bench: Workbench, config: SearchConfig) -> Evaluator:
@@ -577,8 +594,8 @@ class Search:
             return
         with evaluator._pinned_threads():  # cached features depend on the thread count
             for rec in records:
-                if rec.get("reused_from") is not None or rec["status"] in ("invalid",
-                                                                           "over_budget"):
+                if rec.get("reused_from") is not None or rec["status"] in (Status.INVALID,
+                                                                           Status.OVER_BUDGET):
                     continue
                 plan = decode_genome(rec["genes"], evaluator.partition.names)
                 train = subset(evaluator.splits.train, evaluator.folds[rec["fold"]])

@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from biotune.budget import COST_KEYS
-from biotune.pareto import dominates, fold_front, plan_key, spread_along
-from biotune.plan import BlockSetting, FineTunePlan
+from biotune.core.budget import COST_KEYS
+from biotune.core.pareto import dominates, fold_front, plan_key, spread_along
+from biotune.core.plan import BlockSetting, FineTunePlan
 
 if TYPE_CHECKING:
     from biotune.runner import Search

@@ -28,9 +28,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from biotune.blocks import BlockPartition
 from biotune.callbacks import emit
+from biotune.core.plan import FineTunePlan
 from biotune.data import random_resized_crop_flip
 from biotune.errors import BioTuneError
-from biotune.plan import FineTunePlan, apply_plan
+from biotune.freezing import apply_plan
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("cosine", "none")

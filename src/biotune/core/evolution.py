@@ -28,10 +28,10 @@ from typing import Any
 
 import numpy as np
 
+from biotune.core.pareto import dominates, non_dominated, pareto_order
+from biotune.core.records import Role
 from biotune.errors import BioTuneError
-from biotune.pareto import dominates, non_dominated, pareto_order
 
-ROLES = ("initial", "elite", "local", "child", "immigrant")
 OBJECTIVES = ("accuracy", "pareto")
 _STATE_FORMAT = 1
 #: Random genomes in a row that no repair brings within the budget before the search gives up.
@@ -148,7 +148,7 @@ class Candidate:
     id: int
     genes: np.ndarray
     generation: int
-    role: str
+    role: Role
     parents: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
@@ -159,10 +159,12 @@ class Candidate:
             )
         if not np.all((genes >= 0.0) & (genes <= 1.0)):
             raise BioTuneError(f"genes must lie in [0, 1] (candidate {self.id})")
-        if self.role not in ROLES:
-            raise BioTuneError(f"role must be one of {', '.join(ROLES)} (got {self.role!r})")
+        roles = [r.value for r in Role]
+        if self.role not in roles:
+            raise BioTuneError(f"role must be one of {', '.join(roles)} (got {self.role!r})")
         genes.setflags(write=False)
         object.__setattr__(self, "genes", genes)
+        object.__setattr__(self, "role", Role(self.role))
         object.__setattr__(self, "parents", tuple(int(p) for p in self.parents))
 
     @property
@@ -302,7 +304,7 @@ class BioTuneEvolution:
             if self._fits is not None:
                 genes = self._anchors_within_budget(genes)
             genes += [self._random_valid_genes() for _ in range(size - len(genes))]
-            self._pending = [self._new_candidate(g, "initial") for g in genes]
+            self._pending = [self._new_candidate(g, Role.INITIAL) for g in genes]
         elif self._phase == "elite":
             self._pending = self._ask_elite()
         else:
@@ -394,7 +396,7 @@ class BioTuneEvolution:
     # -- the algorithm -----------------------------------------------------------------------
 
     def _new_candidate(
-        self, genes: np.ndarray, role: str, parents: tuple[int, ...] = ()
+        self, genes: np.ndarray, role: Role, parents: tuple[int, ...] = ()
     ) -> Candidate:
         candidate = Candidate(self._next_id, genes, self._generation, role, parents)
         self._next_id += 1
@@ -447,7 +449,7 @@ class BioTuneEvolution:
         step = float(self._config.local_search_step)
         asked = []
         for elite, _ in self._population[: self._config.elite]:
-            asked.append(self._new_candidate(elite.genes, "elite", (elite.id,)))
+            asked.append(self._new_candidate(elite.genes, Role.ELITE, (elite.id,)))
             gene = self._local_search_gene(elite.genes)
             delta = step * self._rng.uniform(-1.0, 1.0)
             for sign in (1.0, -1.0):
@@ -457,7 +459,7 @@ class BioTuneEvolution:
                 # (memoised by the runner, so it costs nothing).
                 fitted = self._within_budget(genes)
                 genes = elite.genes.copy() if fitted is None else fitted
-                asked.append(self._new_candidate(genes, "local", (elite.id,)))
+                asked.append(self._new_candidate(genes, Role.LOCAL, (elite.id,)))
         return asked
 
     def _local_search_gene(self, genes: np.ndarray) -> int:
@@ -503,7 +505,7 @@ class BioTuneEvolution:
         it, since those small configurations are valid and could not breed without it.
         """
         if len(self._pool) <= 2:
-            return self._new_candidate(self._random_valid_genes(), "immigrant")
+            return self._new_candidate(self._random_valid_genes(), Role.IMMIGRANT)
         picks = _linear_ranking_draw(self._rng, len(self._pool), 3)
         index_a, index_b, index_proto = (self._pool[k] for k in picks)
         a = self._population[index_a][0]
@@ -515,13 +517,13 @@ class BioTuneEvolution:
         genes = _adopt(self._rng, genes, a.genes, b.genes, prototype.genes)
         fitted = self._within_budget(genes)
         if fitted is None:  # none of its blocks fits the budget: a random newcomer instead
-            return self._new_candidate(self._random_valid_genes(), "immigrant")
-        return self._new_candidate(fitted, "child", (a.id, b.id, prototype.id))
+            return self._new_candidate(self._random_valid_genes(), Role.IMMIGRANT)
+        return self._new_candidate(fitted, Role.CHILD, (a.id, b.id, prototype.id))
 
     def _tell_children(self, told: list[tuple[Candidate, float]]) -> None:
         for child, fitness in told:
             self._children.append((child, fitness))
-            if child.role == "child":
+            if child.role == Role.CHILD:
                 self._update_pool(child, fitness)
         if len(self._children) == self._config.population_size - self._config.elite:
             self._finish_generation(self._survivors + self._children)
@@ -712,7 +714,7 @@ def _candidate_to_dict(candidate: Candidate) -> dict[str, Any]:
         "id": candidate.id,
         "genes": candidate.genes.tolist(),
         "generation": candidate.generation,
-        "role": candidate.role,
+        "role": candidate.role.value,
         "parents": list(candidate.parents),
     }
 

@@ -6,30 +6,29 @@ and the peak memory of a training step, and chooses the cost the ``pareto`` obje
 accuracy against. ``SearchBudget`` turns it into the two functions of a genome the evolution
 takes (``fits`` and ``cost``; the evolution stays numpy only), the cost entry of each
 evaluation record, and the runner's guard: a plan over budget is never trained, only recorded
-as over budget. The costs themselves are measured by ``cost.PlanCosts``.
+as over budget. The costs themselves are measured on the model by ``measure.PlanCosts``;
+this module only asks them (``CostTable``), so it stays numpy only.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
+from biotune.core.evolution import OBJECTIVES
+from biotune.core.plan import decode_genome
+from biotune.core.records import WORST_FITNESS, Evaluation, Status
 from biotune.errors import BioTuneError
-
-if TYPE_CHECKING:
-    from biotune.cost import PlanCosts
 
 PARETO_COSTS = ("params", "memory")
 #: The record key of each Pareto cost axis, and how a report labels it.
 COST_KEYS = {"params": "trainable_share", "memory": "memory_mb"}
 COST_LABELS = {"params": "trainable parameters (% of the model)",
                "memory": "peak training memory (MB, float32)"}
-OVER_BUDGET = "over_budget"
 
 
 def _is_number(value: object) -> bool:
@@ -95,10 +94,27 @@ class BudgetConfig:
         return " and ".join(parts) or "no budget"
 
 
+class CostTable(Protocol):
+    """What a budget asks of a plan's costs (``biotune.measure.PlanCosts`` answers it)."""
+
+    @property
+    def partition(self) -> Any: ...  # the model's blocks: ``names`` and ``len()``
+
+    def mask(self, plan_or_genes: Any) -> tuple[bool, ...]: ...
+
+    def trainable_params(self, mask: tuple[bool, ...]) -> int: ...
+
+    def trainable_share(self, mask: tuple[bool, ...]) -> float: ...
+
+    def memory_mb(self, mask: tuple[bool, ...]) -> float: ...
+
+    def record(self, plan_or_genes: Any) -> dict[str, Any]: ...
+
+
 class SearchBudget:
     """A search's budget and cost axis over one model's plan costs."""
 
-    def __init__(self, config: BudgetConfig, costs: PlanCosts, objective: str = "accuracy"):
+    def __init__(self, config: BudgetConfig, costs: CostTable, objective: str = "accuracy"):
         self.config = config
         self.costs = costs
         self.objective = objective
@@ -159,33 +175,12 @@ class SearchBudget:
         genes = np.asarray(candidate.genes, dtype=float)
         if self.fits(genes):
             return None
-        from biotune.fitness import WORST_FITNESS, Evaluation
-        from biotune.plan import decode_genome
-
         plan = decode_genome(genes, evaluator.partition.names)
         return Evaluation(
             candidate.id, candidate.generation, candidate.role, genes.tolist(), plan.to_dict(),
             evaluator.fold_of(candidate.generation), list(evaluator.protocol.seeds), [],
-            WORST_FITNESS, OVER_BUDGET, 0.0, 0, 0, [],
+            WORST_FITNESS, Status.OVER_BUDGET, 0.0, 0, 0, [],
         )
-
-
-def search_budget(bench: Any, config: Any, flops: Sequence[float]) -> SearchBudget | None:
-    """The budget of a search on ``bench`` (a ``runner.Workbench``) by ``config`` (its
-    ``SearchConfig``), its feasibility checked; None for a search with neither budget nor
-    Pareto objective: nothing is checked or measured, so it runs and records as before."""
-    objective = config.evolution.objective
-    if not config.budget.limited and objective != "pareto":
-        return None
-    from biotune.cost import PlanCosts
-    from biotune.training import batches
-
-    sample, _ = next(batches(bench.splits.val, 4))
-    costs = PlanCosts(bench.model, bench.partition, sample, flops, config.final.batch_size,
-                      config.final.optimizer)
-    budget = SearchBudget(config.budget, costs, objective)
-    budget.check_feasible()
-    return budget
 
 
 # -- the command line ----------------------------------------------------------------------
@@ -226,8 +221,6 @@ def _count(text: str) -> int:
 def add_budget_options(parser: argparse.ArgumentParser) -> None:
     """``--objective``, ``--max-trainable``, ``--max-memory``, ``--pareto-cost`` and
     ``--pareto-final`` of ``biotune search``; read back with ``budget_options``."""
-    from biotune.evolution import OBJECTIVES
-
     g = parser.add_argument_group("budget and trade-off (beyond the paper)")
     g.add_argument("--objective", choices=OBJECTIVES,
                    help="accuracy (default): the most accurate plan; pareto: every plan no other "

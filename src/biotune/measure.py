@@ -1,30 +1,20 @@
-"""What a search costs, in one unit: forward FLOPs of the model's blocks.
+"""What a model's blocks and a plan's training step cost, measured on the model (torch).
 
-Every block's forward FLOPs on one image are measured once (``torch.utils.flop_counter``; convs
-and matmuls). A training image costs the forward of every block that actually runs (not the
-cached prefix) plus twice the forward of the blocks from the first trained one on (backward); a
-validation image costs the forward of the blocks that run; building a cached prefix costs its
-forward once per image.
-
-One FT-equivalent is the work of fine-tuning every block on the whole training split for the
-protocol's epoch budget, validation after each epoch included:
-``epochs * (3 * n_train + n_val) * total_flops``. The search's validation work is counted too,
-so both sides of the ratio hold the same kinds of work.
-
-What one plan costs to fine-tune (``PlanCosts``): the parameters it trains, its training FLOPs
-per image, and the peak memory of one training step, measured (``training_memory``).
+Every block's forward FLOPs on one image are measured once (``block_flops``,
+``torch.utils.flop_counter``; convs and matmuls); ``biotune.core.cost`` turns them into the work
+of a run and a search. What one plan costs to fine-tune (``PlanCosts``): the parameters it
+trains, its training FLOPs per image, and the peak memory of one training step, measured
+(``training_memory``).
 """
 
 from __future__ import annotations
 
 import copy
 import weakref
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -32,13 +22,9 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
 from biotune.blocks import BlockPartition
+from biotune.core.cost import image_work
+from biotune.core.plan import BlockSetting, FineTunePlan, trained_mask
 from biotune.errors import BioTuneError
-
-if TYPE_CHECKING:
-    from biotune.plan import FineTunePlan
-
-BACKWARD_FACTOR = 2.0  # a backward pass costs about twice the forward
-_NOT_TRAINED = ("invalid", "over_budget")  # statuses of evaluations that never trained
 
 
 def block_flops(
@@ -102,59 +88,6 @@ def _nearest_owner(path: str, owner: dict[str, int]) -> int | None:
             return owner[path]
         path = path.rsplit(".", 1)[0] if "." in path else ""
     return None
-
-
-def image_work(flops: Sequence[float], cached: int, first_trained: int) -> tuple[float, float]:
-    """(training, validation) work per image for a run whose first ``cached`` blocks are cached."""
-    forward = float(sum(flops[cached:]))
-    return forward + BACKWARD_FACTOR * float(sum(flops[first_trained:])), forward
-
-
-def run_work(
-    flops: Sequence[float], cached: int, first_trained: int, train_images: int, eval_images: int
-) -> float:
-    """Work of one training run that saw ``train_images`` and validated ``eval_images``."""
-    train, val = image_work(flops, cached, first_trained)
-    return train * train_images + val * eval_images
-
-
-def cache_work(flops: Sequence[float], stage_images: Sequence[int]) -> float:
-    """Work of building cached prefixes: block i's forward once per image pushed through it."""
-    return float(sum(f * n for f, n in zip(flops, stage_images, strict=True)))
-
-
-def ft_work(flops: Sequence[float], n_train: int, n_val: int, epochs: int) -> float:
-    """One FT-equivalent: full fine-tuning on the whole training split, validated every epoch."""
-    return run_work(flops, 0, 0, n_train * epochs, n_val * epochs)
-
-
-def search_cost(
-    evaluations: Sequence[dict[str, Any]], unit: float, wall_seconds: float | None = None
-) -> dict[str, Any]:
-    """A search's cost: raw image counts, work, FT-equivalents (``unit`` = ``ft_work``), time."""
-    work = sum(e.get("work", 0.0) + e.get("cache_work", 0.0) for e in evaluations)
-    by_status: dict[str, int] = defaultdict(int)
-    for e in evaluations:
-        by_status["memoised" if e.get("reused_from") is not None else e["status"]] += 1
-    cost: dict[str, Any] = {
-        "evaluations": len(evaluations),
-        "trained": sum(
-            1 for e in evaluations
-            if e["status"] not in _NOT_TRAINED and e.get("reused_from") is None
-        ),
-        "by_status": dict(sorted(by_status.items())),
-        "cached": sum(1 for e in evaluations if e.get("cached_prefix", 0) > 0),
-        "train_images": sum(e["train_images"] for e in evaluations),
-        "eval_images": sum(e["eval_images"] for e in evaluations),
-        "cache_images": sum(e.get("cache_images", 0) for e in evaluations),
-        "work_flops": work,
-        "ft_work_flops": unit,
-        "ft_equivalents": work / unit if unit > 0 else float("nan"),
-        "seconds": sum(e["seconds"] for e in evaluations),
-    }
-    if wall_seconds is not None:
-        cost["wall_seconds"] = wall_seconds
-    return cost
 
 
 # -- what one plan costs ----------------------------------------------------------------------
@@ -272,7 +205,7 @@ def training_memory(
     per trained set serves every machine; a GPU adds its kernels' workspaces, a mixed-precision
     step holds less. ``work_copy=False`` measures ``model`` itself (a copy kept for this).
     """
-    from biotune.plan import apply_plan
+    from biotune.freezing import apply_plan
     from biotune.training import TrainConfig, make_optimizer
 
     if sample.ndim == 3:
@@ -315,12 +248,6 @@ def _probe(sample: torch.Tensor, n: int) -> torch.Tensor:
     return sample.detach().float().cpu().repeat(reps, 1, 1, 1)[:n].contiguous()
 
 
-def trained_mask(genes: Sequence[float] | np.ndarray) -> tuple[bool, ...]:
-    """Which blocks a genome trains (gene above the threshold gene)."""
-    genes = np.asarray(genes, dtype=float)
-    return tuple(bool(g > genes[-1]) for g in genes[:-1])
-
-
 class PlanCosts:
     """What fine-tuning under a plan costs on one model, by the set of blocks it trains.
 
@@ -339,7 +266,7 @@ class PlanCosts:
         batch_size: int,
         optimizer: str = "adam",
     ) -> None:
-        from biotune.plan import user_frozen
+        from biotune.freezing import user_frozen
 
         held = user_frozen(model)
         self.partition = partition
@@ -381,8 +308,6 @@ class PlanCosts:
 
     def memory(self, mask: tuple[bool, ...]) -> TrainingMemory:
         if mask not in self._memory:
-            from biotune.plan import BlockSetting, FineTunePlan
-
             if not any(mask):
                 raise BioTuneError("a plan that trains no block has no training step to measure")
             plan = FineTunePlan(tuple(
