@@ -28,7 +28,7 @@ from biotune.data import DatasetSplits, TensorImageDataset
 from biotune.errors import BioTuneError
 from biotune.freezing import apply_plan
 from biotune.models import LoadedModel
-from biotune.runner import Workbench
+from biotune.runner.workbench import Workbench
 from biotune.training import TrainConfig, batches, fine_tune, reinit_head
 
 CONFIG = TrainConfig(epochs=2, patience=2, batch_size=32, eval_batch_size=64, base_lr=1e-2)

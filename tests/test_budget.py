@@ -12,7 +12,6 @@ import torch
 from conftest import make_tiny_cnn, make_tiny_data
 from torch import nn
 
-from biotune import fitness as fitness_module
 from biotune.blocks import partition_blocks
 from biotune.core.budget import BudgetConfig, SearchBudget
 from biotune.core.evolution import EvolutionConfig
@@ -20,11 +19,14 @@ from biotune.core.plan import BlockSetting, FineTunePlan
 from biotune.core.records import MEASURED_FIELDS
 from biotune.data import DatasetSplits
 from biotune.errors import BioTuneError
-from biotune.fitness import SearchProtocol
 from biotune.freezing import apply_plan
 from biotune.measure import PlanCosts, _step_timeline, block_flops, training_memory
 from biotune.models import LoadedModel
-from biotune.runner import Search, SearchConfig, Workbench
+from biotune.runner import fitness as fitness_module
+from biotune.runner.config import SearchConfig
+from biotune.runner.fitness import SearchProtocol
+from biotune.runner.search import Search
+from biotune.runner.workbench import Workbench
 from biotune.training import TrainConfig, make_optimizer
 
 

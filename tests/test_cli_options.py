@@ -8,7 +8,8 @@ import json
 import pytest
 from test_cli_errors import SMALL, _assert_one_line_error, _run
 
-import biotune.runner
+import biotune.runner.final
+import biotune.runner.workbench
 from biotune.cli import EXIT_INTERRUPTED, _search_config, build_parser, main, seeds_from
 from biotune.presets import preset
 
@@ -91,7 +92,7 @@ def _interrupt(*_args, **_kwargs):
 def test_ctrl_c_before_the_search_starts_offers_no_resume_and_leaves_nothing(
     tmp_path, capsys, monkeypatch
 ):
-    monkeypatch.setattr(biotune.runner, "prepare", _interrupt)  # while loading the data
+    monkeypatch.setattr(biotune.runner.workbench, "prepare", _interrupt)  # while loading the data
     run_dir = tmp_path / "run"
     code, err = _run(["search", "--run-dir", str(run_dir), "--quiet", *SMALL], capsys)
     assert code == EXIT_INTERRUPTED
@@ -101,9 +102,9 @@ def test_ctrl_c_before_the_search_starts_offers_no_resume_and_leaves_nothing(
 
 
 def test_ctrl_c_during_the_search_prints_the_resume_command(tmp_path, capsys, monkeypatch):
-    import biotune.executors
+    import biotune.runner.executors
 
-    monkeypatch.setattr(biotune.executors.InProcessExecutor, "run", _interrupt)
+    monkeypatch.setattr(biotune.runner.executors.InProcessExecutor, "run", _interrupt)
     run_dir = tmp_path / "run"
     code, err = _run(["search", "--run-dir", str(run_dir), "--quiet", *SMALL], capsys)
     assert code == EXIT_INTERRUPTED
@@ -126,7 +127,7 @@ def test_ctrl_c_during_start_up_is_one_line(capsys, monkeypatch):
 def no_training(monkeypatch):
     """Fail the test if a model is trained; count data loads."""
     loads = []
-    real_prepare = biotune.runner.prepare
+    real_prepare = biotune.runner.workbench.prepare
 
     def counting_prepare(*args, **kwargs):
         loads.append(args)
@@ -135,8 +136,8 @@ def no_training(monkeypatch):
     def refuse(*_args, **_kwargs):
         raise AssertionError("trained although the command was bound to fail")
 
-    monkeypatch.setattr(biotune.runner, "prepare", counting_prepare)
-    monkeypatch.setattr(biotune.runner, "final_training_run", refuse)
+    monkeypatch.setattr(biotune.runner.workbench, "prepare", counting_prepare)
+    monkeypatch.setattr(biotune.runner.final, "final_training_run", refuse)
     return loads
 
 
@@ -176,7 +177,7 @@ def test_search_reports_the_winners_validation_accuracy_not_its_fitness(
     tmp_path, capsys, monkeypatch
 ):
     from biotune.core.plan import FineTunePlan
-    from biotune.runner import Search, SearchResult
+    from biotune.runner.search import Search, SearchResult
 
     def finished(self, resume=False, final=True):
         self.run.path.mkdir(parents=True)

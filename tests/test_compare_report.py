@@ -24,7 +24,7 @@ from biotune.compare import (
 )
 from biotune.errors import BioTuneError
 from biotune.reports import REPORT_FILES, add_report_parser, report
-from biotune.runner import DataConfig
+from biotune.runner.config import DataConfig
 from biotune.training import TrainConfig
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -16,7 +16,7 @@ from biotune.data import random_resized_crop_flip
 from biotune.errors import BioTuneError
 from biotune.features import FeatureCache, block_chain, train_plan_fast
 from biotune.presets import default, paper
-from biotune.runner import SearchConfig
+from biotune.runner.config import SearchConfig
 from biotune.training import (
     DEVICE_ENV,
     TrainConfig,

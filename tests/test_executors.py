@@ -18,9 +18,11 @@ import torch
 from biotune.core.evolution import EvolutionConfig
 from biotune.core.records import MEASURED_FIELDS
 from biotune.errors import BioTuneError
-from biotune.executors import Task, make_executor, run_task
-from biotune.fitness import PruneConfig, SearchProtocol
-from biotune.runner import DataConfig, Search, SearchConfig, build_evaluator
+from biotune.runner.config import DataConfig, SearchConfig
+from biotune.runner.executors import Task, make_executor, run_task
+from biotune.runner.fitness import PruneConfig, SearchProtocol
+from biotune.runner.search import Search
+from biotune.runner.workbench import build_evaluator
 from biotune.training import TrainConfig
 
 # A real (offline) search, small enough to run in seconds: Lite0 on 32 px Animal-Shape.

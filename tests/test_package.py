@@ -35,6 +35,12 @@ def test_the_package_imports_without_torch():
     assert done.stdout.strip() == "False"
 
 
+def test_every_public_name_resolves_to_the_module_that_defines_it():
+    for name in biotune.__all__:
+        value = getattr(biotune, name)
+        assert value.__module__ == biotune._EXPORTS[name], name
+
+
 def test_every_core_module_imports_with_torch_blocked():
     """``biotune.core`` is pure logic (plans, the evolution, budgets, splits, costs, records):
     each of its modules imports while any import of torch fails."""

@@ -25,10 +25,12 @@ from biotune.core.pareto import (
 )
 from biotune.core.plan import FineTunePlan, decode_genome
 from biotune.core.records import MEASURED_FIELDS
-from biotune.fitness import PruneConfig
 from biotune.reports import pareto_table, report, summary_lines
-from biotune.runner import Search, SearchConfig
-from biotune.tradeoff import anchor_plans
+from biotune.runner._optimize import task_for
+from biotune.runner.config import SearchConfig
+from biotune.runner.fitness import PruneConfig
+from biotune.runner.search import Search
+from biotune.runner.tradeoff import anchor_plans
 
 # -- the front, pure ---------------------------------------------------------------------------
 
@@ -174,8 +176,8 @@ def test_a_pareto_search_turns_early_termination_off(pareto_run):
     candidate = SimpleNamespace(id=child["candidate"], genes=child["genes"],
                                 generation=child["generation"], role="child")
     done = {r["candidate"]: r for r in records}
-    assert Search._task(candidate, done).reference  # an accuracy search would prune
-    assert Search._task(candidate, done, False).reference == ()
+    assert task_for(candidate, done).reference  # an accuracy search would prune
+    assert task_for(candidate, done, False).reference == ()
 
 
 def test_the_pareto_report_and_table_show_the_front_and_the_anchors(pareto_run, tmp_path):

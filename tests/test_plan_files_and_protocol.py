@@ -8,7 +8,7 @@ import pytest
 
 from biotune.core.plan import BlockSetting, FineTunePlan
 from biotune.errors import BioTuneError
-from biotune.fitness import SearchProtocol
+from biotune.runner.fitness import SearchProtocol
 
 
 @pytest.mark.parametrize(("fraction", "folds"), [(1, 1), (1.0, 1), (0.5, 2), (1 / 3, 3),

@@ -16,10 +16,12 @@ from rich.console import Console
 from biotune.callbacks import Callback, CSVLogger, TensorBoardLogger, emit
 from biotune.core.evolution import BioTuneEvolution, EvolutionConfig
 from biotune.data import DatasetSplits
-from biotune.fitness import SearchProtocol
 from biotune.models import LoadedModel
 from biotune.progress import CompareProgress, SearchProgress, TrainingProgress, eta
-from biotune.runner import Search, SearchConfig, Workbench
+from biotune.runner.config import SearchConfig
+from biotune.runner.fitness import SearchProtocol
+from biotune.runner.search import Search
+from biotune.runner.workbench import Workbench
 from biotune.training import TrainConfig
 
 # 4 + 1 x (3 x 1 + 3) = 10 evaluations, two generation summaries, two final seeds of 2 epochs.
@@ -342,7 +344,7 @@ def test_compare_logs_a_line_per_method_and_its_searchs_progress(tmp_path, caplo
     from test_baselines import make_bench as colour_bench
 
     from biotune.compare import SearchScale, compare
-    from biotune.runner import DataConfig
+    from biotune.runner.config import DataConfig
 
     caplog.set_level(logging.INFO, logger="biotune")
     tiny = TrainConfig(epochs=1, patience=1, batch_size=32, eval_batch_size=64)

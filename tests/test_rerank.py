@@ -14,8 +14,9 @@ from biotune.core.plan import FineTunePlan, encode_plan
 from biotune.data import DatasetSplits
 from biotune.models import LoadedModel
 from biotune.presets import default
-from biotune.rerank import candidates, choose
-from biotune.runner import Search, Workbench
+from biotune.runner.rerank import candidates, choose
+from biotune.runner.search import Search
+from biotune.runner.workbench import Workbench
 from biotune.training import TrainConfig
 
 TINY = TrainConfig(epochs=2, patience=2, batch_size=16, eval_batch_size=32, base_lr=1e-2)

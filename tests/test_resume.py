@@ -113,7 +113,7 @@ def test_kill_in_the_middle_of_a_record_write_then_resume(tmp_path, reference):
 
 def test_second_process_cannot_write_a_locked_run_directory(tmp_path):
     from biotune.errors import BioTuneError
-    from biotune.rundir import RunDirectory
+    from biotune.runner.rundir import RunDirectory
 
     run = RunDirectory(tmp_path / "run")
     with run.locked(), pytest.raises(BioTuneError, match="in use"), RunDirectory(run.path).locked():

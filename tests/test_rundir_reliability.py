@@ -13,16 +13,18 @@ from pathlib import Path
 import pytest
 from conftest import make_tiny_cnn, make_tiny_data
 
-from biotune import fitness as fitness_module
-from biotune import rundir as rundir_module
 from biotune.blocks import Block, BlockPartition, partition_blocks
 from biotune.core.evolution import EvolutionConfig
 from biotune.data import DatasetSplits
 from biotune.errors import BioTuneError
-from biotune.fitness import SearchProtocol
 from biotune.models import LoadedModel
-from biotune.rundir import EVALUATIONS, PARTITION, SESSIONS, RunDirectory
-from biotune.runner import Search, SearchConfig, Workbench
+from biotune.runner import fitness as fitness_module
+from biotune.runner import rundir as rundir_module
+from biotune.runner.config import SearchConfig
+from biotune.runner.fitness import SearchProtocol
+from biotune.runner.rundir import EVALUATIONS, PARTITION, SESSIONS, RunDirectory
+from biotune.runner.search import Search
+from biotune.runner.workbench import Workbench
 from biotune.training import TrainConfig
 
 # Two folds, cached frozen prefixes, memoisation: a resumed search must rebuild the same cache.

@@ -11,17 +11,19 @@ import torchvision
 from conftest import make_tiny_cnn, make_tiny_data
 from torch import nn
 
-import biotune.fitness as fitness_module
+import biotune.runner.fitness as fitness_module
 from biotune.blocks import partition_blocks
 from biotune.core import cost
 from biotune.core.evolution import EvolutionConfig
 from biotune.core.plan import BlockSetting, FineTunePlan, encode_plan
 from biotune.data import DatasetSplits
 from biotune.features import FeatureCache, batch_sizes_for, block_chain, train_plan_cached
-from biotune.fitness import Evaluator, PruneConfig, PruneHooks, SearchProtocol
 from biotune.measure import block_flops
 from biotune.models import LoadedModel
-from biotune.runner import DataConfig, Search, SearchConfig, Workbench
+from biotune.runner.config import DataConfig, SearchConfig
+from biotune.runner.fitness import Evaluator, PruneConfig, PruneHooks, SearchProtocol
+from biotune.runner.search import Search
+from biotune.runner.workbench import Workbench
 from biotune.training import TrainConfig, batches, train_plan
 
 TRAIN = TrainConfig(epochs=3, patience=5, batch_size=16, eval_batch_size=32, base_lr=1e-2)
@@ -192,7 +194,7 @@ def test_cached_evaluation_scores_like_uncached_and_says_so(tiny_cnn):
 
 
 def test_lite0_cached_evaluation_equals_uncached():
-    from biotune.runner import prepare
+    from biotune.runner.workbench import prepare
 
     bench = prepare(DataConfig(image_size=32, train_size=40, val_size=20, test_size=20))
     train = TrainConfig(epochs=1, batch_size=16, eval_batch_size=64)
@@ -378,20 +380,20 @@ def test_a_memoised_plan_is_not_trained_again(tiny_cnn, tmp_path, monkeypatch):
 
 
 def test_final_training_of_a_plan_with_a_frozen_prefix_uses_the_cache(tiny_cnn):
-    from biotune.runner import final_training_run
+    from biotune.runner.final import final_training_run
     from biotune.training import evaluate
 
     partition = partition_blocks(tiny_cnn)
     bench = Workbench(LoadedModel(tiny_cnn, "tiny", 8, (0.5,) * 3, (0.5,) * 3, "random"), partition,
                       _splits())
     plan = _plan(partition.names, 2)
-    record = final_training_run(bench, plan, TRAIN, seed=2)
+    run = final_training_run(bench, plan, TRAIN, seed=2)
     model, plain = train_plan(tiny_cnn, partition, plan, bench.splits.train, bench.splits.val,
                               TRAIN, seed=2)
     test = evaluate(model, bench.splits.test, TRAIN.eval_batch_size)
-    assert record["cached_prefix"] == 2
-    assert record["val_balanced"] == plain.val.balanced
-    assert (record["test_top1"], record["test_balanced"]) == (test.top1, test.balanced)
-    assert record["train_images"] == plain.train_images
+    assert run.cached_prefix == 2
+    assert run.val_balanced == plain.val.balanced
+    assert (run.test_top1, run.test_balanced) == (test.top1, test.balanced)
+    assert run.train_images == plain.train_images
     full = final_training_run(bench, FineTunePlan.full(partition.names), TRAIN, seed=2)
-    assert full["cached_prefix"] == 0
+    assert full.cached_prefix == 0

@@ -86,7 +86,7 @@ def _read(path: Path) -> dict[str, Any] | None:
 
 
 def _write(path: Path, data: dict[str, Any]) -> None:
-    from biotune.rundir import write_json_atomic
+    from biotune.runner.rundir import write_json_atomic
 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, data)
@@ -105,7 +105,8 @@ class Dataset:
     def __init__(self, name: str, records: Path, work: Path, log: Callable[[str], None]) -> None:
         from biotune.core import cost
         from biotune.measure import block_flops
-        from biotune.runner import DataConfig, prepare
+        from biotune.runner.config import DataConfig
+        from biotune.runner.workbench import prepare
         from biotune.training import batches
 
         self.name, self.records, self.work, self.log = name, records, work, log
@@ -170,7 +171,7 @@ class Dataset:
     def search(self, method: str, seed: int) -> dict[str, Any]:
         """One BioTune search (its own seed), recorded; its plan is trained like a baseline."""
         from biotune.core.plan import FineTunePlan
-        from biotune.runner import Search
+        from biotune.runner.search import Search
 
         path = _record_path(self.records, self.name, method, f"search-seed{seed}")
         done = _read(path)
@@ -339,7 +340,7 @@ def paired(a: list[dict[str, Any]], b: list[dict[str, Any]], key: str) -> dict[s
 
 def report(records: Path, out: Path, datasets: list[str], wall: dict[str, Any]) -> str:
     """results/accuracy.{json,md} and the plots, from whatever is recorded."""
-    from biotune.runner import machine_description
+    from biotune.runner.final import machine_description
 
     rows = load_rows(records, datasets)
     table: list[dict[str, Any]] = []

@@ -29,14 +29,9 @@ from run import configs, parse_args  # run.py beside this script
 
 from biotune.core.plan import BlockSetting, FineTunePlan, decode_genome, encode_plan
 from biotune.errors import BioTuneError
-from biotune.runner import (
-    SearchConfig,
-    Workbench,
-    evaluator_for,
-    final_training_run,
-    prepare,
-    summarize_final,
-)
+from biotune.runner.config import SearchConfig
+from biotune.runner.final import final_training_run, summarize_final
+from biotune.runner.workbench import Workbench, evaluator_for, prepare
 
 HERE = Path(__file__).resolve().parent
 

@@ -43,16 +43,11 @@ import torch
 from biotune import presets
 from biotune.core import cost
 from biotune.measure import block_flops
-from biotune.rundir import write_json_atomic
-from biotune.runner import (
-    DataConfig,
-    Search,
-    SearchConfig,
-    final_training_run,
-    machine_description,
-    prepare,
-    summarize_final,
-)
+from biotune.runner.config import DataConfig, SearchConfig
+from biotune.runner.final import final_training_run, machine_description, summarize_final
+from biotune.runner.rundir import write_json_atomic
+from biotune.runner.search import Search
+from biotune.runner.workbench import prepare
 
 HERE = Path(__file__).resolve().parent
 

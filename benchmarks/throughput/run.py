@@ -21,7 +21,6 @@ import json
 import resource
 import shlex
 import sys
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -32,15 +31,12 @@ import torch
 from biotune.core.evolution import Candidate
 from biotune.core.plan import BlockSetting, FineTunePlan, encode_plan
 from biotune.features import FeatureCache
-from biotune.fitness import Evaluator, PruneConfig, SearchProtocol
-from biotune.rundir import write_json_atomic
-from biotune.runner import (
-    DataConfig,
-    Search,
-    SearchConfig,
-    machine_description,
-    prepare,
-)
+from biotune.runner._optimize import memoised
+from biotune.runner.config import DataConfig
+from biotune.runner.final import machine_description
+from biotune.runner.fitness import Evaluator, PruneConfig, SearchProtocol
+from biotune.runner.rundir import write_json_atomic
+from biotune.runner.workbench import prepare
 from biotune.training import TrainConfig
 
 HERE = Path(__file__).resolve().parent
@@ -129,14 +125,13 @@ def main(argv: list[str] | None = None) -> int:
         })
         print(json.dumps(rows[-1]), flush=True)
 
-    # Memoisation: an equivalent plan already scored on this fold is a lookup, not a training.
-    # (the runner's own lookup; the Search object only reads its configuration here)
-    search = Search(SearchConfig(data=data, protocol=base), tempfile.mkdtemp(), bench=bench)
+    # Memoisation: an equivalent plan already scored on this fold is a lookup, not a training
+    # (the search loop's own lookup).
     genes = encode_plan(_plan(names, 3))
     record, t_train = _timed(lambda: plain.evaluate(0, genes, 0))
     done = {0: record.to_dict()}
     twin = Candidate(1, genes.copy(), 0, "initial")
-    memo, t_memo = _timed(lambda: search._memoised(twin, done, plain, bench.partition))
+    memo, t_memo = _timed(lambda: memoised(twin, done, plain))
     memo_row = {"seconds_trained": t_train, "seconds_memoised": t_memo,
                 "speedup": t_train / max(t_memo, 1e-9), "reused_from": memo.reused_from}
 

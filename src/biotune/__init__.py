@@ -27,10 +27,10 @@ _EXPORTS = {
     "FineTunePlan": "biotune.core.plan",
     "apply_plan": "biotune.freezing",
     "decode_genome": "biotune.core.plan",
-    "DataConfig": "biotune.runner",
-    "Search": "biotune.runner",
-    "SearchConfig": "biotune.runner",
-    "SearchResult": "biotune.runner",
+    "DataConfig": "biotune.runner.config",
+    "Search": "biotune.runner.search",
+    "SearchConfig": "biotune.runner.config",
+    "SearchResult": "biotune.runner.search",
     "TrainConfig": "biotune.training",
     "FineTuned": "biotune.finetuned",
     "load_finetuned": "biotune.finetuned",
@@ -83,5 +83,6 @@ if TYPE_CHECKING:
     from biotune.finetuned import FineTuned, load_finetuned
     from biotune.freezing import apply_plan
     from biotune.models import load_model
-    from biotune.runner import DataConfig, Search, SearchConfig, SearchResult
+    from biotune.runner.config import DataConfig, SearchConfig
+    from biotune.runner.search import Search, SearchResult
     from biotune.training import TrainConfig

@@ -17,7 +17,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from biotune.errors import BioTuneError
-from biotune.runner import DataConfig, SearchConfig, SearchResult, Workbench
+from biotune.runner.config import DataConfig, SearchConfig
+from biotune.runner.search import SearchResult
+from biotune.runner.workbench import Workbench
 
 
 def workbench(
@@ -36,7 +38,7 @@ def workbench(
     from biotune.data import load_dataset
     from biotune.inputs import check_blocks, user_model, user_splits
     from biotune.models import load_model
-    from biotune.runner import prepare, split_sizes
+    from biotune.runner.workbench import prepare, split_sizes
 
     if data.blocks is not None:
         data = replace(data, blocks=check_blocks(data.blocks))
@@ -115,7 +117,7 @@ def search(
     """
     from biotune.presets import preset as named_preset
     from biotune.progress import SearchProgress
-    from biotune.runner import Search
+    from biotune.runner.search import Search
 
     config = config or named_preset(preset)
     budget = {k: v for k, v in (("max_trainable", max_trainable),
@@ -160,7 +162,7 @@ def train(
     """
     from biotune.core.plan import FineTunePlan
     from biotune.presets import FINAL_TRAINING
-    from biotune.runner import final_training_run, save_model
+    from biotune.runner.final import final_training_run, save_model
 
     if blocks is not None:
         data["blocks"] = blocks
@@ -173,7 +175,7 @@ def train(
         plan = FineTunePlan.load(plan)
     plan.check_fits(bench.partition)
     config = config or FINAL_TRAINING
-    trained, record = final_training_run(bench, plan, config, seed, keep_model=True)
+    trained, run = final_training_run(bench, plan, config, seed, keep_model=True)
     if save is not None:
-        save_model(save, trained, bench, described, plan, config, record)
-    return trained, record
+        save_model(save, trained, bench, described, plan, config, run)
+    return trained, run.to_dict()

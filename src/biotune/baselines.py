@@ -37,7 +37,7 @@ from biotune.core.plan import FineTunePlan
 from biotune.errors import BioTuneError
 from biotune.features import train_plan_fast
 from biotune.freezing import apply_plan
-from biotune.runner import Workbench
+from biotune.runner.workbench import Workbench
 from biotune.training import (
     TrainConfig,
     TrainHooks,

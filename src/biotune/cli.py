@@ -97,7 +97,7 @@ def _fraction(text: str) -> float:
 
 def _add_data_options(p: argparse.ArgumentParser) -> None:
     from biotune.data import DEMO_SIZES
-    from biotune.runner import DataConfig
+    from biotune.runner.config import DataConfig
 
     d = DataConfig()  # the defaults the help quotes
     g = p.add_argument_group("model and data")
@@ -241,7 +241,7 @@ def _train_config(args: argparse.Namespace, prefix: str, base: Any) -> Any:
 
 
 def _search_config(args: argparse.Namespace, base: Any) -> Any:
-    from biotune.fitness import PruneConfig
+    from biotune.runner.fitness import PruneConfig
 
     evo = base.evolution
     evo_changes = {k: getattr(args, k) for k in ("population", "generations", "elite")
@@ -311,7 +311,7 @@ def _check_resume_options(args: argparse.Namespace) -> None:
 
 def _interrupted(run_dir: Path, created: bool) -> None:
     """After Ctrl-C: how to resume, only if there is a search to resume; else tidy up."""
-    from biotune.rundir import CONFIG, LOCK
+    from biotune.runner.rundir import CONFIG, LOCK
 
     if (run_dir / CONFIG).exists():
         print(f"\ninterrupted: every finished evaluation is saved; resume with\n"
@@ -330,8 +330,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     from biotune.presets import preset
     from biotune.progress import SearchProgress
     from biotune.reports import score_name
-    from biotune.rundir import CONFIG, RunDirectory
-    from biotune.runner import Search, SearchConfig
+    from biotune.runner.config import SearchConfig
+    from biotune.runner.rundir import CONFIG, RunDirectory
+    from biotune.runner.search import Search
 
     if args.resume:
         _check_resume_options(args)
@@ -416,15 +417,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from biotune.core.plan import FineTunePlan
     from biotune.presets import FINAL_TRAINING
     from biotune.progress import TrainingProgress
-    from biotune.rundir import write_json_atomic
-    from biotune.runner import (
-        DataConfig,
-        final_training_run,
-        partition_record,
-        prepare,
-        save_model,
-        summarize_final,
-    )
+    from biotune.runner.config import DataConfig
+    from biotune.runner.final import final_training_run, save_model, summarize_final
+    from biotune.runner.rundir import write_json_atomic
+    from biotune.runner.workbench import partition_record, prepare
 
     # Everything that can be refused is checked before the data are loaded or a model trains.
     plan = None if args.plan in ("full", "head", "linear") else FineTunePlan.load(args.plan)
@@ -475,7 +471,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             model, run = final_training_run(bench, plan, config, seed, keep_model=True,
                                             callbacks=progress)
             runs.append(run)
-            if best is None or run["val_balanced"] > best[1]["val_balanced"]:
+            if best is None or run.val_balanced > best[1].val_balanced:
                 best = (model, run)
     finally:
         emit(progress, "close")
@@ -490,7 +486,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     _print_final(summary)
     if save is not None and best is not None:
         save_model(save, best[0], bench, data, plan, config, best[1])
-        print(f"fine-tuned model (seed {best[1]['seed']}, the best on validation): {save}")
+        print(f"fine-tuned model (seed {best[1].seed}, the best on validation): {save}")
     return 0
 
 

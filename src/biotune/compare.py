@@ -34,7 +34,8 @@ from biotune.errors import BioTuneError
 
 if TYPE_CHECKING:
     from biotune.progress import CompareProgress
-    from biotune.runner import DataConfig, SearchConfig, Workbench
+    from biotune.runner.config import DataConfig, SearchConfig
+    from biotune.runner.workbench import Workbench
     from biotune.training import TrainConfig
 
 BASELINES = ("full", "linear", "autorgn", "lora", "l2sp", "l1sp")
@@ -138,8 +139,8 @@ def _search_plan(
 ) -> tuple[Any, dict[str, Any]]:
     """Run (or resume) the method's search in its own run directory; the plan and its cost."""
     from biotune.progress import SearchProgress
-    from biotune.rundir import RunDirectory
-    from biotune.runner import Search
+    from biotune.runner.rundir import RunDirectory
+    from biotune.runner.search import Search
 
     run_dir = out_dir / f"search-{method}"
     resume = RunDirectory(run_dir).exists()
@@ -252,7 +253,7 @@ def compare(
     (other settings: an error), and a BioTune search resumes from its run directory there.
     ``progress`` shows bars on a terminal, else logs a line per method (``biotune.progress``).
     """
-    from biotune.runner import prepare
+    from biotune.runner.workbench import prepare
 
     methods = _parse_methods(methods)
     seeds = list(seeds)
@@ -378,7 +379,7 @@ def _stored_row(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
 
 def _keep_row(path: Path, settings: dict[str, Any], row: dict[str, Any]) -> None:
     """Store a finished row at once (atomically), so an interrupted compare loses no method."""
-    from biotune.rundir import write_json_atomic
+    from biotune.runner.rundir import write_json_atomic
 
     try:
         path.parent.mkdir(exist_ok=True)
@@ -519,8 +520,8 @@ def write_outputs(
     meta: Mapping[str, Any],
 ) -> list[Path]:
     """compare.md, compare.csv, compare.json and compare.png in ``out_dir``."""
-    from biotune.rundir import write_json_atomic
-    from biotune.runner import machine_description
+    from biotune.runner.final import machine_description
+    from biotune.runner.rundir import write_json_atomic
 
     date = time.strftime("%Y-%m-%d %H:%M")
     machine = machine_description()
@@ -656,7 +657,7 @@ def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_compare(args: argparse.Namespace) -> int:
     from biotune.cli import _data_config, seeds_from, use_machine
     from biotune.presets import FINAL_TRAINING
-    from biotune.runner import DataConfig
+    from biotune.runner.config import DataConfig
 
     data = _data_config(args, DataConfig())
     names = ("epochs", "patience", "batch_size", "optimizer", "precision", "channels_last",

@@ -117,7 +117,7 @@ def save_finetuned(
     """
     from safetensors.torch import save_model
 
-    from biotune.rundir import write_json_atomic
+    from biotune.runner.rundir import write_json_atomic
 
     directory = Path(directory)
     try:

@@ -21,7 +21,12 @@ from torch.utils.data import Dataset
 from biotune.data import DatasetSplits, split_dataset, with_targets
 from biotune.errors import BioTuneError
 from biotune.models import LoadedModel
-from biotune.rundir import fingerprint
+
+
+def fingerprint(data: Any) -> str:
+    """A sha256 of JSON data (keys sorted): equal exactly when the data are equal."""
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def model_fingerprint(model: nn.Module) -> str:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from biotune.core.evolution import EvolutionConfig
 from biotune.errors import BioTuneError
-from biotune.fitness import PruneConfig, SearchProtocol
-from biotune.runner import DataConfig, SearchConfig
+from biotune.runner.config import DataConfig, SearchConfig
+from biotune.runner.fitness import PruneConfig, SearchProtocol
 from biotune.training import TrainConfig
 
 #: The final training of the winning plan (and of every baseline in ``biotune compare``).

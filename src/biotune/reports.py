@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from biotune.errors import BioTuneError
-from biotune.rundir import GENERATIONS, RunDirectory
+from biotune.runner.rundir import GENERATIONS, RunDirectory
 
 REPORT_FILES = ("fitness.png", "blocks.png", "plan.png")
 _SCORE_NAMES = {"balanced": "balanced accuracy", "top1": "top-1 accuracy",

@@ -41,7 +41,7 @@ class BudgetConfig:
 
     ``max_trainable``: the largest share of the model's parameters a plan may train, in (0, 1]
     (0.1 is 10 %). ``max_memory_mb``: the most memory one float32 training step may hold at
-    the final recipe's batch size and optimizer (``cost.training_memory``). ``pareto_cost``:
+    the final recipe's batch size and optimizer (``measure.training_memory``). ``pareto_cost``:
     what the ``pareto`` objective trades validation accuracy against, "params" (the trainable
     share) or "memory". ``pareto_final``: how many plans spread along the front get the final
     training and a test score at the end (None: all of them).

@@ -71,7 +71,7 @@ class Evaluation:
     epochs: list[int]
     curves: list[list[float]] = field(default_factory=list)  # validation metric per epoch, per seed
     reused_from: int | None = None  # memoised: the candidate whose identical evaluation this copies
-    work: float = 0.0  # training + validation work in forward FLOPs (cost.py), cache excluded
+    work: float = 0.0  # training + validation work in forward FLOPs (core.cost), cache excluded
     cached_prefix: int = 0  # leading blocks served from the feature cache (0: not cached)
     pruned_at: int | None = None  # epochs the pruned seed ran before early termination
     # Building cache entries: it falls to whichever evaluation first needs an entry in its worker,

@@ -8,8 +8,8 @@ the evolution never ranks scores from different folds.
 Three things make an evaluation cheaper without changing what it measures: frozen-prefix feature
 caching (the frozen first blocks' output is computed once, exact to float rounding, see
 ``features.py``), early termination of runs clearly worse than this generation's elites at the
-same epoch (``PruneConfig``), and memoisation of equivalent plans (in the runner). Each record
-says what it cost (``cost.py``).
+same epoch (``PruneConfig``), and memoisation of equivalent plans (``runner._optimize``). Each
+record (``core.records.Evaluation``) says what it cost (``core.cost``).
 """
 
 from __future__ import annotations

@@ -1,9 +1,18 @@
-"""The run directory: atomic writes, append-only records, and a lock.
+"""The run directory: the one place that knows its files, writes them atomically, appends
+records durably, and holds the lock.
 
-Layout: ``config.json`` (what was asked), ``partition.json`` (the model's blocks, fingerprinted),
-``evaluations.jsonl`` (one line per finished evaluation), ``generations.json`` (one summary per
-generation), ``state.json`` (the evolution's state after the last finished step),
-``sessions.json`` (how long each invocation searched), ``best_plan.json`` and ``final.json``.
+Layout (the names below are the only ones a search writes; ``finetuned.py`` owns the format of
+the saved model, ``model.safetensors`` and ``finetuned.json``):
+
+* ``config.json`` (what was asked), ``blocks.json`` (block sizes), ``partition.json`` (the
+  model's blocks, fingerprinted);
+* ``evaluations.jsonl`` (one ``Evaluation`` per finished evaluation), ``generations.json`` (one
+  summary per generation), ``state.json`` (the evolution's state after the last finished step),
+  ``sessions.json`` (how long each invocation searched);
+* ``best_plan.json``, ``search_summary.json``, ``rerank.jsonl`` (re-ranked plans),
+  ``final_runs.jsonl`` (one ``FinalRun`` per seed) and ``final.json``;
+* with the Pareto objective, ``pareto.json``, ``pareto_runs.jsonl``, ``pareto.png``, ``pareto.md``.
+
 Every file is either complete or absent: JSON files are replaced atomically, a torn last line of
 a ``.jsonl`` file (a kill in the middle of a write) is cut off when the run is opened again, and
 a corrupt line elsewhere is skipped with a warning, keeping every other record.
@@ -12,7 +21,6 @@ a corrupt line elsewhere is skipped with a warning, keeping every other record.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import signal
@@ -21,15 +29,28 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from biotune.core.records import EVALUATION_KEYS, FinalRun
 from biotune.errors import BioTuneError
 
 CONFIG = "config.json"
+BLOCKS = "blocks.json"
+PARTITION = "partition.json"
 EVALUATIONS = "evaluations.jsonl"
 GENERATIONS = "generations.json"
 STATE = "state.json"
-PARTITION = "partition.json"
 SESSIONS = "sessions.json"
+BEST_PLAN = "best_plan.json"
+SEARCH_SUMMARY = "search_summary.json"
+RERANK = "rerank.jsonl"
+FINAL_RUNS = "final_runs.jsonl"
+FINAL = "final.json"
+PARETO = "pareto.json"
+PARETO_RUNS = "pareto_runs.jsonl"
+PARETO_PLOT = "pareto.png"
+PARETO_TABLE = "pareto.md"
 LOCK = ".lock"
+#: What every stored final run holds (``cached_prefix`` is missing from early run directories).
+_FINAL_RUN_KEYS = tuple(k for k in FinalRun.__dataclass_fields__ if k != "cached_prefix")
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
@@ -46,12 +67,6 @@ def write_json_atomic(path: Path, data: Any) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-
-
-def fingerprint(data: Any) -> str:
-    """A sha256 of JSON data (keys sorted): equal exactly when the data are equal."""
-    text = json.dumps(data, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _failpoint(where: str, f: Any, line: str) -> None:
@@ -234,3 +249,29 @@ class RunDirectory:
                 f.flush()
                 os.fsync(f.fileno())
         return out
+
+    # typed records
+    def evaluations(self) -> list[dict[str, Any]]:
+        """The evaluation records, in file order (a torn last line cut off)."""
+        return self.records(EVALUATIONS, repair=True, required=EVALUATION_KEYS)
+
+    def append_evaluation(self, record: dict[str, Any]) -> None:
+        """An ``Evaluation.to_dict()`` (plus its ``cost`` under a budget), durably."""
+        self.append(EVALUATIONS, record)
+
+    def final_runs(self) -> dict[int, FinalRun]:
+        """The final runs of the search's plan, by seed."""
+        records = self.records(FINAL_RUNS, repair=True, required=_FINAL_RUN_KEYS)
+        return {r["seed"]: FinalRun.from_dict(r) for r in records}
+
+    def append_final_run(self, run: FinalRun) -> None:
+        self.append(FINAL_RUNS, run.to_dict())
+
+    def rerank_runs(self) -> dict[int, dict[str, Any]]:
+        """The re-ranked plans' runs by candidate: a ``FinalRun`` with the candidate, its rank
+        and search fitness, its plan and its work."""
+        return {r["candidate"]: r for r in self.records(RERANK, repair=True,
+                                                        required=("candidate",))}
+
+    def append_rerank(self, record: dict[str, Any]) -> None:
+        self.append(RERANK, record)

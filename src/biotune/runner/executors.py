@@ -11,7 +11,7 @@ they finish, so the runner can persist each one at once; their order may vary, t
 * ``ray``: Ray actors on an existing cluster (``ray_address``) or a local one started here.
 
 Workers build their own evaluator once, from a picklable factory
-(``functools.partial(runner.build_evaluator, config)``): the model and data are loaded in each.
+(``functools.partial(workbench.build_evaluator, config)``): the model and data are loaded in each.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 from biotune.core.records import Evaluation
 from biotune.errors import BioTuneError
-from biotune.fitness import Evaluator
+from biotune.runner.fitness import Evaluator
 
 EXECUTORS = ("inprocess", "process", "ray")
 RAY_MISSING = "--executor ray needs ray: pip install 'biotune[ray]'"

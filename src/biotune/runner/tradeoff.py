@@ -1,14 +1,14 @@
 """The end of a Pareto search: its front, each plan trained and tested next to the anchors.
 
 The front is taken from the evaluations scored on the fold of the search's last generation
-(``pareto.fold_front``): their validation scores come from the same data and seeds, so they
+(``core.pareto.fold_front``): their validation scores come from the same data and seeds, so they
 compare; scores of other folds never enter it. The front's plans (or ``pareto_final`` of them,
 spread from the cheapest to the most accurate) and the three anchors (full fine-tuning, the top
 half of the blocks, linear probing; those within the budget) are then trained with the final
 recipe on the whole training split for every final seed and tested once, resumably
 (``pareto_runs.jsonl``; the search's best plan reuses its own final runs). Written:
 ``pareto.json`` (every plan's costs and scores, and which anchors, if any, dominate a front plan
-on test), ``pareto.png`` and ``pareto.md`` (``reports.py``).
+on test), ``pareto.png`` and ``pareto.md`` (drawn by ``reports.py``).
 """
 
 from __future__ import annotations
@@ -20,19 +20,17 @@ import numpy as np
 from biotune.core.budget import COST_KEYS
 from biotune.core.pareto import dominates, fold_front, plan_key, spread_along
 from biotune.core.plan import BlockSetting, FineTunePlan
+from biotune.runner.final import final_training_run
+from biotune.runner.rundir import BEST_PLAN, PARETO, PARETO_PLOT, PARETO_RUNS, PARETO_TABLE
 
 if TYPE_CHECKING:
-    from biotune.runner import Search
+    from biotune.runner.search import Search
 
-PARETO = "pareto.json"
-PARETO_RUNS = "pareto_runs.jsonl"
-PARETO_PLOT = "pareto.png"
-PARETO_TABLE = "pareto.md"
 ANCHORS = ("full fine-tuning", "top half", "linear probing")
 
 
 def anchor_plans(names: tuple[str, ...]) -> list[tuple[str, FineTunePlan]]:
-    """The anchors, named, as the search starts from them (``evolution.anchor_genes``): every
+    """The anchors, named, as the search starts from them (``core.evolution.anchor_genes``): every
     block, the top half of the blocks, the head alone, all at the base learning rate. Plans that
     coincide (a model of one or two blocks) are listed once, under their first name."""
     n = len(names)
@@ -74,23 +72,19 @@ class _FinalRuns:
         for rec in search.run.records(PARETO_RUNS, repair=True, required=("plan_key", "seed")):
             self.runs[(rec["plan_key"], rec["seed"])] = rec
         best = plan_key(best_plan.to_dict())
-        from biotune.runner import FINAL_RUNS
-
-        for rec in search.run.records(FINAL_RUNS, repair=True, required=("seed",)):
-            self.runs.setdefault((best, rec["seed"]), {**rec, "plan_key": best})
+        for seed, run in search.run.final_runs().items():
+            self.runs.setdefault((best, seed), {**run.to_dict(), "plan_key": best})
 
     def train(self, plan: FineTunePlan) -> dict[str, Any]:
-        from biotune.runner import final_training_run
-
         search = self.search
         assert search.bench is not None
         key = plan_key(plan.to_dict())
         for seed in search.config.final_seeds:
             if (key, seed) in self.runs:
                 continue
-            rec = final_training_run(search.bench, plan, search.config.final, seed,
+            run = final_training_run(search.bench, plan, search.config.final, seed,
                                      callbacks=search.callbacks)
-            rec = {"plan_key": key, **rec}
+            rec = {"plan_key": key, **run.to_dict()}
             search.run.append(PARETO_RUNS, rec)
             self.runs[(key, seed)] = rec
         return _summary([self.runs[(key, s)] for s in search.config.final_seeds])
@@ -112,7 +106,7 @@ def finish_pareto(search: Search, evaluations: list[dict[str, Any]], final: bool
     front = fold_front(records, fold, key)
     chosen = {id(front[i]) for i in spread_along([r["cost"][key] for r in front],
                                                  config.budget.pareto_final)}
-    best = FineTunePlan.from_dict(search.run.read("best_plan.json") or front[-1]["plan"])
+    best = FineTunePlan.from_dict(search.run.read(BEST_PLAN) or front[-1]["plan"])
     runs = _FinalRuns(search, best) if final else None
     on_front = {r["candidate"] for r in front}
 

@@ -1,0 +1,92 @@
+"""What a search is asked to do: the model and data (``DataConfig``) and everything else a
+search depends on (``SearchConfig``), stored in the run directory and checked on resume."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from biotune.core.budget import BudgetConfig
+from biotune.core.evolution import EvolutionConfig
+from biotune.errors import BioTuneError
+from biotune.runner.fitness import SearchProtocol
+from biotune.training import TrainConfig
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which model and data, at which size."""
+
+    model: str = "efficientnet_lite0"
+    dataset: str = "animal-shape"
+    data_root: str | None = None
+    download: bool = False
+    pretrained: bool = True
+    checkpoint: str | None = None
+    image_size: int | None = 32  # None: the model's native resolution
+    # None: the whole split, except the offline demo datasets (capped at data.DEMO_SIZES)
+    train_size: int | None = None
+    val_size: int | None = None
+    test_size: int | None = None
+    split_seed: int = 0
+    bad_images: str = "skip"
+    # block name -> module prefixes or regexes, in order (None: the model family's blocks)
+    blocks: dict[str, list[str]] | None = None
+    full_data: bool = False  # the whole splits, the offline demo datasets too (sizes ignored)
+
+    def __post_init__(self) -> None:
+        if self.image_size is not None and self.image_size < 8:
+            raise BioTuneError(f"image_size must be at least 8 (got {self.image_size})")
+        for name in ("train_size", "val_size", "test_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise BioTuneError(f"{name} must be a positive integer (got {value})")
+        if self.bad_images not in ("skip", "error"):
+            raise BioTuneError(f"bad_images must be 'skip' or 'error' (got {self.bad_images!r})")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """Everything a search depends on; stored in the run directory and checked on resume."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    evolution: EvolutionConfig = field(default_factory=EvolutionConfig)
+    protocol: SearchProtocol = field(default_factory=SearchProtocol)
+    final: TrainConfig = field(default_factory=TrainConfig)
+    final_seeds: tuple[int, ...] = (0, 1, 2)
+    seed: int = 0
+    # Re-rank the best k distinct plans of the last generation with the final recipe and choose
+    # on validation (``runner.rerank``); 0 or 1: the search's best plan as it is.
+    rerank: int = 0
+    # Budgets and the Pareto trade-off's settings (``core.budget``); the defaults change nothing.
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rerank, int) or self.rerank < 0:
+            raise BioTuneError(f"rerank must be a whole number >= 0 (got {self.rerank!r})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "data": asdict(self.data),
+            "evolution": self.evolution.to_dict(),
+            "protocol": self.protocol.to_dict(),
+            "final": self.final.to_dict(),
+            "final_seeds": list(self.final_seeds),
+            "seed": self.seed,
+            # Written only when on, so configurations from before it existed compare equal.
+            **({"rerank": self.rerank} if self.rerank else {}),
+            **({"budget": self.budget.to_dict()} if self.budget != BudgetConfig() else {}),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SearchConfig:
+        return cls(
+            data=DataConfig(**d["data"]),
+            evolution=EvolutionConfig(**d["evolution"]),
+            protocol=SearchProtocol.from_dict(d["protocol"]),
+            final=TrainConfig(**d["final"]),
+            final_seeds=tuple(d["final_seeds"]),
+            seed=d["seed"],
+            rerank=d.get("rerank", 0),
+            budget=BudgetConfig.from_dict(d.get("budget")),
+        )

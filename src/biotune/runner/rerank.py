@@ -1,0 +1,85 @@
+"""Re-rank the search's best plans with the final recipe before choosing one (multi-fidelity).
+
+The search scores plans with a short training on one fold: cheap, but a noisy proxy for what
+the final training will make of a plan (``benchmarks/search_cost/README.md``: short evaluations
+over-rate plans that train the new head at a high rate). So the few best distinct plans of the
+last generation (all scored on one fold, so their order is fair) are trained with the final
+recipe on the whole training split, seed ``final_seeds[0]``, and the plan with the best
+validation score wins. The winning run is that seed's final run, so the winner is not trained
+twice. This is the same selection the baselines get from their learning-rate grid: a few
+full-recipe runs compared on validation. Each run is recorded in ``rerank.jsonl``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from biotune.core.cost import run_work
+from biotune.core.evolution import BioTuneEvolution
+from biotune.core.plan import FineTunePlan, decode_genome
+from biotune.runner.final import final_training_run, save_model
+from biotune.runner.fitness import Evaluator
+
+if TYPE_CHECKING:
+    from biotune.runner.search import Search
+
+_log = logging.getLogger("biotune.search")
+
+
+def candidates(
+    population: Sequence[tuple[Any, float]], names: Sequence[str], k: int
+) -> list[tuple[Any, float, FineTunePlan]]:
+    """The first ``k`` distinct plans of a generation (best first): (candidate, fitness, plan)."""
+    out: list[tuple[Any, float, FineTunePlan]] = []
+    seen: set[tuple] = set()
+    for candidate, fitness in population:
+        plan = decode_genome(candidate.genes, names)
+        if not plan.trained or plan.key() in seen:
+            continue
+        seen.add(plan.key())
+        out.append((candidate, fitness, plan))
+        if len(out) == k:
+            break
+    return out
+
+
+def choose(records: Sequence[dict[str, Any]], metric: str = "val_balanced") -> dict[str, Any]:
+    """The record with the best validation score; ties go to the better search rank."""
+    return max(records, key=lambda r: (r[metric], -r["rank"]))
+
+
+def rerank_plans(
+    search: Search, evo: BioTuneEvolution, evaluator: Evaluator
+) -> list[dict[str, Any]]:
+    """The best distinct plans of the last generation trained with the final recipe (seed
+    ``final_seeds[0]``, resumable); the best on validation becomes that seed's final run
+    and the run's saved model."""
+    assert search.bench is not None
+    bench, config, seed = search.bench, search.config.final, search.config.final_seeds[0]
+    done = search.run.rerank_runs()
+    best_model = None
+    picks = candidates(evo.population, bench.partition.names, search.config.rerank)
+    for rank, (candidate, fitness, plan) in enumerate(picks):
+        if candidate.id in done:
+            continue
+        model, run = final_training_run(bench, plan, config, seed, keep_model=True)
+        work = run_work(evaluator.flops, run.cached_prefix, plan.frozen_prefix,
+                        run.train_images, run.eval_images)
+        rec = {**run.to_dict(), "candidate": candidate.id, "rank": rank, "fitness": fitness,
+               "plan": plan.to_dict(), "work": work}
+        search.run.append_rerank(rec)
+        done[candidate.id] = rec
+        _log.info("re-rank %d/%d: %s: val balanced accuracy %.4f (search fitness %.4f)",
+                  rank + 1, len(picks), plan.describe(), rec["val_balanced"], fitness)
+        if best_model is None or rec["val_balanced"] > best_model[1]["val_balanced"]:
+            best_model = (model, rec, plan, run)
+    records = [done[c.id] for c, _, _ in picks]
+    chosen = choose(records)
+    finals = search.run.final_runs()
+    if best_model is not None and best_model[1] is chosen and seed not in finals:
+        model, rec, plan, run = best_model
+        save_model(search.run.path, model, bench, search.config.data, plan, config, run)
+        search.run.append_final_run(run)
+    return records

@@ -1,0 +1,125 @@
+"""The model, its blocks and the data every evaluation starts from, and what is built on them:
+the evaluator that scores genomes, the budget's plan costs, the partition's fingerprint."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from biotune.blocks import BlockPartition, partition_blocks
+from biotune.core.budget import SearchBudget
+from biotune.data import DEMO_SIZES, DatasetSplits, is_offline, load_dataset
+from biotune.features import FeatureCache, block_chain
+from biotune.inputs import fingerprint
+from biotune.measure import PlanCosts
+from biotune.models import LoadedModel, load_model
+from biotune.runner.config import DataConfig, SearchConfig
+from biotune.runner.fitness import Evaluator
+from biotune.training import TrainConfig, batches, default_device
+
+#: Memory for the frozen-prefix features of final trainings and baselines (whole splits).
+FINAL_CACHE_MB = 2048.0
+
+
+@dataclass
+class Workbench:
+    """The loaded model, its blocks and the data: what every evaluation starts from."""
+
+    loaded: LoadedModel
+    partition: BlockPartition
+    splits: DatasetSplits
+    _caches: dict[tuple, FeatureCache | None] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.loaded.model
+
+    def feature_cache(self, config: TrainConfig) -> FeatureCache | None:
+        """One feature cache of the pretrained model for every training on the whole splits, so
+        several seeds, methods and plans share the frozen prefixes; None if the model cannot run
+        block by block."""
+        key = (config.eval_batch_size, config.precision)
+        if key not in self._caches:
+            sample, _ = next(batches(self.splits.val, 2))
+            stages = block_chain(self.model, self.partition, sample)
+            self._caches[key] = None if stages is None else FeatureCache(
+                self.model, stages, int(FINAL_CACHE_MB * 2**20), config.eval_batch_size,
+                default_device(), config.precision,
+            )
+        return self._caches[key]
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Workers get the model and data, not features cached here."""
+        return {**self.__dict__, "_caches": {}}
+
+
+def split_sizes(data: DataConfig) -> tuple[int | None, int | None, int | None]:
+    """The train / val / test caps in force: the ones given, else the demo caps for the offline
+    datasets and the whole splits for everything else (a user's folder is used whole)."""
+    if data.full_data:
+        return (None, None, None)
+    given = (data.train_size, data.val_size, data.test_size)
+    if not is_offline(data.dataset):
+        return given
+    return tuple(g if g is not None else d for g, d in zip(given, DEMO_SIZES, strict=True))
+
+
+def prepare(data: DataConfig) -> Workbench:
+    """Load the model and the data, sized and normalised for each other, and split the blocks."""
+    probe = load_model(data.model, num_classes=2, pretrained=False)
+    size = data.image_size or probe.input_size
+    train_size, val_size, test_size = split_sizes(data)
+    splits = load_dataset(
+        data.dataset, size, probe.mean, probe.std, root=data.data_root, seed=data.split_seed,
+        train_size=train_size, val_size=val_size, test_size=test_size,
+        download=data.download, bad_images=data.bad_images,
+    )
+    loaded = load_model(
+        data.model, num_classes=len(splits.classes), pretrained=data.pretrained,
+        checkpoint=data.checkpoint,
+    )
+    return Workbench(loaded, partition_blocks(loaded.model, data.blocks), splits)
+
+
+def search_budget(
+    bench: Workbench, config: SearchConfig, flops: Sequence[float]
+) -> SearchBudget | None:
+    """The budget of a search on ``bench`` (a ``Workbench``) by ``config`` (its
+    ``SearchConfig``), its feasibility checked; None for a search with neither budget nor
+    Pareto objective: nothing is checked or measured, so it runs and records as before."""
+    objective = config.evolution.objective
+    if not config.budget.limited and objective != "pareto":
+        return None
+    sample, _ = next(batches(bench.splits.val, 4))
+    costs = PlanCosts(bench.model, bench.partition, sample, flops, config.final.batch_size,
+                      config.final.optimizer)
+    budget = SearchBudget(config.budget, costs, objective)
+    budget.check_feasible()
+    return budget
+
+
+def evaluator_for(bench: Workbench, config: SearchConfig) -> Evaluator:
+    """Scores genomes on ``bench``'s model and data by ``config``'s protocol and folds."""
+    return Evaluator(
+        bench.model, bench.partition, bench.splits, config.protocol, fold_seed=config.seed
+    )
+
+
+def build_evaluator(config: SearchConfig) -> Evaluator:
+    """Everything a worker process needs to score genomes, rebuilt from the configuration."""
+    return evaluator_for(prepare(config.data), config)
+
+
+def partition_record(bench: Workbench) -> dict[str, Any]:
+    """The blocks, each fingerprinted by its name and its parameters' names and shapes."""
+    shapes = {name: list(p.shape) for name, p in bench.model.named_parameters()}
+    blocks = bench.partition.to_dict()["blocks"]
+    for block in blocks:
+        params = [[name, shapes.get(name)] for name in block["param_names"]]
+        block["fingerprint"] = fingerprint([block["name"], params])
+    return {"fingerprint": fingerprint([b["fingerprint"] for b in blocks]), "blocks": blocks}
