@@ -212,18 +212,19 @@ def test_budget_settings_are_checked_and_old_configurations_load():
 
 
 def test_cli_budget_options_reach_the_configuration():
-    from biotune.cli import _search_config, build_parser
+    from biotune.cli import build_parser
+    from biotune.cli.search import search_config
     from biotune.presets import preset
 
     args = build_parser().parse_args(
         ["search", "--max-trainable", "10%", "--max-memory", "512", "--objective", "pareto",
          "--pareto-cost", "memory", "--pareto-final", "4"]
     )
-    config = _search_config(args, preset("default"))
+    config = search_config(args, preset("default"))
     assert config.budget == BudgetConfig(0.1, 512.0, "memory", 4)
     assert config.evolution.objective == "pareto"
     args = build_parser().parse_args(["search", "--max-trainable", "2.5"])
-    assert _search_config(args, preset("default")).budget.max_trainable == pytest.approx(0.025)
+    assert search_config(args, preset("default")).budget.max_trainable == pytest.approx(0.025)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["search", "--max-trainable", "150%"])
 

@@ -10,7 +10,9 @@ from test_cli_errors import SMALL, _assert_one_line_error, _run
 
 import biotune.runner.final
 import biotune.runner.workbench
-from biotune.cli import EXIT_INTERRUPTED, _search_config, build_parser, main, seeds_from
+from biotune.cli import EXIT_INTERRUPTED, build_parser, main
+from biotune.cli._options import seeds_from
+from biotune.cli.search import search_config
 from biotune.presets import preset
 
 
@@ -29,7 +31,7 @@ def test_seeds_are_a_list_and_a_count_is_num_seeds(argv, seeds):
     args = _parse("search", *[a.replace("--", "--final-") for a in argv])
     assert seeds_from(args, "final-") == seeds
     if seeds is not None:
-        config = _search_config(_parse("search", *argv), preset("default"))
+        config = search_config(_parse("search", *argv), preset("default"))
         assert config.protocol.seeds == seeds
 
 
@@ -45,7 +47,7 @@ def test_bad_seed_options_are_one_line_usage_errors(argv, needle, capsys):
 
 @pytest.mark.parametrize(("text", "folds"), [("1", 1), ("0.5", 2), ("1/3", 3), ("0.25", 4)])
 def test_data_fraction_one_over_k_gives_k_folds(text, folds):
-    config = _search_config(_parse("search", "--data-fraction", text), preset("default"))
+    config = search_config(_parse("search", "--data-fraction", text), preset("default"))
     assert config.protocol.folds == folds
     assert config.protocol.data_fraction == pytest.approx(1 / folds)
 

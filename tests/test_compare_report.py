@@ -11,19 +11,12 @@ from pathlib import Path
 import pytest
 from test_baselines import make_bench
 
-from biotune.cli import seeds_from
-from biotune.compare import (
-    ALL_METHODS,
-    LABELS,
-    SearchScale,
-    add_compare_parser,
-    compare,
-    compare_method,
-    options_from_args,
-    scales_from_args,
-)
+from biotune.cli._options import seeds_from
+from biotune.cli.compare import add_compare_parser, options_from_args, scales_from_args
+from biotune.cli.report import add_report_parser, cmd_report
+from biotune.compare import ALL_METHODS, LABELS, SearchScale, compare, compare_method
 from biotune.errors import BioTuneError
-from biotune.reports import REPORT_FILES, add_report_parser, report
+from biotune.reports import REPORT_FILES, report
 from biotune.runner.config import DataConfig
 from biotune.training import TrainConfig
 
@@ -269,8 +262,6 @@ def test_report_of_a_running_search_shows_the_latest_generations_best(tmp_path):
 def test_report_shows_the_final_test_result_when_there_is_one(tmp_path, capsys):
     _fake_run(tmp_path / "run")
     args = argparse.Namespace(run_dir=str(tmp_path / "run"), out=str(tmp_path / "plots"))
-    from biotune.reports import cmd_report
-
     assert cmd_report(args) == 0
     out = capsys.readouterr().out
     assert "validation balanced accuracy 0.7300" in out and "final training: not run yet" in out

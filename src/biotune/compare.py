@@ -11,18 +11,17 @@ with the settings it was made with: the same command run again skips the finishe
 resumes an interrupted BioTune search), and refuses a stored row made with other settings.
 
 Heavy modules (torch, the runner) are imported where they are used, so that building the command
-line parser stays fast. Messages go to the ``biotune.compare`` logger; ``progress`` adds bars
-(or, without a terminal, a line per finished method) and the BioTune searches' own progress.
+line parser (``biotune.cli.compare``) stays fast. Messages go to the ``biotune.compare`` logger;
+``progress`` adds bars (or, without a terminal, a line per finished method) and the BioTune
+searches' own progress.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import logging
 import math
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
@@ -41,8 +40,6 @@ if TYPE_CHECKING:
 BASELINES = ("full", "linear", "autorgn", "lora", "l2sp", "l1sp")
 #: BioTune methods and the preset each one searches with.
 BIOTUNE_PRESETS = {"biotune": "default", "biotune-paper": "paper"}
-#: Prefix of each BioTune method's scaling options (--paper-population, ...).
-SCALE_FLAGS = {"biotune": "biotune", "biotune-paper": "paper"}
 ALL_METHODS = (*BASELINES, *BIOTUNE_PRESETS)
 DEFAULT_LR_GRID = (1e-4, 1e-3, 1e-2)
 LABELS = {
@@ -537,142 +534,3 @@ def write_outputs(
                                  "notes": list(notes), "rows": list(rows)})
     plot_accuracy_vs_params(rows, paths[3], title)
     return paths
-
-
-# ---------------------------------------------------------------------------------------------
-# command line
-
-
-def _float_list(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers (1e-4,1e-3,1e-2), got {text!r}"
-        ) from None
-    if not values or any(not (v > 0 and math.isfinite(v)) for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive learning rates, got {text!r}")
-    return values
-
-
-def _method_list(text: str) -> list[str]:
-    names = [m.strip() for m in text.split(",") if m.strip()]
-    unknown = [m for m in names if m not in ALL_METHODS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"unknown method(s) {', '.join(unknown) or repr(text)}; "
-            f"choose from {', '.join(ALL_METHODS)}"
-        )
-    return names
-
-
-def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """``biotune compare``: sets ``func=cmd_compare``; help texts quote the real defaults."""
-    from biotune.cli import (
-        _add_data_options,
-        _positive_int,
-        add_machine_options,
-        add_seed_options,
-        defaults_text,
-        seeds_text,
-    )
-    from biotune.presets import FINAL_TRAINING
-
-    recipe = {"": FINAL_TRAINING}
-    p = subparsers.add_parser(
-        "compare", help="compare BioTune with the baselines on one dataset and model",
-        description="Run several methods with the same splits, the same training recipe and "
-        "the same learning-rate grid (chosen per method on validation), over several seeds; "
-        "write a table (markdown, CSV, JSON) and a plot of accuracy against trainable "
-        "parameters. BioTune rows search a plan first and report the search's cost. Each "
-        f"finished method's row is kept in OUT/{ROWS}/METHOD.json: the same command run again "
-        "skips finished methods and refuses rows made with other settings.",
-    )
-    p.add_argument("--methods", type=_method_list, default=list(ALL_METHODS),
-                   help=f"comma-separated, from {','.join(ALL_METHODS)} (default: all)")
-    add_seed_options(p, "", "seeds of the final runs", seeds_text({"": DEFAULT_SEEDS}))
-    p.add_argument("--lr-grid", type=_float_list, default=DEFAULT_LR_GRID,
-                   help="base learning rates to choose from on validation (default "
-                   f"{','.join(f'{lr:g}' for lr in DEFAULT_LR_GRID)})")
-    p.add_argument("--out", help="output folder (default runs/compare-DATASET-MODEL-TIME); "
-                   "finished methods and BioTune searches found there are resumed")
-    p.add_argument("--quiet", action="store_true",
-                   help="no progress bars or lines (warnings and errors only)")
-    _add_data_options(p)
-    g = p.add_argument_group("training recipe (the same for every method)")
-    g.add_argument("--epochs", type=_positive_int,
-                   help="maximum epochs" + defaults_text("epochs", recipe))
-    g.add_argument("--patience", type=int, help="early stopping: epochs in a row without a new "
-                   "best validation score before stopping" + defaults_text("patience", recipe))
-    g.add_argument("--batch-size", type=_positive_int,
-                   help="training batch size" + defaults_text("batch_size", recipe))
-    g.add_argument("--optimizer", choices=["adam", "adamw", "sgd"],
-                   help="optimizer" + defaults_text("optimizer", recipe))
-    add_machine_options(p, augment="every method's training runs (not the BioTune searches)")
-    g = p.add_argument_group("baseline options")
-    g.add_argument("--lora-rank", type=_positive_int,
-                   help=f"LoRA rank (default {baselines.LORA_RANK})")
-    g.add_argument("--lora-alpha", type=float, help="LoRA alpha; scaling = alpha/rank "
-                   f"(default {baselines.LORA_ALPHA:g})")
-    g.add_argument("--l2sp-alpha", type=float, help="L2-SP pull toward the pretrained "
-                   f"weights (default {baselines.L2SP_ALPHA:g})")
-    g.add_argument("--l1sp-alpha", type=float, help="L1-SP pull toward the pretrained "
-                   f"weights (default {baselines.L1SP_ALPHA:g})")
-    g.add_argument("--sp-beta", type=float, help="L2-SP/L1-SP weight decay of the head "
-                   f"(default {baselines.SP_BETA:g})")
-    g.add_argument("--rgn-batches", type=_positive_int,
-                   help="AutoRGN: mini-batches its gradient norms average over "
-                   f"(default {baselines.RGN_BATCHES})")
-    for method, flag in SCALE_FLAGS.items():
-        preset_name = BIOTUNE_PRESETS[method]
-        g = p.add_argument_group(f"scaling of the '{preset_name}' search ({method})")
-        g.add_argument(f"--{flag}-population", type=_positive_int, help="population size")
-        g.add_argument(f"--{flag}-generations", type=int, help="generations")
-        g.add_argument(f"--{flag}-elite", type=int, help="elites")
-        add_seed_options(g, f"{flag}-", "seeds per evaluation")
-        g.add_argument(f"--{flag}-epochs", type=_positive_int, help="epochs per evaluation")
-    p.set_defaults(func=cmd_compare)
-    return p
-
-
-def scales_from_args(args: argparse.Namespace) -> dict[str, SearchScale]:
-    from biotune.cli import seeds_from
-
-    scales = {}
-    for method, flag in SCALE_FLAGS.items():
-        scale = SearchScale(
-            *(getattr(args, f"{flag}_{k}", None) for k in ("population", "generations", "elite")),
-            seeds=seeds_from(args, f"{flag}-"), epochs=getattr(args, f"{flag}_epochs", None),
-        )
-        if scale.describe():
-            scales[method] = scale
-    return scales
-
-
-def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    names = ("lora_rank", "lora_alpha", "l2sp_alpha", "l1sp_alpha", "sp_beta", "rgn_batches")
-    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
-
-
-def cmd_compare(args: argparse.Namespace) -> int:
-    from biotune.cli import _data_config, seeds_from, use_machine
-    from biotune.presets import FINAL_TRAINING
-    from biotune.runner.config import DataConfig
-
-    data = _data_config(args, DataConfig())
-    names = ("epochs", "patience", "batch_size", "optimizer", "precision", "channels_last",
-             "augment")
-    changes = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
-    config = replace(FINAL_TRAINING, **changes)
-    use_machine(args)
-    out = Path(args.out) if args.out else Path("runs") / (
-        f"compare-{Path(data.dataset).name}-{data.model}-{time.strftime('%Y%m%d-%H%M%S')}"
-    )
-    rows = compare(
-        args.methods, data, config, seeds_from(args) or DEFAULT_SEEDS, args.lr_grid, out,
-        scales=scales_from_args(args), options=options_from_args(args),
-        meta={"command": " ".join(["biotune", *sys.argv[1:]])}, progress=not args.quiet,
-    )
-    print(markdown_table(rows))
-    print("written: " + ", ".join(str(out / name) for name in OUTPUTS))
-    return 0

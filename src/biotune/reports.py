@@ -16,7 +16,6 @@ read (no model, no data), so a report works anywhere.
 
 from __future__ import annotations
 
-import argparse
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -263,29 +262,6 @@ def report(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]
         paths.append(out / "pareto.png")
         plot_pareto(run["pareto"], paths[-1])
     return paths
-
-
-def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """``biotune report``: sets ``func=cmd_report``."""
-    p = subparsers.add_parser(
-        "report", help="plot a search: fitness per generation, blocks chosen, the winning plan",
-        description="Read a search's run directory, print the winning plan with its "
-        "validation score and, once the final training has run (final.json), its test result, "
-        "and write three plots: best and mean validation score per generation, which blocks "
-        "were fine-tuned across generations, and the winning plan's per-block learning rates.",
-    )
-    p.add_argument("run_dir", metavar="RUN_DIR", help="a run directory of 'biotune search'")
-    p.add_argument("--out", help="where the plots go (default RUN_DIR/report)")
-    p.set_defaults(func=cmd_report)
-    return p
-
-
-def cmd_report(args: argparse.Namespace) -> int:
-    for line in summary_lines(args.run_dir):
-        print(line)
-    for path in report(args.run_dir, args.out):
-        print(path)
-    return 0
 
 
 # -- the Pareto objective ---------------------------------------------------------------------

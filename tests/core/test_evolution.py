@@ -541,22 +541,24 @@ def test_bad_search_arguments_raise():
      (["--preset", "paper", "--anchors"], True)],
 )
 def test_cli_anchors_follow_the_preset_unless_asked(argv, expected):
-    from biotune.cli import _search_config, build_parser
+    from biotune.cli import build_parser
+    from biotune.cli.search import search_config
     from biotune.presets import preset
 
     args = build_parser().parse_args(["search", *argv])
-    assert _search_config(args, preset(args.preset or "default")).evolution.anchors is expected
+    assert search_config(args, preset(args.preset or "default")).evolution.anchors is expected
 
 
 def test_cli_initial_size_reaches_the_evolution_and_a_too_small_one_is_refused():
-    from biotune.cli import _search_config, build_parser
+    from biotune.cli import build_parser
+    from biotune.cli.search import search_config
     from biotune.presets import preset
 
     args = build_parser().parse_args(["search", "--initial-size", "9"])
-    assert _search_config(args, preset(args.preset or "default")).evolution.initial_size == 9
+    assert search_config(args, preset(args.preset or "default")).evolution.initial_size == 9
     args = build_parser().parse_args(["search", "--initial-size", "3"])
     with pytest.raises(BioTuneError, match="initial_size must be None or an integer >= "):
-        _search_config(args, preset(args.preset or "default"))
+        search_config(args, preset(args.preset or "default"))
 
 
 # -- budgets and the pareto objective (beyond the paper) -----------------------------------------

@@ -12,14 +12,13 @@ this module only asks them (``CostTable``), so it stays numpy only.
 
 from __future__ import annotations
 
-import argparse
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
-from biotune.core.evolution import OBJECTIVES
+from biotune.core.fields import option
 from biotune.core.plan import decode_genome
 from biotune.core.records import WORST_FITNESS, Evaluation, Status
 from biotune.errors import BioTuneError
@@ -47,10 +46,23 @@ class BudgetConfig:
     training and a test score at the end (None: all of them).
     """
 
-    max_trainable: float | None = None
-    max_memory_mb: float | None = None
-    pareto_cost: str = "params"
-    pareto_final: int | None = None
+    max_trainable: float | None = option(
+        None, flag="--max-trainable", type="share", metavar="P%", none="no limit",
+        help="never train a plan that fine-tunes more than P% of the model's parameters "
+        "(10% or 10); the search only proposes plans within it")
+    max_memory_mb: float | None = option(
+        None, flag="--max-memory", type="megabytes", metavar="MB", none="no limit",
+        help="never train a plan whose float32 training step, at the final training's batch "
+        "size and optimizer, holds more than MB of memory (measured once per set of trained "
+        "blocks)")
+    pareto_cost: str = option(
+        "params", flag="--pareto-cost", choices=PARETO_COSTS,
+        help="the cost the pareto objective trades accuracy against: params, the share of "
+        "parameters trained, or memory")
+    pareto_final: int | None = option(
+        None, flag="--pareto-final", type="positive_int", metavar="N",
+        none="every plan on it",
+        help="train and test N plans spread along the front at the end")
 
     def __post_init__(self) -> None:
         share = self.max_trainable
@@ -181,77 +193,3 @@ class SearchBudget:
             evaluator.fold_of(candidate.generation), list(evaluator.protocol.seeds), [],
             WORST_FITNESS, Status.OVER_BUDGET, 0.0, 0, 0, [],
         )
-
-
-# -- the command line ----------------------------------------------------------------------
-
-
-def _share(text: str) -> float:
-    """'10%' or '10' -> 0.1: a share of the parameters, given in percent."""
-    try:
-        value = float(text.strip().removesuffix("%"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a percentage such as 10%, got {text!r}") \
-            from None
-    if not 0 < value <= 100:
-        raise argparse.ArgumentTypeError(f"expected a percentage in (0, 100], got {text!r}")
-    return value / 100
-
-
-def _megabytes(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of MB, got {text!r}") from None
-    if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a positive number of MB, got {text!r}")
-    return value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def add_budget_options(parser: argparse.ArgumentParser) -> None:
-    """``--objective``, ``--max-trainable``, ``--max-memory``, ``--pareto-cost`` and
-    ``--pareto-final`` of ``biotune search``; read back with ``budget_options``."""
-    g = parser.add_argument_group("budget and trade-off (beyond the paper)")
-    g.add_argument("--objective", choices=OBJECTIVES,
-                   help="accuracy (default): the most accurate plan; pareto: every plan no other "
-                   "beats in both validation accuracy and cost (--pareto-cost), compared on one "
-                   "fold, each trained and tested at the end next to the anchors (pareto.json, "
-                   "pareto.png, pareto.md)")
-    g.add_argument("--max-trainable", type=_share, metavar="P%",
-                   help="never train a plan that fine-tunes more than P%% of the model's "
-                   "parameters (10%% or 10); the search only proposes plans within it")
-    g.add_argument("--max-memory", type=_megabytes, metavar="MB",
-                   help="never train a plan whose float32 training step, at the final "
-                   "training's batch size and optimizer, holds more than MB of memory "
-                   "(measured once per set of trained blocks)")
-    g.add_argument("--pareto-cost", choices=PARETO_COSTS,
-                   help="the cost the pareto objective trades accuracy against: params "
-                   "(default: the share of parameters trained) or memory")
-    g.add_argument("--pareto-final", type=_count, metavar="N",
-                   help="train and test N plans spread along the front at the end (default: "
-                   "every plan on it)")
-
-
-def budget_options(args: argparse.Namespace, config: Any) -> Any:
-    """``config`` (a ``SearchConfig``) with the options of ``add_budget_options`` applied."""
-    changes = {
-        name: getattr(args, option)
-        for option, name in (("max_trainable", "max_trainable"), ("max_memory", "max_memory_mb"),
-                             ("pareto_cost", "pareto_cost"), ("pareto_final", "pareto_final"))
-        if getattr(args, option, None) is not None
-    }
-    if changes:
-        config = replace(config, budget=replace(config.budget, **changes))
-    if getattr(args, "objective", None) is not None:
-        config = replace(config, evolution=replace(config.evolution, objective=args.objective))
-    return config

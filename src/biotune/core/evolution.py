@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from biotune.core.fields import option
 from biotune.core.pareto import dominates, non_dominated, pareto_order
 from biotune.core.records import Role
 from biotune.errors import BioTuneError
@@ -68,14 +69,26 @@ class EvolutionConfig:
     parent from the mating pool only if it dominates it. The search then needs a ``cost``.
     """
 
-    population_size: int = 10
-    generations: int = 10
-    elite: int = 3
+    population_size: int = option(10, flag="--population", type="positive_int",
+                                  help="population size")
+    generations: int = option(10, flag="--generations", type="int",
+                              help="generations after the initial population")
+    elite: int = option(3, flag="--elite", type="int",
+                        help="elites kept and refined by local search")
     local_search_step: float = 0.25
     children_batch: int | None = None
-    anchors: bool = False
-    initial_size: int | None = None
-    objective: str = "accuracy"
+    anchors: bool = option(
+        False, flag="--anchors", negatable=True,
+        help="start the population from full fine-tuning, the top half and linear probing "
+        "instead of random genomes")
+    initial_size: int | None = option(
+        None, flag="--initial-size", type="positive_int", none="the population size",
+        help="genomes scored in the initial generation, the best --population of them kept")
+    objective: str = option(
+        "accuracy", flag="--objective", choices=OBJECTIVES,
+        help="accuracy: the most accurate plan; pareto: every plan no other beats in both "
+        "validation accuracy and cost (--pareto-cost), compared on one fold, each trained and "
+        "tested at the end next to the anchors (pareto.json, pareto.png, pareto.md)")
 
     def __post_init__(self) -> None:
         for name in ("population_size", "generations", "elite"):

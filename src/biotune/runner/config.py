@@ -4,32 +4,60 @@ search depends on (``SearchConfig``), stored in the run directory and checked on
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from biotune.core.budget import BudgetConfig
 from biotune.core.evolution import EvolutionConfig
+from biotune.core.fields import option
+from biotune.data import DEFAULT_DATA_ROOT
 from biotune.errors import BioTuneError
 from biotune.runner.fitness import SearchProtocol
 from biotune.training import TrainConfig
+
+BAD_IMAGES = ("skip", "error")
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """Which model and data, at which size."""
 
-    model: str = "efficientnet_lite0"
-    dataset: str = "animal-shape"
-    data_root: str | None = None
-    download: bool = False
-    pretrained: bool = True
-    checkpoint: str | None = None
-    image_size: int | None = 32  # None: the model's native resolution
+    model: str = option(
+        "efficientnet_lite0", flag="--model",
+        help="model name: efficientnet_lite0/1/2 (offline ImageNet weights), a torchvision name "
+        "(resnet50, densenet121, ...; 'tv:' prefix optional) or 'timm:NAME'")
+    dataset: str = option(
+        "animal-shape", flag="--dataset",
+        help="offline: animal-shape, mnist-5k, digits, textures; torchvision: flowers102, "
+        "fgvc-aircraft, dtd, cifar10, stl10, mnist, usps, svhn; or a folder with one sub-folder "
+        "of images per class")
+    data_root: str | None = option(
+        None, flag="--data-root", type="str",
+        none=f"~/{DEFAULT_DATA_ROOT.relative_to(Path.home())}",
+        help="where torchvision datasets live or are downloaded to")
+    download: bool = option(False, flag="--download",
+                            help="download torchvision datasets (needs internet)")
+    pretrained: bool = option(True, flag="--no-pretrained",
+                              help="start from random weights instead of pretrained ones")
+    checkpoint: str | None = option(
+        None, flag="--checkpoint", type="str", none="none",
+        help="load the model's weights from this state-dict file")
+    image_size: int | None = option(  # None: the model's native resolution
+        32, flag="--image-size", type="positive_int",
+        help="image side in pixels, or --native-size for the model's own")
     # None: the whole split, except the offline demo datasets (capped at data.DEMO_SIZES)
-    train_size: int | None = None
-    val_size: int | None = None
-    test_size: int | None = None
-    split_seed: int = 0
-    bad_images: str = "skip"
+    train_size: int | None = option(
+        None, flag="--train-size", type="positive_int", none="all",
+        help="use at most this many training images, a stratified subsample")
+    val_size: int | None = option(None, flag="--val-size", type="positive_int", none="all",
+                                  help="at most this many validation images")
+    test_size: int | None = option(None, flag="--test-size", type="positive_int", none="all",
+                                   help="at most this many test images")
+    split_seed: int = option(0, flag="--split-seed", help="seed of the train/val/test split")
+    bad_images: str = option(
+        "skip", flag="--bad-images", choices=BAD_IMAGES,
+        help="unreadable image files in a folder dataset (every image is decoded when the "
+        "folder is scanned): skip them with a warning or stop with an error")
     # block name -> module prefixes or regexes, in order (None: the model family's blocks)
     blocks: dict[str, list[str]] | None = None
     full_data: bool = False  # the whole splits, the offline demo datasets too (sizes ignored)
@@ -41,7 +69,7 @@ class DataConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise BioTuneError(f"{name} must be a positive integer (got {value})")
-        if self.bad_images not in ("skip", "error"):
+        if self.bad_images not in BAD_IMAGES:
             raise BioTuneError(f"bad_images must be 'skip' or 'error' (got {self.bad_images!r})")
 
 
@@ -54,7 +82,7 @@ class SearchConfig:
     protocol: SearchProtocol = field(default_factory=SearchProtocol)
     final: TrainConfig = field(default_factory=TrainConfig)
     final_seeds: tuple[int, ...] = (0, 1, 2)
-    seed: int = 0
+    seed: int = option(0, flag="--seed", help="seed of the evolution and the folds")
     # Re-rank the best k distinct plans of the last generation with the final recipe and choose
     # on validation (``runner.rerank``); 0 or 1: the search's best plan as it is.
     rerank: int = 0

@@ -27,6 +27,7 @@ from torch import nn
 
 from biotune.blocks import BlockPartition
 from biotune.core import cost
+from biotune.core.fields import option
 from biotune.core.plan import decode_genome, genome_is_valid
 from biotune.core.records import WORST_FITNESS, Evaluation, Status
 from biotune.core.splits import stratified_folds
@@ -55,7 +56,8 @@ class PruneConfig:
 
     enabled: bool = True
     min_epochs: int = 1
-    quantile: float = 0.5
+    quantile: float = option(0.5, flag="--prune-quantile", type="float",
+                             help="prune below this quantile of the elites' curves, 0.5 the median")
     margin: float = 0.0
 
     def __post_init__(self) -> None:
@@ -100,17 +102,27 @@ class PruneHooks(TrainHooks):
 class SearchProtocol:
     """How each candidate is trained and scored during the search."""
 
-    data_fraction: float = 0.5  # 1/k: each evaluation trains on one of k folds of the train split
+    data_fraction: float = option(
+        0.5, flag="--data-fraction", type="fraction", metavar="1/K",
+        help="share of the training split each evaluation trains on: 1/k for a whole number k "
+        "(1, 0.5, 1/3, 0.25, ...), the split cut into k folds that rotate per generation")
     seeds: tuple[int, ...] = (0, 1, 2)
     train: TrainConfig = field(default_factory=TrainConfig)
-    memoize: bool = True  # an equivalent plan on the same fold and seeds is not retrained
-    cache_features: bool = False  # train on cached outputs of the frozen first blocks
-    cache_budget_mb: float = 1024.0  # memory for cached features, per worker
+    memoize: bool = option(True, flag="--memoize", negatable=True,
+                           help="do not retrain a plan already scored on the same fold and seeds")
+    cache_features: bool = option(
+        False, flag="--cache", negatable=True,
+        help="train on cached outputs of a plan's frozen first blocks, exactly")
+    cache_budget_mb: float = option(1024.0, flag="--cache-budget-mb", type="float",
+                                    help="memory for cached features per worker, in MB")
     prune: PruneConfig | None = None  # early termination of clearly worse runs; None: off
     # torch CPU threads per evaluation. On the CPU the thread count changes the floating-point
     # sums, so pinning it makes a search's result independent of the executor and its worker
     # count; parallelism comes from workers. None leaves torch's setting alone.
-    cpu_threads: int | None = 1
+    cpu_threads: int | None = option(
+        1, flag="--eval-threads", type="int", none="torch's choice",
+        help="CPU threads per evaluation; results depend on it, so it is part of the "
+        "configuration")
 
     def __post_init__(self) -> None:
         if self.cpu_threads is not None and (

@@ -1,0 +1,158 @@
+"""``biotune compare``: its options, read back into the comparison's settings (``biotune.compare``
+does the comparison)."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from biotune import baselines
+from biotune.cli._fields import positive_int
+from biotune.cli._options import (
+    add_data_options,
+    add_machine_options,
+    add_quiet_option,
+    add_seed_options,
+    add_training_options,
+    data_config,
+    seeds_from,
+    seeds_text,
+    train_config,
+    use_machine,
+)
+from biotune.compare import (
+    ALL_METHODS,
+    BIOTUNE_PRESETS,
+    DEFAULT_LR_GRID,
+    DEFAULT_SEEDS,
+    OUTPUTS,
+    ROWS,
+    SearchScale,
+    compare,
+    markdown_table,
+)
+
+#: Prefix of each BioTune method's scaling options (--paper-population, ...).
+SCALE_FLAGS = {"biotune": "biotune", "biotune-paper": "paper"}
+#: The training recipe's options: the learning rate is chosen from --lr-grid instead.
+RECIPE = ("epochs", "patience", "batch_size", "optimizer")
+
+
+def _float_list(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers (1e-4,1e-3,1e-2), got {text!r}"
+        ) from None
+    if not values or any(not (v > 0 and math.isfinite(v)) for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive learning rates, got {text!r}")
+    return values
+
+
+def _method_list(text: str) -> list[str]:
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in names if m not in ALL_METHODS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown method(s) {', '.join(unknown) or repr(text)}; "
+            f"choose from {', '.join(ALL_METHODS)}"
+        )
+    return names
+
+
+def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """``biotune compare``: sets ``func=cmd_compare``; help texts quote the real defaults."""
+    from biotune.presets import FINAL_TRAINING
+
+    p = subparsers.add_parser(
+        "compare", help="compare BioTune with the baselines on one dataset and model",
+        description="Run several methods with the same splits, the same training recipe and "
+        "the same learning-rate grid (chosen per method on validation), over several seeds; "
+        "write a table (markdown, CSV, JSON) and a plot of accuracy against trainable "
+        "parameters. BioTune rows search a plan first and report the search's cost. Each "
+        f"finished method's row is kept in OUT/{ROWS}/METHOD.json: the same command run again "
+        "skips finished methods and refuses rows made with other settings.",
+    )
+    p.add_argument("--methods", type=_method_list, default=list(ALL_METHODS),
+                   help=f"comma-separated, from {','.join(ALL_METHODS)} (default: all)")
+    add_seed_options(p, "", "seeds of the final runs", seeds_text({"": DEFAULT_SEEDS}))
+    p.add_argument("--lr-grid", type=_float_list, default=DEFAULT_LR_GRID,
+                   help="base learning rates to choose from on validation (default "
+                   f"{','.join(f'{lr:g}' for lr in DEFAULT_LR_GRID)})")
+    p.add_argument("--out", help="output folder (default runs/compare-DATASET-MODEL-TIME); "
+                   "finished methods and BioTune searches found there are resumed")
+    add_quiet_option(p)
+    add_data_options(p)
+    add_training_options(p, "", "training recipe (the same for every method)",
+                         {"default": FINAL_TRAINING}, names=RECIPE)
+    add_machine_options(p, augment="every method's training runs (not the BioTune searches)")
+    g = p.add_argument_group("baseline options")
+    g.add_argument("--lora-rank", type=positive_int,
+                   help=f"LoRA rank (default {baselines.LORA_RANK})")
+    g.add_argument("--lora-alpha", type=float, help="LoRA alpha; scaling = alpha/rank "
+                   f"(default {baselines.LORA_ALPHA:g})")
+    g.add_argument("--l2sp-alpha", type=float, help="L2-SP pull toward the pretrained "
+                   f"weights (default {baselines.L2SP_ALPHA:g})")
+    g.add_argument("--l1sp-alpha", type=float, help="L1-SP pull toward the pretrained "
+                   f"weights (default {baselines.L1SP_ALPHA:g})")
+    g.add_argument("--sp-beta", type=float, help="L2-SP/L1-SP weight decay of the head "
+                   f"(default {baselines.SP_BETA:g})")
+    g.add_argument("--rgn-batches", type=positive_int,
+                   help="AutoRGN: mini-batches its gradient norms average over "
+                   f"(default {baselines.RGN_BATCHES})")
+    for method, flag in SCALE_FLAGS.items():
+        preset_name = BIOTUNE_PRESETS[method]
+        g = p.add_argument_group(f"scaling of the '{preset_name}' search ({method})")
+        g.add_argument(f"--{flag}-population", type=positive_int, help="population size")
+        g.add_argument(f"--{flag}-generations", type=int, help="generations")
+        g.add_argument(f"--{flag}-elite", type=int, help="elites")
+        add_seed_options(g, f"{flag}-", "seeds per evaluation")
+        g.add_argument(f"--{flag}-epochs", type=positive_int, help="epochs per evaluation")
+    p.set_defaults(func=cmd_compare)
+    return p
+
+
+def scales_from_args(args: argparse.Namespace) -> dict[str, SearchScale]:
+    scales = {}
+    for method, flag in SCALE_FLAGS.items():
+        scale = SearchScale(
+            *(getattr(args, f"{flag}_{k}", None) for k in ("population", "generations", "elite")),
+            seeds=seeds_from(args, f"{flag}-"), epochs=getattr(args, f"{flag}_epochs", None),
+        )
+        if scale.describe():
+            scales[method] = scale
+    return scales
+
+
+def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    names = ("lora_rank", "lora_alpha", "l2sp_alpha", "l1sp_alpha", "sp_beta", "rgn_batches")
+    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from biotune.presets import FINAL_TRAINING
+    from biotune.runner.config import DataConfig
+
+    data = data_config(args, DataConfig())
+    config = train_config(args, "", FINAL_TRAINING)
+    if args.augment:
+        config = replace(config, augment=True)
+    use_machine(args)
+    out = Path(args.out) if args.out else Path("runs") / (
+        f"compare-{Path(data.dataset).name}-{data.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    )
+    rows = compare(
+        args.methods, data, config, seeds_from(args) or DEFAULT_SEEDS, args.lr_grid, out,
+        scales=scales_from_args(args), options=options_from_args(args),
+        meta={"command": " ".join(["biotune", *sys.argv[1:]])}, progress=not args.quiet,
+    )
+    print(markdown_table(rows))
+    print("written: " + ", ".join(str(out / name) for name in OUTPUTS))
+    return 0

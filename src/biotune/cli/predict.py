@@ -1,0 +1,45 @@
+"""``biotune predict``: classify images with a fine-tuned model."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from biotune.cli._options import check_writable
+
+
+def add_predict_parser(sub: Any) -> argparse.ArgumentParser:
+    """``biotune predict``: sets ``func=cmd_predict``."""
+    pr = sub.add_parser("predict", help="classify images with a fine-tuned model",
+                        description="Load a fine-tuned model (a search's run directory or a "
+                        "train --save folder) and print the class and its probability for each "
+                        "image (folders are searched recursively).")
+    pr.add_argument("model_dir", help="run directory or folder holding finetuned.json")
+    pr.add_argument("images", nargs="+", help="image files or folders")
+    pr.add_argument("--csv", help="write file,class,index,probability rows here instead")
+    pr.set_defaults(func=cmd_predict)
+    return pr
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import csv
+
+    from biotune.finetuned import image_files, load_finetuned, predict_files
+
+    finetuned = load_finetuned(args.model_dir)
+    files = image_files(args.images)
+    rows = predict_files(finetuned, files)
+    if args.csv:
+        out = Path(args.csv)
+        check_writable(out, "--csv")
+        with open(out, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["file", "class", "index", "probability"])
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"{len(rows)} predictions written to {out}", file=sys.stderr)
+    else:
+        for r in rows:
+            print(f"{r['file']}\t{r['class']}\t{r['probability']:.4f}")
+    return 0

@@ -1,0 +1,250 @@
+"""``biotune search``: search a fine-tuning plan, then train and test it."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from biotune.cli import EXIT_INTERRUPTED
+from biotune.cli._fields import add_field_options, apply_fields, positive_int
+from biotune.cli._options import (
+    add_budget_options,
+    add_data_options,
+    add_machine_options,
+    add_quiet_option,
+    add_seed_options,
+    add_training_options,
+    data_config,
+    seeds_from,
+    seeds_text,
+    train_config,
+    use_machine,
+)
+from biotune.errors import BioTuneError
+
+
+def _preset_help() -> str:
+    from biotune.presets import paper
+
+    c = paper()
+    return (f"'default': our cheap search; 'paper': the paper's protocol (population "
+            f"{c.evolution.population_size}, {c.evolution.generations} generations, "
+            f"{len(c.protocol.seeds)} seeds, up to {c.protocol.train.epochs} epochs); "
+            "default: 'default'")
+
+
+def add_search_parser(sub: Any) -> argparse.ArgumentParser:
+    """``biotune search``: sets ``func=cmd_search``; help texts quote both presets' values."""
+    from biotune.core.evolution import EvolutionConfig
+    from biotune.presets import default, paper
+    from biotune.runner.config import SearchConfig
+    from biotune.runner.fitness import PruneConfig, SearchProtocol
+
+    presets = {"default preset": default(), "paper preset": paper()}
+    s = sub.add_parser("search", help="search a fine-tuning plan, then train and test it",
+                       description="Search a fine-tuning plan with the evolutionary algorithm, "
+                       "train the best plan on the whole training split with several seeds and "
+                       "test it once. With no options: EfficientNet-Lite0 (offline ImageNet "
+                       "weights) on Animal-Shape.")
+    s.add_argument("--preset", choices=["default", "paper"], help=_preset_help())
+    s.add_argument("--run-dir", help="where records go (default runs/DATASET-MODEL-TIME)")
+    s.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue an interrupted search in RUN_DIR with the configuration stored "
+                   "there (--preset is refused; other options must match it; --run-dir, if "
+                   "given, must be RUN_DIR)")
+    add_field_options(s, SearchConfig, ("seed",), presets)
+    s.add_argument("--no-final", action="store_true",
+                   help="stop after the search, without training the best plan")
+    add_quiet_option(s)
+    s.add_argument("--log", choices=["csv", "tensorboard"], default="csv",
+                   help="csv (default): the search and final training logged as CSV files in "
+                   "RUN_DIR/logs (cheap, always written); tensorboard: TensorBoard event files "
+                   "in RUN_DIR/logs/tensorboard as well (pip install 'biotune[tensorboard]')")
+    g = s.add_argument_group("execution (does not change results)")
+    g.add_argument("--executor", choices=["inprocess", "process", "ray"], default="inprocess",
+                   help="where evaluations run: this process (default), a local process pool, "
+                   "or a Ray cluster")
+    g.add_argument("--workers", type=positive_int, default=1,
+                   help="parallel workers for --executor process/ray (default 1)")
+    g.add_argument("--ray-address", help="address of an existing Ray cluster (default: start a "
+                   "local one)")
+    add_data_options(s)
+
+    g = s.add_argument_group("evolution")
+    evolutions = {label: c.evolution for label, c in presets.items()}
+    add_field_options(g, EvolutionConfig, ("population_size", "generations", "elite"), evolutions)
+    g.add_argument("--children-batch", type=int,
+                   help="children made per step: 1 = the paper's sequential order; 0 = all "
+                   "children of a generation at once (parallel)")
+    add_field_options(g, EvolutionConfig, ("anchors", "initial_size"), evolutions)
+
+    g = s.add_argument_group("fitness protocol")
+    protocols = {label: c.protocol for label, c in presets.items()}
+    add_field_options(g, SearchProtocol, ("data_fraction",), protocols)
+    add_seed_options(g, "", "seeds of each evaluation", seeds_text({
+        label: c.protocol.seeds for label, c in presets.items()
+    }))
+    g = s.add_argument_group("speed-ups (default preset: all on; paper preset: all off)")
+    add_field_options(g, SearchProtocol, ("cache_features", "cache_budget_mb", "memoize"),
+                      protocols)
+    g.add_argument("--prune", action=argparse.BooleanOptionalAction, default=None,
+                   help="stop a child's training early when it is clearly worse than this "
+                   "generation's elites at the same epoch")
+    add_field_options(g, PruneConfig, ("quantile",), {"default": PruneConfig()})
+    add_field_options(g, SearchProtocol, ("cpu_threads",), protocols)
+    add_training_options(s, "", "training of each evaluation", {
+        label: c.protocol.train for label, c in presets.items()
+    })
+    add_training_options(s, "final-", "final training of the best plan", {
+        label: c.final for label, c in presets.items()
+    })
+    g = s.add_argument_group("seeds of the final training")
+    add_seed_options(g, "final-", "seeds of the final training of the best plan", seeds_text({
+        label: c.final_seeds for label, c in presets.items()
+    }))
+    add_machine_options(s, augment="the final training (not the search's evaluations)")
+    add_budget_options(s, presets)
+    s.set_defaults(func=cmd_search)
+    return s
+
+
+def _prune(args: argparse.Namespace, protocol: Any) -> Any:
+    """--prune / --no-prune and --prune-quantile (which turns pruning on) -> a PruneConfig."""
+    from biotune.runner.fitness import PruneConfig
+
+    if args.prune is False:
+        return None
+    if args.prune or args.prune_quantile is not None:
+        return apply_fields(args, protocol.prune or PruneConfig())
+    return protocol.prune
+
+
+def search_config(args: argparse.Namespace, base: Any) -> Any:
+    """``base`` (a ``SearchConfig``: a preset or the stored one) with the options given."""
+    evolution = apply_fields(args, base.evolution)  # --objective too (the budget group's)
+    if args.children_batch is not None:  # 0: all children of a generation at once
+        evolution = replace(evolution, children_batch=args.children_batch or None)
+    protocol = apply_fields(args, base.protocol)
+    seeds = seeds_from(args)
+    protocol = replace(protocol, train=train_config(args, "", protocol.train),
+                       prune=_prune(args, protocol),
+                       **({"seeds": seeds} if seeds is not None else {}))
+    final = train_config(args, "final-", base.final)
+    if args.augment:
+        final = replace(final, augment=True)
+    final_seeds = seeds_from(args, "final-")
+    config = replace(
+        apply_fields(args, base), data=data_config(args, base.data), evolution=evolution,
+        protocol=protocol, final=final,
+        **({"final_seeds": final_seeds} if final_seeds is not None else {}),
+    )
+    return replace(config, budget=apply_fields(args, config.budget))
+
+
+def print_final(final: dict[str, Any]) -> None:
+    t1, bal = final["test_top1"], final["test_balanced"]
+    print(f"test top-1 {t1['mean']:.4f} +- {t1['std']:.4f} | balanced {bal['mean']:.4f} +- "
+          f"{bal['std']:.4f} | {len(final['runs'])} seeds | trainable "
+          f"{100 * final['trainable_share']:.1f}% of parameters")
+
+
+def _check_resume_options(args: argparse.Namespace) -> None:
+    """--resume continues a search with its stored configuration, in its own directory."""
+    if args.run_dir and Path(args.run_dir).resolve() != Path(args.resume).resolve():
+        raise BioTuneError(
+            f"--resume {args.resume} continues the search in that directory; --run-dir "
+            f"{args.run_dir} names another (drop --run-dir)"
+        )
+    if args.preset is not None:
+        raise BioTuneError(
+            f"--preset does not apply with --resume: the configuration stored in {args.resume} "
+            "decides (drop --preset)"
+        )
+
+
+def _interrupted(run_dir: Path, created: bool) -> None:
+    """After Ctrl-C: how to resume, only if there is a search to resume; else tidy up."""
+    from biotune.runner.rundir import CONFIG, LOCK
+
+    if (run_dir / CONFIG).exists():
+        print(f"\ninterrupted: every finished evaluation is saved; resume with\n"
+              f"  biotune search --resume {run_dir}", file=sys.stderr)
+        return
+    if created:  # this call made the directory and nothing was recorded: leave no debris
+        with contextlib.suppress(OSError):
+            if all(p.name == LOCK for p in run_dir.iterdir()):
+                (run_dir / LOCK).unlink(missing_ok=True)
+                run_dir.rmdir()
+    print("\ninterrupted before the search started: nothing to resume", file=sys.stderr)
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from biotune.callbacks import CSVLogger, TensorBoardLogger
+    from biotune.presets import preset
+    from biotune.progress import SearchProgress
+    from biotune.reports import score_name
+    from biotune.runner.config import SearchConfig
+    from biotune.runner.rundir import CONFIG, RunDirectory
+    from biotune.runner.search import Search
+
+    if args.resume:
+        _check_resume_options(args)
+        run = RunDirectory(args.resume)
+        stored = run.read(CONFIG) if run.exists() else None
+        if stored is None:
+            raise BioTuneError(f"--resume {args.resume}: no search found in that directory")
+        base = SearchConfig.from_dict(stored["search"])
+        run_dir = Path(args.resume)
+    else:
+        base = preset(args.preset or "default")
+        run_dir = Path(args.run_dir) if args.run_dir else None
+    config = search_config(args, base)
+    use_machine(args)
+    if args.device and args.device.startswith("cuda:") and args.executor != "inprocess":
+        raise BioTuneError(f"--device {args.device} picks one GPU for this process; --executor "
+                           f"{args.executor} gives each worker a GPU of its own (use --device "
+                           "cuda or auto)")
+    if run_dir is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        run_dir = Path("runs") / f"{Path(config.data.dataset).name}-{config.data.model}-{stamp}"
+    logging.getLogger("biotune").info(f"run directory: {run_dir}")
+    metric = config.protocol.train.metric
+    created = not run_dir.exists()
+    loggers: list[Any] = [CSVLogger(run_dir / "logs")]
+    if args.log == "tensorboard":
+        loggers.append(TensorBoardLogger(run_dir / "logs" / "tensorboard"))
+    try:
+        search = Search(
+            config, run_dir, progress=None if args.quiet else SearchProgress(metric=metric),
+            callbacks=loggers,
+            executor=args.executor, workers=args.workers, ray_address=args.ray_address,
+        )
+        result = search.run_search(resume=bool(args.resume), final=not args.no_final)
+    except KeyboardInterrupt:
+        _interrupted(run_dir, created)
+        return EXIT_INTERRUPTED
+    print(f"best plan (validation {score_name(metric)} {1 - result.best_fitness:.4f} on the last "
+          f"generation's fold): {result.best_plan.describe()}")
+    summary = json.loads((run_dir / "search_summary.json").read_text())
+    cost = summary["cost"]
+    print(f"search: {cost['evaluations']} evaluations, {cost['seconds']:.0f}s of training, "
+          f"{cost['ft_equivalents']:.2f} FT-equivalents")
+    if result.final:
+        print_final(result.final)
+    if result.pareto:
+        from biotune.reports import pareto_table
+
+        print(pareto_table(result.pareto))
+        print(f"front: {run_dir / 'pareto.json'}, {run_dir / 'pareto.png'}")
+    print(f"plan: {run_dir / 'best_plan.json'}")
+    if result.final and result.final.get("model"):
+        print(f"fine-tuned model (seed {result.final['model']['seed']}, the best on validation): "
+              f"{run_dir / 'model.safetensors'}; use it with: biotune predict {run_dir} IMAGES")
+    return 0
