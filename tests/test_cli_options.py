@@ -13,6 +13,7 @@ import biotune.runner.workbench
 from biotune.cli import EXIT_INTERRUPTED, build_parser, main
 from biotune.cli._options import seeds_from
 from biotune.cli.search import search_config
+from biotune.errors import BioTuneError
 from biotune.presets import preset
 
 
@@ -194,3 +195,32 @@ def test_search_reports_the_winners_validation_accuracy_not_its_fitness(
     assert "validation balanced accuracy 0.6533" in out
     assert "fitness" not in out
 
+
+
+def test_a_search_configuration_file_in_config_json_schema(tmp_path):
+    """--config takes a run's config.json (whole or its "search" part); options change it."""
+    import json
+
+    from biotune.cli import build_parser
+    from biotune.cli.search import read_config, search_config
+    from biotune.presets import default
+
+    stored = {"biotune": "0.2.0", "search": default().to_dict()}
+    stored["search"]["evolution"]["population_size"] = 9
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(stored))
+    assert read_config(str(path)).evolution.population_size == 9
+    (tmp_path / "inner.json").write_text(json.dumps(stored["search"]))
+    assert read_config(str(tmp_path / "inner.json")) == read_config(str(path))
+    args = build_parser().parse_args(["search", "--config", str(path), "--elite", "3"])
+    config = search_config(args, read_config(args.config))
+    assert (config.evolution.population_size, config.evolution.elite) == (9, 3)
+
+    (tmp_path / "bad.json").write_text('{"search": {"data": {}}}')
+    with pytest.raises(BioTuneError, match="bad.json: not a search configuration"):
+        read_config(str(tmp_path / "bad.json"))
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(BioTuneError, match="broken.json: malformed JSON"):
+        read_config(str(tmp_path / "broken.json"))
+    assert main(["search", "--config", str(path), "--preset", "paper"]) == 2
+    assert main(["search", "--resume", str(tmp_path), "--config", str(path)]) == 2

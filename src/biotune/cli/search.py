@@ -55,6 +55,10 @@ def add_search_parser(sub: Any) -> argparse.ArgumentParser:
                        "weights) on Animal-Shape.")
     s.add_argument("--preset", choices=["default", "paper"], help=_preset_help())
     s.add_argument("--run-dir", help="where records go (default runs/DATASET-MODEL-TIME)")
+    s.add_argument("--config", metavar="FILE",
+                   help="start from this configuration (JSON, or YAML with PyYAML; the schema of "
+                   "a run directory's config.json, e.g. one copied from an earlier run) instead "
+                   "of a preset; options given change it")
     s.add_argument("--resume", metavar="RUN_DIR",
                    help="continue an interrupted search in RUN_DIR with the configuration stored "
                    "there (--preset is refused; other options must match it; --run-dir, if "
@@ -148,6 +152,42 @@ def search_config(args: argparse.Namespace, base: Any) -> Any:
     return replace(config, budget=apply_fields(args, config.budget))
 
 
+def read_config(path: str) -> Any:
+    """A search configuration file: JSON (or YAML, if PyYAML is installed) in the schema of a run
+    directory's config.json, either that whole file or its "search" part."""
+    from biotune.runner.config import SearchConfig
+
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise BioTuneError(f"--config {path}: cannot read ({exc.strerror})") from None
+    if path.endswith((".yaml", ".yml")):
+        try:
+            import yaml
+        except ImportError:
+            raise BioTuneError(f"--config {path}: YAML needs PyYAML (pip install pyyaml), or "
+                               "give the configuration as JSON") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise BioTuneError(f"--config {path}: malformed YAML: {exc}") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise BioTuneError(f"--config {path}: malformed JSON at line {exc.lineno}: "
+                               f"{exc.msg}") from None
+    if isinstance(data, dict) and isinstance(data.get("search"), dict):
+        data = data["search"]
+    try:
+        return SearchConfig.from_dict(data)
+    except BioTuneError as exc:
+        raise BioTuneError(f"--config {path}: {exc}") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise BioTuneError(f"--config {path}: not a search configuration (the schema of a run's "
+                           f"config.json): {type(exc).__name__} {exc}") from None
+
+
 def print_final(final: dict[str, Any]) -> None:
     t1, bal = final["test_top1"], final["test_balanced"]
     print(f"test top-1 {t1['mean']:.4f} +- {t1['std']:.4f} | balanced {bal['mean']:.4f} +- "
@@ -162,11 +202,12 @@ def _check_resume_options(args: argparse.Namespace) -> None:
             f"--resume {args.resume} continues the search in that directory; --run-dir "
             f"{args.run_dir} names another (drop --run-dir)"
         )
-    if args.preset is not None:
-        raise BioTuneError(
-            f"--preset does not apply with --resume: the configuration stored in {args.resume} "
-            "decides (drop --preset)"
-        )
+    for option, value in (("--preset", args.preset), ("--config", args.config)):
+        if value is not None:
+            raise BioTuneError(
+                f"{option} does not apply with --resume: the configuration stored in "
+                f"{args.resume} decides (drop {option})"
+            )
 
 
 def _interrupted(run_dir: Path, created: bool) -> None:
@@ -202,6 +243,12 @@ def cmd_search(args: argparse.Namespace) -> int:
             raise BioTuneError(f"--resume {args.resume}: no search found in that directory")
         base = SearchConfig.from_dict(stored["search"])
         run_dir = Path(args.resume)
+    elif args.config:
+        if args.preset:
+            raise BioTuneError("--config and --preset both say where the configuration comes "
+                               "from: give one")
+        base = read_config(args.config)
+        run_dir = Path(args.run_dir) if args.run_dir else None
     else:
         base = preset(args.preset or "default")
         run_dir = Path(args.run_dir) if args.run_dir else None
