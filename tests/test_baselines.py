@@ -46,9 +46,7 @@ def colour_data(n: int, seed: int, classes: int = 3, size: int = 8) -> TensorIma
 
 def tiny_cnn(depthwise: bool = False) -> nn.Module:
     torch.manual_seed(0)
-    middle = (
-        nn.Conv2d(8, 8, 3, padding=1, groups=8) if depthwise else nn.Conv2d(8, 8, 3, padding=1)
-    )
+    middle = nn.Conv2d(8, 8, 3, padding=1, groups=8) if depthwise else nn.Conv2d(8, 8, 3, padding=1)
     model = nn.Sequential(
         nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()),
         nn.Sequential(middle, nn.BatchNorm2d(8), nn.ReLU()),
@@ -65,8 +63,9 @@ def tiny_cnn(depthwise: bool = False) -> nn.Module:
 
 def make_bench(depthwise: bool = False) -> Workbench:
     model = tiny_cnn(depthwise)
-    splits = DatasetSplits("colours", ["r", "g", "b"], colour_data(96, 0), colour_data(48, 1),
-                           colour_data(48, 2), 8)
+    splits = DatasetSplits(
+        "colours", ["r", "g", "b"], colour_data(96, 0), colour_data(48, 1), colour_data(48, 2), 8
+    )
     loaded = LoadedModel(model, "tiny", 8, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), "random init")
     return Workbench(loaded, partition_blocks(model), splits)
 
@@ -115,8 +114,9 @@ def test_full_fine_tuning_changes_every_tensor_and_leaves_the_bench_alone(bench)
 def _autorgn_setup(bench: Workbench, config: TrainConfig, rgn_batches: int = 2):
     model = copy.deepcopy(bench.model)
     reinit_head(model, bench.partition, 0)
-    groups = apply_plan(model, bench.partition, FineTunePlan.full(bench.partition.names),
-                        config.base_lr)
+    groups = apply_plan(
+        model, bench.partition, FineTunePlan.full(bench.partition.names), config.base_lr
+    )
     return model, per_tensor_groups(model, groups), AutoRGNHooks(config, rgn_batches)
 
 
@@ -263,9 +263,14 @@ def test_lora_leaves_base_weights_untouched_and_trains_adapters_and_head():
     fresh_head = copy.deepcopy(bench.model)
     reinit_head(fresh_head, bench.partition, 0)
     for name, original in bench.model.named_parameters():
-        wrapped = [v for k, v in params.items()
-                   if k.endswith(name.replace(".weight", ".base_layer.weight")
-                                 .replace(".bias", ".base_layer.bias")) or k.endswith("." + name)]
+        wrapped = [
+            v
+            for k, v in params.items()
+            if k.endswith(
+                name.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+            )
+            or k.endswith("." + name)
+        ]
         assert wrapped, name
         if name in head:
             assert not torch.equal(wrapped[0], dict(fresh_head.named_parameters())[name])
@@ -306,8 +311,7 @@ def test_a_plan_trains_like_a_baseline(bench):
     plan = FineTunePlan.head_only(names)
     a = run_baseline("plan", bench, CONFIG, seed=3, plan=plan)
     b = run_baseline("linear", bench, CONFIG, seed=3)
-    for (n, p), (_, q) in zip(a.model.named_parameters(), b.model.named_parameters(),
-                              strict=True):
+    for (n, p), (_, q) in zip(a.model.named_parameters(), b.model.named_parameters(), strict=True):
         assert torch.equal(p, q), n
 
 

@@ -71,8 +71,9 @@ def _profiled_peak(model: nn.Module, plan: FineTunePlan, partition, batch: int, 
         opt.zero_grad(set_to_none=True)
 
     step()  # creates the optimizer state
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
-                 with_stack=True) as prof:
+    with profile(
+        activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
+    ) as prof:
         step()
     try:
         timeline = prof._memory_profile().timeline
@@ -161,8 +162,9 @@ def test_training_fewer_blocks_costs_less_and_the_counts_match_what_trains():
     for name, plan in plans.items():
         net = copy.deepcopy(model)
         groups = apply_plan(net, partition, plan, 1e-3)
-        assert records[name]["trainable_params"] == sum(p.numel() for g in groups
-                                                        for p in g["params"])
+        assert records[name]["trainable_params"] == sum(
+            p.numel() for g in groups for p in g["params"]
+        )
     order = ["head", "top half", "full"]
     for key in ("trainable_params", "memory_mb", "train_gflops"):
         values = [records[name][key] for name in order]
@@ -200,8 +202,13 @@ def test_parameters_the_user_froze_never_count_as_trained():
 
 
 def test_budget_settings_are_checked_and_old_configurations_load():
-    for bad in ({"max_trainable": 10}, {"max_trainable": 0}, {"max_memory_mb": -1},
-                {"pareto_cost": "time"}, {"pareto_final": 0}):
+    for bad in (
+        {"max_trainable": 10},
+        {"max_trainable": 0},
+        {"max_memory_mb": -1},
+        {"pareto_cost": "time"},
+        {"pareto_final": 0},
+    ):
         with pytest.raises(BioTuneError, match=next(iter(bad))):
             BudgetConfig(**bad)
     assert "budget" not in SearchConfig().to_dict()  # old run directories compare equal
@@ -217,8 +224,19 @@ def test_cli_budget_options_reach_the_configuration():
     from biotune.presets import preset
 
     args = build_parser().parse_args(
-        ["search", "--max-trainable", "10%", "--max-memory", "512", "--objective", "pareto",
-         "--pareto-cost", "memory", "--pareto-final", "4"]
+        [
+            "search",
+            "--max-trainable",
+            "10%",
+            "--max-memory",
+            "512",
+            "--objective",
+            "pareto",
+            "--pareto-cost",
+            "memory",
+            "--pareto-final",
+            "4",
+        ]
     )
     config = search_config(args, preset("default"))
     assert config.budget == BudgetConfig(0.1, 512.0, "memory", 4)
@@ -234,15 +252,22 @@ def bench() -> Workbench:
     model = make_tiny_cnn()
     val = make_tiny_data(24, seed=1)
     splits = DatasetSplits("tiny", ["a", "b", "c"], make_tiny_data(48), val, val, 8)
-    return Workbench(LoadedModel(model, "tiny", 8, (0.0,) * 3, (1.0,) * 3, "none"),
-                     partition_blocks(model), splits)
+    return Workbench(
+        LoadedModel(model, "tiny", 8, (0.0,) * 3, (1.0,) * 3, "none"),
+        partition_blocks(model),
+        splits,
+    )
 
 
 # Blocks of the tiny CNN: 11.5%, 28.7%, 57.4% and the head 2.4% of the parameters.
 BUDGETED = SearchConfig(
     evolution=EvolutionConfig(population_size=4, generations=2, elite=1, anchors=True),
-    protocol=SearchProtocol(data_fraction=0.5, seeds=(0,), cache_features=True,
-                            train=TrainConfig(epochs=3, batch_size=16, base_lr=0.01)),
+    protocol=SearchProtocol(
+        data_fraction=0.5,
+        seeds=(0,),
+        cache_features=True,
+        train=TrainConfig(epochs=3, batch_size=16, base_lr=0.01),
+    ),
     final=TrainConfig(epochs=3, batch_size=16, base_lr=0.01),
     final_seeds=(0,),
     budget=BudgetConfig(max_trainable=0.3),
@@ -291,8 +316,10 @@ def test_a_budgeted_search_resumes_to_the_uninterrupted_result(budgeted, tmp_pat
         Search(BUDGETED, run_dir, bench=bench(), callbacks=[StopAfter(5)]).run_search()
     Search(BUDGETED, run_dir, bench=bench()).run_search(resume=True)
     assert _records(run_dir) == _records(budgeted)
-    assert (json.loads((run_dir / "best_plan.json").read_text())["blocks"]
-            == json.loads((budgeted / "best_plan.json").read_text())["blocks"])
+    assert (
+        json.loads((run_dir / "best_plan.json").read_text())["blocks"]
+        == json.loads((budgeted / "best_plan.json").read_text())["blocks"]
+    )
 
 
 def test_a_plan_over_budget_is_recorded_as_such_and_never_trained(tmp_path, monkeypatch):
@@ -313,14 +340,16 @@ def test_a_plan_over_budget_is_recorded_as_such_and_never_trained(tmp_path, monk
     assert all(r["fitness"] == 1.0 and r["train_images"] == 0 for r in over)
     assert all(r["cost"]["trainable_share"] > 0.3 for r in over)
     costs = PlanCosts(bench().model, bench().partition, torch.randn(2, 3, 8, 8), [1.0] * 4, 16)
-    assert trained_plans and all(costs.trainable_share(costs.mask(p)) <= 0.3
-                                 for p in trained_plans)
+    assert trained_plans and all(costs.trainable_share(costs.mask(p)) <= 0.3 for p in trained_plans)
     assert result.cost["trained"] == len(trained_plans)
 
 
 def test_a_budget_no_plan_fits_is_refused_before_anything_is_written(tmp_path):
-    config = SearchConfig(budget=BudgetConfig(max_trainable=0.01), evolution=BUDGETED.evolution,
-                          protocol=BUDGETED.protocol)
+    config = SearchConfig(
+        budget=BudgetConfig(max_trainable=0.01),
+        evolution=BUDGETED.evolution,
+        protocol=BUDGETED.protocol,
+    )
     with pytest.raises(BioTuneError, match=r"no plan fits the budget .* training only 'head'"):
         Search(config, tmp_path / "run", bench=bench()).run_search()
     assert not (tmp_path / "run" / "config.json").exists()
@@ -333,11 +362,17 @@ def test_a_memory_budget_is_checked_against_the_measured_memory(tmp_path):
     head = costs.memory_mb(costs.mask(FineTunePlan.head_only(b.partition.names)))
     full = costs.memory_mb(costs.mask(FineTunePlan.full(b.partition.names)))
     limit = (head + full) / 2
-    config = SearchConfig(evolution=BUDGETED.evolution, protocol=BUDGETED.protocol,
-                          final=BUDGETED.final, budget=BudgetConfig(max_memory_mb=limit))
+    config = SearchConfig(
+        evolution=BUDGETED.evolution,
+        protocol=BUDGETED.protocol,
+        final=BUDGETED.final,
+        budget=BudgetConfig(max_memory_mb=limit),
+    )
     result = Search(config, tmp_path / "run", bench=b).run_search(final=False)
-    assert all(r["cost"]["memory_mb"] is None or r["cost"]["memory_mb"] <= limit
-               for r in result.evaluations)
+    assert all(
+        r["cost"]["memory_mb"] is None or r["cost"]["memory_mb"] <= limit
+        for r in result.evaluations
+    )
     assert len({r["cost"]["trainable_params"] for r in result.evaluations}) > 1
 
 
@@ -346,9 +381,15 @@ def test_the_python_api_takes_the_budget_and_the_objective(tmp_path):
 
     b = bench()
     result = biotune.search(
-        tmp_path / "run", config=replace(BUDGETED, budget=BudgetConfig()), model=b.model,
-        train=b.splits.train, val=b.splits.val, max_trainable=0.3, objective="pareto",
-        final=False, progress=False,
+        tmp_path / "run",
+        config=replace(BUDGETED, budget=BudgetConfig()),
+        model=b.model,
+        train=b.splits.train,
+        val=b.splits.val,
+        max_trainable=0.3,
+        objective="pareto",
+        final=False,
+        progress=False,
     )
     stored = json.loads((tmp_path / "run" / "config.json").read_text())["search"]
     assert stored["budget"]["max_trainable"] == 0.3

@@ -83,9 +83,7 @@ def test_only_one_class(tmp_path, capsys):
 def test_corrupt_image_refused_when_asked(tmp_path, capsys):
     root = _folder(tmp_path / "data")
     (root / "cat" / "broken.png").write_bytes(b"not a png at all")
-    _search_error(
-        ["--dataset", str(root), "--bad-images", "error"], tmp_path, capsys, "broken.png"
-    )
+    _search_error(["--dataset", str(root), "--bad-images", "error"], tmp_path, capsys, "broken.png")
 
 
 def test_corrupt_image_skipped_with_one_warning(tmp_path, capsys):
@@ -94,8 +92,19 @@ def test_corrupt_image_skipped_with_one_warning(tmp_path, capsys):
     (root / "dog" / "broken2.jpg").write_bytes(b"\xff\xd8 truncated")
     with pytest.warns(UserWarning) as caught:
         code, err = _run(
-            ["train", "--plan", "head", "--dataset", str(root), "--image-size", "32",
-             "--epochs", "1", "--seeds", "1"],
+            [
+                "train",
+                "--plan",
+                "head",
+                "--dataset",
+                str(root),
+                "--image-size",
+                "32",
+                "--epochs",
+                "1",
+                "--seeds",
+                "1",
+            ],
             capsys,
         )
     assert code == 0, err
@@ -170,9 +179,19 @@ def test_resume_of_a_directory_without_a_search(tmp_path, capsys):
 
 def test_errors_leave_the_process_with_code_2_and_no_traceback(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "biotune.cli", "search", "--model", "resnet5", "--run-dir",
-         str(tmp_path / "run")],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "biotune.cli",
+            "search",
+            "--model",
+            "resnet5",
+            "--run-dir",
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr

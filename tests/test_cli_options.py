@@ -23,8 +23,14 @@ def _parse(*argv: str):
 
 @pytest.mark.parametrize(
     ("argv", "seeds"),
-    [(["--seeds", "7"], (7,)), (["--seeds", "0"], (0,)), (["--seeds", "0,3,7"], (0, 3, 7)),
-     (["--num-seeds", "3"], (0, 1, 2)), (["--num-seeds", "1"], (0,)), ([], None)],
+    [
+        (["--seeds", "7"], (7,)),
+        (["--seeds", "0"], (0,)),
+        (["--seeds", "0,3,7"], (0, 3, 7)),
+        (["--num-seeds", "3"], (0, 1, 2)),
+        (["--num-seeds", "1"], (0,)),
+        ([], None),
+    ],
 )
 def test_seeds_are_a_list_and_a_count_is_num_seeds(argv, seeds):
     for command in (["search"], ["train", "--plan", "head"], ["compare"]):
@@ -38,8 +44,13 @@ def test_seeds_are_a_list_and_a_count_is_num_seeds(argv, seeds):
 
 @pytest.mark.parametrize(
     ("argv", "needle"),
-    [(["--seeds", "1,1"], "repeat"), (["--seeds", "-1"], ">= 0"), (["--num-seeds", "0"], "0"),
-     (["--seeds", "3", "--num-seeds", "2"], "not allowed with"), (["--seeds", "a"], "0,3,7")],
+    [
+        (["--seeds", "1,1"], "repeat"),
+        (["--seeds", "-1"], ">= 0"),
+        (["--num-seeds", "0"], "0"),
+        (["--seeds", "3", "--num-seeds", "2"], "not allowed with"),
+        (["--seeds", "a"], "0,3,7"),
+    ],
 )
 def test_bad_seed_options_are_one_line_usage_errors(argv, needle, capsys):
     code, err = _run(["search", *argv], capsys)
@@ -55,8 +66,9 @@ def test_data_fraction_one_over_k_gives_k_folds(text, folds):
 
 @pytest.mark.parametrize("text", ["0.7", "0.9", "0.4", "0.3"])
 def test_data_fraction_that_is_not_one_over_k_is_refused(text, tmp_path, capsys):
-    code, err = _run(["search", "--run-dir", str(tmp_path / "run"), "--data-fraction", text],
-                     capsys)
+    code, err = _run(
+        ["search", "--run-dir", str(tmp_path / "run"), "--data-fraction", text], capsys
+    )
     _assert_one_line_error(code, err, "1/k", text)
     assert not (tmp_path / "run").exists()
 
@@ -72,8 +84,9 @@ def test_data_fraction_help_says_one_over_k(capsys):
 
 
 def test_resume_refuses_another_run_dir_and_a_preset(tmp_path, capsys):
-    code, err = _run(["search", "--resume", str(tmp_path / "a"), "--run-dir",
-                      str(tmp_path / "b")], capsys)
+    code, err = _run(
+        ["search", "--resume", str(tmp_path / "a"), "--run-dir", str(tmp_path / "b")], capsys
+    )
     _assert_one_line_error(code, err, "--run-dir", "drop --run-dir")
     code, err = _run(["search", "--resume", str(tmp_path / "a"), "--preset", "paper"], capsys)
     _assert_one_line_error(code, err, "--preset", "stored")
@@ -157,8 +170,9 @@ def test_train_refuses_a_plan_file_with_wrong_types_before_loading_data(
 def test_train_refuses_an_unwritable_out_before_loading_data(tmp_path, capsys, no_training):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    code, err = _run(["train", "--plan", "head", "--out", str(blocker / "out.json"), *SMALL],
-                     capsys)
+    code, err = _run(
+        ["train", "--plan", "head", "--out", str(blocker / "out.json"), *SMALL], capsys
+    )
     _assert_one_line_error(code, err, "--out", "not a directory")
     code, err = _run(["train", "--plan", "head", "--out", str(tmp_path), *SMALL], capsys)
     _assert_one_line_error(code, err, "--out", "is a directory")
@@ -184,9 +198,9 @@ def test_search_reports_the_winners_validation_accuracy_not_its_fitness(
 
     def finished(self, resume=False, final=True):
         self.run.path.mkdir(parents=True)
-        (self.run.path / "search_summary.json").write_text(json.dumps(
-            {"cost": {"evaluations": 9, "seconds": 3.0, "ft_equivalents": 1.5}}
-        ))
+        (self.run.path / "search_summary.json").write_text(
+            json.dumps({"cost": {"evaluations": 9, "seconds": 3.0, "ft_equivalents": 1.5}})
+        )
         return SearchResult(self.run.path, FineTunePlan.full(["stem", "head"]), 0.3467, [], None)
 
     monkeypatch.setattr(Search, "run_search", finished)
@@ -194,7 +208,6 @@ def test_search_reports_the_winners_validation_accuracy_not_its_fitness(
     out = capsys.readouterr().out
     assert "validation balanced accuracy 0.6533" in out
     assert "fitness" not in out
-
 
 
 def test_a_search_configuration_file_in_config_json_schema(tmp_path):

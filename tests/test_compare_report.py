@@ -35,9 +35,17 @@ def test_compare_runs_every_method_with_one_recipe_and_writes_all_outputs(tmp_pa
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         rows = compare(
-            list(ALL_METHODS), DataConfig(), TINY, seeds=(0, 1), lr_grid=grid, out_dir=tmp_path,
-            bench=bench, scales={"biotune": TINY_SEARCH, "biotune-paper": TINY_SEARCH},
-            options={"lora_rank": 2}, meta={"command": "pytest"}, log=_quiet,
+            list(ALL_METHODS),
+            DataConfig(),
+            TINY,
+            seeds=(0, 1),
+            lr_grid=grid,
+            out_dir=tmp_path,
+            bench=bench,
+            scales={"biotune": TINY_SEARCH, "biotune-paper": TINY_SEARCH},
+            options={"lora_rank": 2},
+            meta={"command": "pytest"},
+            log=_quiet,
         )
     assert [r["method"] for r in rows] == list(ALL_METHODS)
     for r in rows:
@@ -76,8 +84,17 @@ def test_compare_runs_every_method_with_one_recipe_and_writes_all_outputs(tmp_pa
     assert all(p.read_bytes().startswith(PNG) for p in paths)
     evaluations = (tmp_path / "search-biotune" / "evaluations.jsonl").read_text()
     (tmp_path / "rows" / "biotune.json").unlink()  # its row was made with other seeds and grid
-    compare(["biotune"], DataConfig(), TINY, seeds=(0,), lr_grid=(1e-2,), out_dir=tmp_path,
-            bench=bench, scales={"biotune": TINY_SEARCH}, log=_quiet)
+    compare(
+        ["biotune"],
+        DataConfig(),
+        TINY,
+        seeds=(0,),
+        lr_grid=(1e-2,),
+        out_dir=tmp_path,
+        bench=bench,
+        scales={"biotune": TINY_SEARCH},
+        log=_quiet,
+    )
     assert (tmp_path / "search-biotune" / "evaluations.jsonl").read_text() == evaluations
 
 
@@ -99,8 +116,15 @@ def _counting_compare_method(monkeypatch, interrupt_at: str | None = None) -> li
 
 def test_compare_keeps_each_finished_row_and_a_rerun_skips_it(tmp_path, monkeypatch):
     bench = make_bench()
-    args = {"data": DataConfig(), "config": TINY, "seeds": (0,), "lr_grid": (1e-2,),
-            "out_dir": tmp_path, "bench": bench, "log": _quiet}
+    args = {
+        "data": DataConfig(),
+        "config": TINY,
+        "seeds": (0,),
+        "lr_grid": (1e-2,),
+        "out_dir": tmp_path,
+        "bench": bench,
+        "log": _quiet,
+    }
     trained = _counting_compare_method(monkeypatch, interrupt_at="linear")
     with pytest.raises(KeyboardInterrupt):
         compare(["full", "linear"], **args)
@@ -116,12 +140,21 @@ def test_compare_keeps_each_finished_row_and_a_rerun_skips_it(tmp_path, monkeypa
 
 
 def test_compare_refuses_a_stored_row_made_with_other_settings(tmp_path, monkeypatch):
-    args = {"data": DataConfig(), "config": TINY, "lr_grid": (1e-2,), "out_dir": tmp_path,
-            "bench": make_bench(), "log": _quiet}
+    args = {
+        "data": DataConfig(),
+        "config": TINY,
+        "lr_grid": (1e-2,),
+        "out_dir": tmp_path,
+        "bench": make_bench(),
+        "log": _quiet,
+    }
     compare(["linear"], seeds=(0,), **args)
     trained = _counting_compare_method(monkeypatch)
-    with pytest.raises(BioTuneError, match=r"rows/linear.json was made with other settings "
-                       r"\(seeds: \[0\] -> \[0, 1\]\)"):
+    with pytest.raises(
+        BioTuneError,
+        match=r"rows/linear.json was made with other settings "
+        r"\(seeds: \[0\] -> \[0, 1\]\)",
+    ):
         compare(["full", "linear"], seeds=(0, 1), **args)
     assert trained == []  # refused before anything trained
 
@@ -135,13 +168,25 @@ def test_compare_refuses_a_stored_row_made_with_other_settings(tmp_path, monkeyp
         ({"seeds": ()}, "at least one seed"),
         ({"options": {"lora_rnak": 4}}, "unknown method option"),
         ({"scales": {"full": SearchScale(population=2)}}, "applies to"),
-        ({"methods": ["full", "biotune"],
-          "scales": {"biotune": SearchScale(population=2, elite=2)}}, "elite must be smaller"),
+        (
+            {
+                "methods": ["full", "biotune"],
+                "scales": {"biotune": SearchScale(population=2, elite=2)},
+            },
+            "elite must be smaller",
+        ),
     ],
 )
 def test_compare_rejects_bad_requests_before_training(tmp_path, kwargs, message):
-    args = {"methods": ["full"], "data": DataConfig(), "config": TINY, "out_dir": tmp_path,
-            "bench": make_bench(), "log": _quiet, **kwargs}
+    args = {
+        "methods": ["full"],
+        "data": DataConfig(),
+        "config": TINY,
+        "out_dir": tmp_path,
+        "bench": make_bench(),
+        "log": _quiet,
+        **kwargs,
+    }
     with pytest.raises(BioTuneError, match=message):
         compare(**args)
 
@@ -150,13 +195,17 @@ def _fake_run(path: Path) -> None:
     """A run directory as ``biotune search`` leaves it, written by hand."""
     names = ["stem", "blocks.0", "blocks.1", "head"]
     path.mkdir()
-    (path / "config.json").write_text(json.dumps(
-        {"biotune": "0.1.0", "search": {"protocol": {"train": {"metric": "balanced"}}}}
-    ))
-    (path / "blocks.json").write_text(json.dumps(
-        [{"name": n, "params": p, "share": p / 1000} for n, p in zip(names, [100, 300, 500, 100],
-                                                                       strict=True)]
-    ))
+    (path / "config.json").write_text(
+        json.dumps({"biotune": "0.1.0", "search": {"protocol": {"train": {"metric": "balanced"}}}})
+    )
+    (path / "blocks.json").write_text(
+        json.dumps(
+            [
+                {"name": n, "params": p, "share": p / 1000}
+                for n, p in zip(names, [100, 300, 500, 100], strict=True)
+            ]
+        )
+    )
     records, history = [], []
     for generation in range(3):
         fitness = []
@@ -164,23 +213,46 @@ def _fake_run(path: Path) -> None:
             train = [(k + b + generation) % 3 != 0 for b in range(len(names))]
             f = 0.5 - 0.1 * generation - 0.01 * k
             fitness.append(f)
-            records.append({
-                "candidate": 4 * generation + k, "generation": generation, "role": "child",
-                "plan": {"blocks": [{"name": n, "train": t, "lr_mult": 1.0}
-                                    for n, t in zip(names, train, strict=True)]},
-                "fitness": f, "status": "ok",
-            })
-        history.append({"generation": generation, "best": min(fitness),
-                        "mean": sum(fitness) / 4, "fitness": sorted(fitness), "best_id": 0})
+            records.append(
+                {
+                    "candidate": 4 * generation + k,
+                    "generation": generation,
+                    "role": "child",
+                    "plan": {
+                        "blocks": [
+                            {"name": n, "train": t, "lr_mult": 1.0}
+                            for n, t in zip(names, train, strict=True)
+                        ]
+                    },
+                    "fitness": f,
+                    "status": "ok",
+                }
+            )
+        history.append(
+            {
+                "generation": generation,
+                "best": min(fitness),
+                "mean": sum(fitness) / 4,
+                "fitness": sorted(fitness),
+                "best_id": 0,
+            }
+        )
     (path / "evaluations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (path / "generations.json").write_text(json.dumps(history))
-    (path / "best_plan.json").write_text(json.dumps({
-        "blocks": [{"name": "stem", "train": False, "lr_mult": 1.0},
-                   {"name": "blocks.0", "train": True, "lr_mult": 0.2},
-                   {"name": "blocks.1", "train": True, "lr_mult": 3.0},
-                   {"name": "head", "train": True, "lr_mult": 9.5}],
-        "fitness": 0.27, "candidate": 11,
-    }))
+    (path / "best_plan.json").write_text(
+        json.dumps(
+            {
+                "blocks": [
+                    {"name": "stem", "train": False, "lr_mult": 1.0},
+                    {"name": "blocks.0", "train": True, "lr_mult": 0.2},
+                    {"name": "blocks.1", "train": True, "lr_mult": 3.0},
+                    {"name": "head", "train": True, "lr_mult": 9.5},
+                ],
+                "fitness": 0.27,
+                "candidate": 11,
+            }
+        )
+    )
 
 
 def test_report_writes_three_plots_for_a_run_directory(tmp_path):
@@ -203,10 +275,25 @@ def test_command_line_parsers_route_to_their_handlers(tmp_path):
     add_compare_parser(sub)
     add_report_parser(sub)
 
-    args = parser.parse_args(["compare", "--methods", "full,lora,biotune-paper", "--num-seeds",
-                              "2", "--lr-grid", "1e-3,1e-2", "--lora-rank", "4",
-                              "--paper-population", "4", "--paper-generations", "2", "--epochs",
-                              "3"])
+    args = parser.parse_args(
+        [
+            "compare",
+            "--methods",
+            "full,lora,biotune-paper",
+            "--num-seeds",
+            "2",
+            "--lr-grid",
+            "1e-3,1e-2",
+            "--lora-rank",
+            "4",
+            "--paper-population",
+            "4",
+            "--paper-generations",
+            "2",
+            "--epochs",
+            "3",
+        ]
+    )
     assert args.methods == ["full", "lora", "biotune-paper"]
     assert seeds_from(args) == (0, 1) and args.lr_grid == (1e-3, 1e-2) and args.epochs == 3
     assert options_from_args(args) == {"lora_rank": 4}
@@ -243,8 +330,10 @@ def _history_with_a_better_old_fold(path: Path) -> None:
     for r in records:
         r["fitness"] = {0: 0.40, 7: 0.45}.get(r["candidate"], 0.6)
     (path / "evaluations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    history = [{"generation": g, "best": b, "mean": 0.6, "fitness": [b], "best_id": i}
-               for g, b, i in ((0, 0.40, 0), (1, 0.45, 7))]
+    history = [
+        {"generation": g, "best": b, "mean": 0.6, "fitness": [b], "best_id": i}
+        for g, b, i in ((0, 0.40, 0), (1, 0.45, 7))
+    ]
     (path / "generations.json").write_text(json.dumps(history))
 
 
@@ -265,13 +354,16 @@ def test_report_shows_the_final_test_result_when_there_is_one(tmp_path, capsys):
     assert cmd_report(args) == 0
     out = capsys.readouterr().out
     assert "validation balanced accuracy 0.7300" in out and "final training: not run yet" in out
-    (tmp_path / "run" / "final.json").write_text(json.dumps({
-        "test_top1": {"mean": 0.9231, "std": 0.0035}, "test_balanced": {"mean": 0.9233,
-                                                                        "std": 0.0032},
-        "runs": [{}, {}, {}],
-    }))
+    (tmp_path / "run" / "final.json").write_text(
+        json.dumps(
+            {
+                "test_top1": {"mean": 0.9231, "std": 0.0035},
+                "test_balanced": {"mean": 0.9233, "std": 0.0032},
+                "runs": [{}, {}, {}],
+            }
+        )
+    )
     assert cmd_report(args) == 0
     out = capsys.readouterr().out
     assert "test top-1 0.9231 +- 0.0035, balanced 0.9233 +- 0.0032 (3 seeds)" in out
     assert "not run yet" not in out
-

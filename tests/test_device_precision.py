@@ -35,9 +35,16 @@ def _train(config: TrainConfig, seed: int = 0):  # noqa: ANN202
     torch.manual_seed(0)
     model = make_tiny_cnn()
     partition = partition_blocks(model)
-    trained, result = train_plan(model, partition, FineTunePlan.full(partition.names),
-                                 make_tiny_data(64), make_tiny_data(32, seed=1), config, seed,
-                                 device=CPU)
+    trained, result = train_plan(
+        model,
+        partition,
+        FineTunePlan.full(partition.names),
+        make_tiny_data(64),
+        make_tiny_data(32, seed=1),
+        config,
+        seed,
+        device=CPU,
+    )
     return trained, result
 
 
@@ -45,9 +52,18 @@ def _train(config: TrainConfig, seed: int = 0):  # noqa: ANN202
 
 
 def test_a_config_stored_with_amp_loads_as_its_precision():
-    old = {"epochs": 8, "patience": 2, "batch_size": 64, "eval_batch_size": 256,
-           "base_lr": 0.001, "weight_decay": 0.0, "optimizer": "adam", "scheduler": "cosine",
-           "metric": "balanced", "frozen_eval": True}
+    old = {
+        "epochs": 8,
+        "patience": 2,
+        "batch_size": 64,
+        "eval_batch_size": 256,
+        "base_lr": 0.001,
+        "weight_decay": 0.0,
+        "optimizer": "adam",
+        "scheduler": "cosine",
+        "metric": "balanced",
+        "frozen_eval": True,
+    }
     assert TrainConfig(**old, amp=True).precision == "auto"
     assert TrainConfig(**old, amp=False).precision == "32"
     assert TrainConfig(**old, amp=False).to_dict() == {**old, "amp": False}
@@ -127,9 +143,10 @@ def test_auto_precision_is_float32_on_the_cpu_and_32_trains_identically():
     assert fp32.history == auto.history
 
 
-@pytest.mark.parametrize(("capability", "expected"), [((8, 0), torch.bfloat16),
-                                                       ((9, 0), torch.bfloat16),
-                                                       ((7, 5), torch.float16)])
+@pytest.mark.parametrize(
+    ("capability", "expected"),
+    [((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16), ((7, 5), torch.float16)],
+)
 def test_auto_precision_on_a_gpu_is_bf16_only_where_native(monkeypatch, capability, expected):
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     # is_bf16_supported() also counts emulation; it must not decide.
@@ -152,9 +169,15 @@ def test_fp16_on_a_gpu_trains_with_loss_scaling():
     model = make_tiny_cnn()
     partition = partition_blocks(model)
     config = TrainConfig(**{**TRAIN.to_dict(), "precision": "fp16"})
-    _, result = train_plan(model, partition, FineTunePlan.full(partition.names),
-                           make_tiny_data(64), make_tiny_data(32, seed=1), config,
-                           device=torch.device("cuda"))
+    _, result = train_plan(
+        model,
+        partition,
+        FineTunePlan.full(partition.names),
+        make_tiny_data(64),
+        make_tiny_data(32, seed=1),
+        config,
+        device=torch.device("cuda"),
+    )
     assert result.status == "ok" and all(h["train_loss"] > 0 for h in result.history)
 
 

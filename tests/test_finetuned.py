@@ -32,8 +32,13 @@ def test_a_user_module_and_tensor_datasets_train_through_the_front_door(tmp_path
     model = make_tiny_cnn()
     learns = TrainConfig(epochs=4, patience=4, batch_size=16, base_lr=1e-2)
     trained, record = biotune.train(
-        "full", model=model, train=_tensor_data(96, 0), val=_tensor_data(24, 1),
-        test=_tensor_data(24, 2), config=learns, save=tmp_path / "out",
+        "full",
+        model=model,
+        train=_tensor_data(96, 0),
+        val=_tensor_data(24, 1),
+        test=_tensor_data(24, 2),
+        config=learns,
+        save=tmp_path / "out",
     )
     assert record["test_top1"] is not None and record["val_balanced"] > 0.5
     meta = json.loads((tmp_path / "out" / "finetuned.json").read_text())
@@ -49,27 +54,44 @@ def test_a_user_module_and_tensor_datasets_train_through_the_front_door(tmp_path
 def test_a_user_module_with_the_wrong_head_is_one_line_error():
     wrong = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 5))
     with pytest.raises(BioTuneError, match="outputs of shape \\(1, 5\\).*3 classes"):
-        biotune.train("full", model=wrong, train=_tensor_data(30, 0), val=_tensor_data(15, 1),
-                      config=TINY)
+        biotune.train(
+            "full", model=wrong, train=_tensor_data(30, 0), val=_tensor_data(15, 1), config=TINY
+        )
 
 
 def test_one_dataset_is_split_and_a_blocks_override_is_used(tmp_path):
     torch.manual_seed(0)
     blocks = {"features": ["0", "1", "2"], "head": ["4"]}
     trained, record = biotune.train(
-        "head", model=make_tiny_cnn(), dataset=_tensor_data(90, 0), blocks=blocks, config=TINY,
+        "head",
+        model=make_tiny_cnn(),
+        dataset=_tensor_data(90, 0),
+        blocks=blocks,
+        config=TINY,
     )
     assert record["trainable_params"] == sum(p.numel() for p in trained[4].parameters())
     with pytest.raises(BioTuneError, match="override"):
-        biotune.train("full", model=make_tiny_cnn(), dataset=_tensor_data(90, 0),
-                      blocks={"head": ["4"]}, config=TINY)
+        biotune.train(
+            "full",
+            model=make_tiny_cnn(),
+            dataset=_tensor_data(90, 0),
+            blocks={"head": ["4"]},
+            config=TINY,
+        )
 
 
 def _save_lite0(tmp_path):
     """Lite0 (offline weights) on Digits, the head trained briefly, saved."""
     trained, record = biotune.train(
-        "head", model="efficientnet_lite0", dataset="digits", image_size=32, train_size=100,
-        val_size=50, test_size=60, config=TINY, save=tmp_path / "lite0",
+        "head",
+        model="efficientnet_lite0",
+        dataset="digits",
+        image_size=32,
+        train_size=100,
+        val_size=50,
+        test_size=60,
+        config=TINY,
+        save=tmp_path / "lite0",
     )
     return trained, record
 
@@ -97,8 +119,9 @@ def test_predict_on_test_images_agrees_with_the_test_predictions(tmp_path):
     from biotune.data import _offline_pool, arrays_to_tensor, load_dataset
 
     trained, _ = _save_lite0(tmp_path)
-    splits = load_dataset("digits", 32, (0.5,) * 3, (0.5,) * 3, train_size=100, val_size=50,
-                          test_size=60)
+    splits = load_dataset(
+        "digits", 32, (0.5,) * 3, (0.5,) * 3, train_size=100, val_size=50, test_size=60
+    )
     pool = _offline_pool("digits")
     resized = arrays_to_tensor(pool.images, 32, (0.5,) * 3, (0.5,) * 3)
     folder = tmp_path / "images"
@@ -111,10 +134,11 @@ def test_predict_on_test_images_agrees_with_the_test_predictions(tmp_path):
         expected = trained.eval()(test_images).argmax(1).tolist()
     out = subprocess.run(
         [sys.executable, "-m", "biotune", "predict", str(tmp_path / "lite0"), str(folder)],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout.splitlines()
-    assert [line.split("\t")[0].rsplit("/", 1)[1] for line in out] == [f"{i}.png" for i in
-                                                                        range(6)]
+    assert [line.split("\t")[0].rsplit("/", 1)[1] for line in out] == [f"{i}.png" for i in range(6)]
     assert [line.split("\t")[1] for line in out] == [str(c) for c in expected]
 
 
@@ -137,8 +161,12 @@ def _tiny_search_config():
 def test_a_search_on_a_user_module_and_tensor_datasets_saves_its_model(tmp_path):
     torch.manual_seed(0)
     result = biotune.search(
-        tmp_path / "run", _tiny_search_config(), model=make_tiny_cnn(),
-        train=_tensor_data(60, 0), val=_tensor_data(30, 1), test=_tensor_data(30, 2),
+        tmp_path / "run",
+        _tiny_search_config(),
+        model=make_tiny_cnn(),
+        train=_tensor_data(60, 0),
+        val=_tensor_data(30, 1),
+        test=_tensor_data(30, 2),
         progress=False,
     )
     run = tmp_path / "run"
@@ -158,17 +186,32 @@ def test_a_search_on_a_user_module_and_tensor_datasets_saves_its_model(tmp_path)
     changed = _tensor_data(60, 0)
     changed.tensors[1][0] = (changed.tensors[1][0] + 1) % 3
     with pytest.raises(BioTuneError, match="the data .* changed"):
-        biotune.search(run, _tiny_search_config(), model=make_tiny_cnn(), train=changed,
-                       val=_tensor_data(30, 1), test=_tensor_data(30, 2), resume=True,
-                       progress=False)
+        biotune.search(
+            run,
+            _tiny_search_config(),
+            model=make_tiny_cnn(),
+            train=changed,
+            val=_tensor_data(30, 1),
+            test=_tensor_data(30, 2),
+            resume=True,
+            progress=False,
+        )
+
     class OtherNet(nn.Sequential):
         """The same blocks and parameters, another class: another model."""
 
     # (its name is in the configuration, which is compared first)
     with pytest.raises(BioTuneError, match="cannot resume .*data.model: 'user:Sequential'"):
-        biotune.search(run, _tiny_search_config(), model=OtherNet(*make_tiny_cnn()),
-                       train=_tensor_data(60, 0), val=_tensor_data(30, 1),
-                       test=_tensor_data(30, 2), resume=True, progress=False)
+        biotune.search(
+            run,
+            _tiny_search_config(),
+            model=OtherNet(*make_tiny_cnn()),
+            train=_tensor_data(60, 0),
+            val=_tensor_data(30, 1),
+            test=_tensor_data(30, 2),
+            resume=True,
+            progress=False,
+        )
 
 
 def test_train_plan_uses_the_plans_origin_and_refuses_other_blocks(tmp_path, capsys):
@@ -177,15 +220,38 @@ def test_train_plan_uses_the_plans_origin_and_refuses_other_blocks(tmp_path, cap
     from biotune.cli import main
 
     config = _tiny_search_config()
-    biotune.search(tmp_path / "run", config, model="efficientnet_lite0", dataset="digits",
-                   image_size=32, train_size=60, val_size=30, test_size=30, progress=False,
-                   final=False)
+    biotune.search(
+        tmp_path / "run",
+        config,
+        model="efficientnet_lite0",
+        dataset="digits",
+        image_size=32,
+        train_size=60,
+        val_size=30,
+        test_size=30,
+        progress=False,
+        final=False,
+    )
     plan = str(tmp_path / "run" / "best_plan.json")
     assert main(["train", "--plan", plan, "--seeds", "0", "--epochs", "1"]) == 0
     err = capsys.readouterr().err
     assert "model efficientnet_lite0, dataset digits" in err and "digits: 10 classes" in err
-    assert main(["train", "--plan", plan, "--model", "efficientnet_lite1", "--seeds", "0",
-                 "--epochs", "1"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--plan",
+                plan,
+                "--model",
+                "efficientnet_lite1",
+                "--seeds",
+                "0",
+                "--epochs",
+                "1",
+            ]
+        )
+        == 2
+    )
     assert "other blocks" in capsys.readouterr().err
 
 
@@ -197,7 +263,8 @@ def test_predict_skips_an_unreadable_image_with_a_warning(tmp_path):
     (folder / "broken.png").write_bytes(b"\x89PNG not really")
     done = subprocess.run(
         [sys.executable, "-m", "biotune", "predict", str(tmp_path / "lite0"), str(folder)],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0
     assert [line.split("\t")[0].rsplit("/", 1)[1] for line in done.stdout.splitlines()] == [
@@ -207,6 +274,7 @@ def test_predict_skips_an_unreadable_image_with_a_warning(tmp_path):
     (folder / "good.png").unlink()
     done = subprocess.run(
         [sys.executable, "-m", "biotune", "predict", str(tmp_path / "lite0"), str(folder)],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 2 and "none of the 1 image file(s) could be read" in done.stderr

@@ -13,8 +13,9 @@ SRC = Path(biotune.__file__).resolve().parent
 
 
 def test_version_is_in_one_place_and_the_cli_says_it():
-    done = subprocess.run([sys.executable, "-m", "biotune", "--version"], capture_output=True,
-                          text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "biotune", "--version"], capture_output=True, text=True, check=True
+    )
     assert done.stdout.strip() == f"biotune {biotune.__version__}"
     from importlib.metadata import version
 
@@ -22,8 +23,9 @@ def test_version_is_in_one_place_and_the_cli_says_it():
 
 
 def test_python_dash_m_biotune_is_the_command_line():
-    done = subprocess.run([sys.executable, "-m", "biotune", "--help"], capture_output=True,
-                          text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "biotune", "--help"], capture_output=True, text=True, check=True
+    )
     assert done.stdout.startswith("usage: biotune")
 
 
@@ -99,7 +101,7 @@ def test_module_level_imports_have_no_cycle():
         stack.append(module)
         for target in sorted(graph[module]):
             if state.get(target) == 1:
-                cycle = stack[stack.index(target):] + [target]
+                cycle = stack[stack.index(target) :] + [target]
                 raise AssertionError("import cycle: " + " -> ".join(cycle))
             if target not in state:
                 visit(target)

@@ -78,17 +78,30 @@ def test_spread_along_keeps_both_ends():
 
 
 def _record(candidate: int, fold: int, fitness: float, share: float, status: str = "ok"):
-    blocks = [{"name": "a", "train": share > 0.5, "lr_mult": 1.0},
-              {"name": "b", "train": True, "lr_mult": round(1 + candidate / 100, 3)}]
-    return {"candidate": candidate, "generation": fold, "fold": fold, "fitness": fitness,
-            "status": status, "plan": {"blocks": blocks}, "cost": {"trainable_share": share}}
+    blocks = [
+        {"name": "a", "train": share > 0.5, "lr_mult": 1.0},
+        {"name": "b", "train": True, "lr_mult": round(1 + candidate / 100, 3)},
+    ]
+    return {
+        "candidate": candidate,
+        "generation": fold,
+        "fold": fold,
+        "fitness": fitness,
+        "status": status,
+        "plan": {"blocks": blocks},
+        "cost": {"trainable_share": share},
+    }
 
 
 def test_the_front_of_a_fold_never_compares_scores_of_another_fold():
     records = [
-        _record(0, 0, 0.30, 0.9), _record(1, 0, 0.50, 0.1),
-        _record(2, 1, 0.40, 0.9), _record(3, 1, 0.60, 0.1), _record(4, 1, 0.45, 0.5),
-        _record(5, 1, 0.10, 0.05, status="pruned"), _record(6, 1, 0.10, 0.05, status="invalid"),
+        _record(0, 0, 0.30, 0.9),
+        _record(1, 0, 0.50, 0.1),
+        _record(2, 1, 0.40, 0.9),
+        _record(3, 1, 0.60, 0.1),
+        _record(4, 1, 0.45, 0.5),
+        _record(5, 1, 0.10, 0.05, status="pruned"),
+        _record(6, 1, 0.10, 0.05, status="invalid"),
     ]
     # Fold 0's (0.30, 0.9) and (0.50, 0.1) would dominate fold 1's plans: they are not looked at.
     assert [r["candidate"] for r in fold_front(records, 1, "trainable_share")] == [3, 4, 2]
@@ -116,8 +129,9 @@ def test_the_anchor_plans_are_the_searchs_anchors():
 # -- a Pareto search -------------------------------------------------------------------------
 
 PARETO = SearchConfig(
-    evolution=EvolutionConfig(population_size=4, generations=3, elite=2, anchors=True,
-                              objective="pareto"),
+    evolution=EvolutionConfig(
+        population_size=4, generations=3, elite=2, anchors=True, objective="pareto"
+    ),
     protocol=replace(BUDGETED.protocol, prune=PruneConfig()),
     final=BUDGETED.final,
     final_seeds=(0, 1),
@@ -157,8 +171,11 @@ def test_a_pareto_search_writes_a_non_dominated_front_of_its_last_fold(pareto_ru
     for rec in same_fold:  # every plan of that fold is on the front or dominated by it
         point = (rec["fitness"], rec["cost"]["trainable_share"])
         assert point in points or any(dominates(p, point) for p in points)
-    assert [a["name"] for a in pareto["anchors"]] == ["full fine-tuning", "top half",
-                                                       "linear probing"]
+    assert [a["name"] for a in pareto["anchors"]] == [
+        "full fine-tuning",
+        "top half",
+        "linear probing",
+    ]
     for entry in [*front, *pareto["anchors"]]:
         assert len(entry["final"]["seeds"]) == 2 and entry["final"]["test_top1"] is not None
     assert all(set(e["dominated_by"]) == {"test_top1", "test_balanced"} for e in front)
@@ -173,8 +190,9 @@ def test_a_pareto_search_turns_early_termination_off(pareto_run):
     records = _records(pareto_run)
     assert all(r["status"] != "pruned" for r in records)
     child = next(r for r in records if r["role"] == "child")
-    candidate = SimpleNamespace(id=child["candidate"], genes=child["genes"],
-                                generation=child["generation"], role="child")
+    candidate = SimpleNamespace(
+        id=child["candidate"], genes=child["genes"], generation=child["generation"], role="child"
+    )
     done = {r["candidate"]: r for r in records}
     assert task_for(candidate, done).reference  # an accuracy search would prune
     assert task_for(candidate, done, False).reference == ()
@@ -203,8 +221,11 @@ def test_a_pareto_search_resumes_to_the_uninterrupted_front(pareto_run, tmp_path
 
 def test_a_pareto_search_within_a_budget_keeps_its_front_and_anchors_within_it(tmp_path):
     config = SearchConfig(
-        evolution=PARETO.evolution, protocol=PARETO.protocol, final=PARETO.final,
-        final_seeds=(0,), budget=BudgetConfig(max_trainable=0.35, pareto_final=1),
+        evolution=PARETO.evolution,
+        protocol=PARETO.protocol,
+        final=PARETO.final,
+        final_seeds=(0,),
+        budget=BudgetConfig(max_trainable=0.35, pareto_final=1),
     )
     result = Search(config, tmp_path / "run", bench=bench()).run_search()
     pareto = result.pareto

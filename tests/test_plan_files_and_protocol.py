@@ -11,14 +11,16 @@ from biotune.errors import BioTuneError
 from biotune.runner.fitness import SearchProtocol
 
 
-@pytest.mark.parametrize(("fraction", "folds"), [(1, 1), (1.0, 1), (0.5, 2), (1 / 3, 3),
-                                                  (0.25, 4), (0.1, 10)])
+@pytest.mark.parametrize(
+    ("fraction", "folds"), [(1, 1), (1.0, 1), (0.5, 2), (1 / 3, 3), (0.25, 4), (0.1, 10)]
+)
 def test_data_fraction_one_over_k_trains_on_one_of_k_folds(fraction, folds):
     assert SearchProtocol(data_fraction=fraction).folds == folds
 
 
-@pytest.mark.parametrize("fraction", [0.7, 0.9, 0.4, 0.3, 0.333, 0.0, 1.5, float("nan"), True,
-                                      "0.5"])
+@pytest.mark.parametrize(
+    "fraction", [0.7, 0.9, 0.4, 0.3, 0.333, 0.0, 1.5, float("nan"), True, "0.5"]
+)
 def test_data_fraction_that_is_not_one_over_k_is_refused_not_rounded(fraction):
     with pytest.raises(BioTuneError, match="data_fraction") as error:
         SearchProtocol(data_fraction=fraction)
@@ -39,15 +41,21 @@ def _plan(*blocks: dict) -> dict:
 @pytest.mark.parametrize(
     ("data", "needle"),
     [
-        (_plan({"name": "stem", "train": "false", "lr_mult": 1.0}),
-         "block 0 'stem': \"train\" must be true or false (got 'false')"),
+        (
+            _plan({"name": "stem", "train": "false", "lr_mult": 1.0}),
+            "block 0 'stem': \"train\" must be true or false (got 'false')",
+        ),
         (_plan({"name": "stem", "train": 0}), "block 0 'stem': \"train\" must be true or false"),
-        (_plan({"name": "stem", "train": True}, {"name": "head"}),
-         "block 1 'head': \"train\" must be true or false (got None)"),
-        (_plan({"name": "stem", "train": True, "lr_mult": "2"}),
-         "block 0 'stem': \"lr_mult\" must be a number (got '2')"),
-        (_plan({"name": "stem", "train": True, "lr_mult": True}), "\"lr_mult\" must be a number"),
-        (_plan({"name": 3, "train": True}), "block 0: \"name\" must be a string (got 3)"),
+        (
+            _plan({"name": "stem", "train": True}, {"name": "head"}),
+            "block 1 'head': \"train\" must be true or false (got None)",
+        ),
+        (
+            _plan({"name": "stem", "train": True, "lr_mult": "2"}),
+            "block 0 'stem': \"lr_mult\" must be a number (got '2')",
+        ),
+        (_plan({"name": "stem", "train": True, "lr_mult": True}), '"lr_mult" must be a number'),
+        (_plan({"name": 3, "train": True}), 'block 0: "name" must be a string (got 3)'),
         (_plan("stem"), "block 0 must be an object"),
         ({"blocks": {"stem": True}}, "not a fine-tuning plan"),
         ([], "not a fine-tuning plan"),

@@ -35,7 +35,7 @@ def test_decode_genome_trains_blocks_above_threshold_at_log_scaled_lr():
     assert plan.setting("stem").train is False
     assert plan.setting("mid").lr_mult == pytest.approx(1.0)
     assert plan.setting("top").lr_mult == pytest.approx(10.0)
-    assert plan.setting("head").lr_mult == pytest.approx(10 ** 0.5)
+    assert plan.setting("head").lr_mult == pytest.approx(10**0.5)
     assert plan.frozen_prefix == 1
 
 
@@ -193,8 +193,9 @@ def test_early_stopping_restores_the_best_epoch(tiny_cnn, tiny_data):
 
 def test_likelihood_metric_selects_the_epoch_of_lowest_validation_loss(tiny_cnn, tiny_data):
     partition = _partition(tiny_cnn)
-    config = TrainConfig(epochs=5, patience=5, batch_size=16, base_lr=0.3, optimizer="sgd",
-                         metric="likelihood")
+    config = TrainConfig(
+        epochs=5, patience=5, batch_size=16, base_lr=0.3, optimizer="sgd", metric="likelihood"
+    )
     _, result = train_plan(
         tiny_cnn, partition, FineTunePlan.full(partition.names), tiny_data, tiny_data, config
     )
@@ -238,6 +239,7 @@ def test_patience_stops_after_that_many_epochs_without_improvement(
     import biotune.training as training
 
     scores = iter([0.9, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5])
+
     def scripted(*args, **kwargs):
         value = next(scores)
         return training.Metrics(value, value)

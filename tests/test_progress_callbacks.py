@@ -27,8 +27,9 @@ from biotune.training import TrainConfig
 # 4 + 1 x (3 x 1 + 3) = 10 evaluations, two generation summaries, two final seeds of 2 epochs.
 CONFIG = SearchConfig(
     evolution=EvolutionConfig(population_size=4, generations=1, elite=1),
-    protocol=SearchProtocol(data_fraction=0.5, seeds=(0,), train=TrainConfig(epochs=1,
-                                                                            batch_size=16)),
+    protocol=SearchProtocol(
+        data_fraction=0.5, seeds=(0,), train=TrainConfig(epochs=1, batch_size=16)
+    ),
     final=TrainConfig(epochs=2, patience=5, batch_size=16),
     final_seeds=(0, 1),
 )
@@ -94,8 +95,9 @@ def searched(tmp_path_factory):
     loggers = [CSVLogger(run_dir / "logs")]
     if TensorBoardLogger.available():
         loggers.append(TensorBoardLogger(run_dir / "logs" / "tensorboard"))
-    result = Search(CONFIG, run_dir, bench=make_bench(),
-                    callbacks=[recorder, *loggers]).run_search()
+    result = Search(
+        CONFIG, run_dir, bench=make_bench(), callbacks=[recorder, *loggers]
+    ).run_search()
     return run_dir, recorder.events, result
 
 
@@ -109,8 +111,11 @@ def test_callbacks_hear_every_event_of_a_search_in_order(searched):
     assert kinds.count("evaluation") == TOTAL
     assert kinds.count("generation") == CONFIG.evolution.generations + 1
     end = kinds.index("search_end")
-    assert events[end][1] is True and set(kinds[:end]) == {"search_start", "evaluation",
-                                                           "generation"}
+    assert events[end][1] is True and set(kinds[:end]) == {
+        "search_start",
+        "evaluation",
+        "generation",
+    }
     # The last generation summary names the plan the search returned.
     last = [e[1] for e in events if e[0] == "generation"][-1]
     assert last["best_plan"] == result.best_plan.to_dict()
@@ -153,8 +158,9 @@ def test_csv_logger_writes_evaluations_generations_and_final_curves(searched):
     run_dir, events, result = searched
     logs = run_dir / "logs"
     evaluations = _rows(logs / "evaluations.csv")
-    assert [int(r["candidate"]) for r in evaluations] == [e[1]["candidate"] for e in events
-                                                          if e[0] == "evaluation"]
+    assert [int(r["candidate"]) for r in evaluations] == [
+        e[1]["candidate"] for e in events if e[0] == "evaluation"
+    ]
     assert all(float(r["fitness"]) + float(r["val_score"]) == pytest.approx(1) for r in evaluations)
     generations = _rows(logs / "generations.csv")
     assert len(generations) == CONFIG.evolution.generations + 1
@@ -181,10 +187,15 @@ def test_csv_logger_appends_after_a_resume_without_a_second_header(tmp_path):
 
     run_dir = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
-        Search(CONFIG, run_dir, bench=make_bench(),
-               callbacks=[CSVLogger(run_dir / "logs"), StopAfter(4)]).run_search(final=False)
-    Search(CONFIG, run_dir, bench=make_bench(),
-           callbacks=[CSVLogger(run_dir / "logs")]).run_search(resume=True, final=False)
+        Search(
+            CONFIG,
+            run_dir,
+            bench=make_bench(),
+            callbacks=[CSVLogger(run_dir / "logs"), StopAfter(4)],
+        ).run_search(final=False)
+    Search(CONFIG, run_dir, bench=make_bench(), callbacks=[CSVLogger(run_dir / "logs")]).run_search(
+        resume=True, final=False
+    )
     rows = _rows(run_dir / "logs" / "evaluations.csv")
     assert sorted(int(r["candidate"]) for r in rows) == list(range(TOTAL))
 
@@ -213,8 +224,11 @@ def test_tensorboard_logger_without_tensorboard_is_a_one_line_error(monkeypatch)
     from biotune.errors import BioTuneError
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "tensorboard" else real(name, *a),
+    )
     with pytest.raises(BioTuneError, match=r"pip install 'biotune\[tensorboard\]'"):
         TensorBoardLogger("somewhere")
 
@@ -224,8 +238,12 @@ def test_tensorboard_logger_without_tensorboard_is_a_one_line_error(monkeypatch)
 
 def test_without_a_terminal_progress_is_one_plain_line_per_event(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="biotune")
-    Search(CONFIG, tmp_path / "run", bench=make_bench(),
-           progress=SearchProgress(metric="balanced", bars=False)).run_search()
+    Search(
+        CONFIG,
+        tmp_path / "run",
+        bench=make_bench(),
+        progress=SearchProgress(metric="balanced", bars=False),
+    ).run_search()
     lines = [r.getMessage() for r in caplog.records if r.name == "biotune.progress"]
     evaluations = [x for x in lines if x.startswith("evaluation ")]
     assert [x.split()[1] for x in evaluations] == [f"{k}/{TOTAL}" for k in range(1, TOTAL + 1)]
@@ -243,8 +261,17 @@ def test_bars_show_a_search_and_its_final_seeds_with_an_eta():
     out = io.StringIO()
     progress = SearchProgress(Console(file=out, width=100, force_terminal=True), "balanced")
     progress.on_search_start(10, 0)
-    progress.on_evaluation({"candidate": 0, "generation": 0, "fold": 0, "role": "initial",
-                            "status": "ok", "fitness": 0.4, "seconds": 1.0})
+    progress.on_evaluation(
+        {
+            "candidate": 0,
+            "generation": 0,
+            "fold": 0,
+            "role": "initial",
+            "status": "ok",
+            "fitness": 0.4,
+            "seconds": 1.0,
+        }
+    )
     progress.on_final_start(0, 8)
     assert progress._progress is not None
     progress._progress.refresh()
@@ -269,9 +296,19 @@ def test_progress_shows_the_winners_score_when_the_search_ends(caplog):
         told = {}
         for c in evo.ask():
             told[c.id] = float(rng.uniform(0.2, 0.8))
-            emit(callbacks, "on_evaluation", {"candidate": c.id, "generation": c.generation,
-                                              "fold": 0, "role": c.role, "status": "ok",
-                                              "fitness": told[c.id], "seconds": 0.1})
+            emit(
+                callbacks,
+                "on_evaluation",
+                {
+                    "candidate": c.id,
+                    "generation": c.generation,
+                    "fold": 0,
+                    "role": c.role,
+                    "status": "ok",
+                    "fitness": told[c.id],
+                    "seconds": 0.1,
+                },
+            )
         before = len(evo.history)
         evo.tell(told)
         if len(evo.history) > before:
@@ -289,8 +326,16 @@ def test_training_and_compare_lines_name_what_finished(caplog):
     training = TrainingProgress("top1", label="training", bars=False)
     training.on_final_start(3, 4)
     training.on_final_epoch(3, {"epoch": 1, "train_loss": 0.5, "val_top1": 0.7, "seconds": 2.0})
-    training.on_final_run({"seed": 3, "test_top1": 0.8, "test_balanced": 0.75, "best_epoch": 1,
-                           "epochs_run": 1, "seconds": 2.0})
+    training.on_final_run(
+        {
+            "seed": 3,
+            "test_top1": 0.8,
+            "test_balanced": 0.75,
+            "best_epoch": 1,
+            "epochs_run": 1,
+            "seconds": 2.0,
+        }
+    )
     compare = CompareProgress(["full", "linear"], bars=False)
     compare.method_start("full", 4)
     compare.run_done()
@@ -311,18 +356,42 @@ def test_command_line_logs_one_line_per_evaluation_and_final_epoch(tmp_path, cap
     """`biotune search > log.txt 2>&1`: stderr is no terminal, so plain lines, with times."""
     from biotune.cli import main
 
-    code = main(["search", "--run-dir", str(tmp_path / "run"), "--train-size", "40",
-                 "--val-size", "20", "--test-size", "20", "--population", "3", "--generations",
-                 "1", "--elite", "1", "--final-epochs", "2", "--final-seeds", "0",
-                 "--device", "cpu", "--precision", "32", "--threads", "1"])
+    code = main(
+        [
+            "search",
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--train-size",
+            "40",
+            "--val-size",
+            "20",
+            "--test-size",
+            "20",
+            "--population",
+            "3",
+            "--generations",
+            "1",
+            "--elite",
+            "1",
+            "--final-epochs",
+            "2",
+            "--final-seeds",
+            "0",
+            "--device",
+            "cpu",
+            "--precision",
+            "32",
+            "--threads",
+            "1",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 0, err
     lines = err.splitlines()
     total = 3 + 1 * (3 * 1 + 2)
     stamp = r"\d\d:\d\d:\d\d "
     assert sum(bool(re.match(stamp + r"evaluation \d+/" + str(total), x)) for x in lines) == total
-    assert sum(bool(re.match(stamp + r"final training seed 0: epoch \d/2", x))
-               for x in lines) >= 1
+    assert sum(bool(re.match(stamp + r"final training seed 0: epoch \d/2", x)) for x in lines) >= 1
     assert any(re.match(stamp + "run directory: ", x) for x in lines)
     stored = (tmp_path / "run" / "config.json").read_text()
     assert '"amp": false' in stored and "precision" not in stored
@@ -332,9 +401,27 @@ def test_command_line_logs_one_line_per_evaluation_and_final_epoch(tmp_path, cap
 def test_quiet_command_line_prints_no_progress(tmp_path, capsys):
     from biotune.cli import main
 
-    code = main(["search", "--run-dir", str(tmp_path / "run"), "--train-size", "40",
-                 "--val-size", "20", "--test-size", "20", "--population", "3", "--generations",
-                 "1", "--elite", "1", "--no-final", "--quiet"])
+    code = main(
+        [
+            "search",
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--train-size",
+            "40",
+            "--val-size",
+            "20",
+            "--test-size",
+            "20",
+            "--population",
+            "3",
+            "--generations",
+            "1",
+            "--elite",
+            "1",
+            "--no-final",
+            "--quiet",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 0, err
     assert "evaluation" not in err and "run directory" not in err
@@ -348,9 +435,17 @@ def test_compare_logs_a_line_per_method_and_its_searchs_progress(tmp_path, caplo
 
     caplog.set_level(logging.INFO, logger="biotune")
     tiny = TrainConfig(epochs=1, patience=1, batch_size=32, eval_batch_size=64)
-    compare(["linear", "biotune"], DataConfig(), tiny, seeds=(0, 1), lr_grid=(1e-2,),
-            out_dir=tmp_path, bench=colour_bench(), progress=True,
-            scales={"biotune": SearchScale(population=3, generations=1, elite=1, epochs=1)})
+    compare(
+        ["linear", "biotune"],
+        DataConfig(),
+        tiny,
+        seeds=(0, 1),
+        lr_grid=(1e-2,),
+        out_dir=tmp_path,
+        bench=colour_bench(),
+        progress=True,
+        scales={"biotune": SearchScale(population=3, generations=1, elite=1, epochs=1)},
+    )
     lines = [r.getMessage() for r in caplog.records]
     assert any(x.startswith("compare: linear done (1/2) in ") and "| eta " in x for x in lines)
     assert any(x.startswith("compare: biotune done (2/2) in ") for x in lines)

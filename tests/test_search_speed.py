@@ -103,11 +103,10 @@ def test_cached_training_equals_uncached_training(tiny_cnn, frozen):
     val_f = cache.features("val", splits.val, frozen)
     _, plain = train_plan(tiny_cnn, partition, plan, splits.train, splits.val, TRAIN, seed=3)
     _, cached = train_plan_cached(tiny_cnn, partition, plan, train_f, val_f, TRAIN, seed=3)
-    assert [h["val_balanced"] for h in cached.history] == [
-        h["val_balanced"] for h in plain.history
-    ]
+    assert [h["val_balanced"] for h in cached.history] == [h["val_balanced"] for h in plain.history]
     np.testing.assert_allclose(
-        [h["train_loss"] for h in cached.history], [h["train_loss"] for h in plain.history],
+        [h["train_loss"] for h in cached.history],
+        [h["train_loss"] for h in plain.history],
         atol=1e-5,
     )
     assert cached.val.balanced == plain.val.balanced
@@ -142,8 +141,9 @@ def test_cached_training_is_bit_identical_to_uncached(build, frozen):
     m_cached, cached = train_plan_cached(model, partition, plan, train_f, val_f, config, seed=1)
     assert [h["train_loss"] for h in cached.history] == [h["train_loss"] for h in plain.history]
     assert [h["val_loss"] for h in cached.history] == [h["val_loss"] for h in plain.history]
-    for (name, a), b in zip(m_plain.state_dict().items(), m_cached.state_dict().values(),
-                            strict=True):
+    for (name, a), b in zip(
+        m_plain.state_dict().items(), m_cached.state_dict().values(), strict=True
+    ):
         assert torch.equal(a, b), name
 
 
@@ -167,8 +167,9 @@ def test_cached_features_match_the_live_prefix_batch_by_batch(build, frozen):
     cache = FeatureCache(model, stages, 10**9, batch_size=10)
     features = cache.features("train", train, frozen, batch_sizes_for(len(train), 16))
     live_batches = batches(train, 16, shuffle=True, seed=7)
-    for (x, y), (f, fy) in zip(live_batches, batches(features, 16, shuffle=True, seed=7),
-                               strict=True):
+    for (x, y), (f, fy) in zip(
+        live_batches, batches(features, 16, shuffle=True, seed=7), strict=True
+    ):
         with torch.no_grad():
             for stage in stages[:frozen]:
                 x = stage(x)
@@ -201,7 +202,9 @@ def test_lite0_cached_evaluation_equals_uncached():
     genes = encode_plan(_plan(bench.partition.names, 5))
     scored = [
         Evaluator(
-            bench.model, bench.partition, bench.splits,
+            bench.model,
+            bench.partition,
+            bench.splits,
             SearchProtocol(seeds=(0,), train=train, cache_features=cache),
         ).evaluate(0, genes, 0)
         for cache in (False, True)
@@ -384,12 +387,14 @@ def test_final_training_of_a_plan_with_a_frozen_prefix_uses_the_cache(tiny_cnn):
     from biotune.training import evaluate
 
     partition = partition_blocks(tiny_cnn)
-    bench = Workbench(LoadedModel(tiny_cnn, "tiny", 8, (0.5,) * 3, (0.5,) * 3, "random"), partition,
-                      _splits())
+    bench = Workbench(
+        LoadedModel(tiny_cnn, "tiny", 8, (0.5,) * 3, (0.5,) * 3, "random"), partition, _splits()
+    )
     plan = _plan(partition.names, 2)
     run = final_training_run(bench, plan, TRAIN, seed=2)
-    model, plain = train_plan(tiny_cnn, partition, plan, bench.splits.train, bench.splits.val,
-                              TRAIN, seed=2)
+    model, plain = train_plan(
+        tiny_cnn, partition, plan, bench.splits.train, bench.splits.val, TRAIN, seed=2
+    )
     test = evaluate(model, bench.splits.test, TRAIN.eval_batch_size)
     assert run.cached_prefix == 2
     assert run.val_balanced == plain.val.balanced

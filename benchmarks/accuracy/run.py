@@ -50,15 +50,31 @@ BASELINES = ("full", "linear", "autorgn", "lora", "l2sp", "l1sp")
 SEARCHES = {
     "biotune": ("default", None),
     "biotune-rerank": ("default", {"rerank": 3}),
-    "biotune-paper": ("paper", {"population_size": 8, "generations": 3, "elite": 2,
-                                "seeds": (0,), "epochs": 4}),
+    "biotune-paper": (
+        "paper",
+        {"population_size": 8, "generations": 3, "elite": 2, "seeds": (0,), "epochs": 4},
+    ),
 }
 #: The order in which a dataset's methods run: the cheap and decisive ones first.
-ORDER = ("full", "linear", "biotune", "biotune-rerank", "l2sp", "l1sp", "lora", "autorgn",
-         "biotune-paper")
+ORDER = (
+    "full",
+    "linear",
+    "biotune",
+    "biotune-rerank",
+    "l2sp",
+    "l1sp",
+    "lora",
+    "autorgn",
+    "biotune-paper",
+)
 LABELS = {
-    "full": "Full fine-tuning", "linear": "Linear probing", "autorgn": "AutoRGN", "lora": "LoRA",
-    "l2sp": "L2-SP", "l1sp": "L1-SP", "biotune": "BioTune (default search, 2026-11-30)",
+    "full": "Full fine-tuning",
+    "linear": "Linear probing",
+    "autorgn": "AutoRGN",
+    "lora": "LoRA",
+    "l2sp": "L2-SP",
+    "l1sp": "L1-SP",
+    "biotune": "BioTune (default search, 2026-11-30)",
     "biotune-rerank": "BioTune (default + re-rank 3 plans)",
     "biotune-paper": "BioTune (paper protocol, scaled)",
 }
@@ -67,8 +83,9 @@ LABELS = {
 def recipe():
     from biotune.training import TrainConfig
 
-    return TrainConfig(epochs=EPOCHS, patience=PATIENCE, batch_size=BATCH,
-                       eval_batch_size=EVAL_BATCH)
+    return TrainConfig(
+        epochs=EPOCHS, patience=PATIENCE, batch_size=BATCH, eval_batch_size=EVAL_BATCH
+    )
 
 
 # ----------------------------------------------------------------------------------- records
@@ -111,13 +128,20 @@ class Dataset:
 
         self.name, self.records, self.work, self.log = name, records, work, log
         train, val, test = SIZES[name]
-        self.data = DataConfig(model=MODEL, dataset=name, image_size=IMAGE_SIZE,
-                               train_size=train, val_size=val, test_size=test)
+        self.data = DataConfig(
+            model=MODEL,
+            dataset=name,
+            image_size=IMAGE_SIZE,
+            train_size=train,
+            val_size=val,
+            test_size=test,
+        )
         self.bench = prepare(self.data)
         sample, _ = next(batches(self.bench.splits.val, 1))
         self.flops = block_flops(self.bench.model, self.bench.partition, sample[0])
-        self.ft_work = cost.ft_work(self.flops, len(self.bench.splits.train),
-                                    len(self.bench.splits.val), EPOCHS)
+        self.ft_work = cost.ft_work(
+            self.flops, len(self.bench.splits.train), len(self.bench.splits.val), EPOCHS
+        )
 
     def run(self, method: str, lr: float, seed: int, plan: Any = None) -> dict[str, Any]:
         """One training run with the shared recipe, recorded; read back if already recorded."""
@@ -132,33 +156,45 @@ class Dataset:
         config = replace(recipe(), base_lr=lr)
         start = time.perf_counter()
         options = {"plan": plan} if plan is not None else {}
-        run = run_baseline("plan" if plan is not None else method, self.bench, config, seed,
-                           **options)
+        run = run_baseline(
+            "plan" if plan is not None else method, self.bench, config, seed, **options
+        )
         test = evaluate(run.model, self.bench.splits.test, EVAL_BATCH)
         result = run.result
         cached = int(run.info.get("cached_prefix", 0))
         first_trained = _first_trained(method, plan, len(self.bench.partition))
-        work = cost.run_work(self.flops, cached, first_trained, result.train_images,
-                             result.eval_images)
+        work = cost.run_work(
+            self.flops, cached, first_trained, result.train_images, result.eval_images
+        )
         if cached:  # building the cached prefix once (train tables and validation)
             n = len(self.bench.splits.train) * 2 + len(self.bench.splits.val)
             work += n * sum(self.flops[:cached])
         record = {
-            "dataset": self.name, "method": method, "lr": lr, "seed": seed,
-            "val_top1": result.val.top1, "val_balanced": result.val.balanced,
-            "test_top1": test.top1, "test_balanced": test.balanced,
-            "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
-            "status": result.status, "train_images": result.train_images,
+            "dataset": self.name,
+            "method": method,
+            "lr": lr,
+            "seed": seed,
+            "val_top1": result.val.top1,
+            "val_balanced": result.val.balanced,
+            "test_top1": test.top1,
+            "test_balanced": test.balanced,
+            "best_epoch": result.best_epoch,
+            "epochs_run": result.epochs_run,
+            "status": result.status,
+            "train_images": result.train_images,
             "trainable_params": run.trainable_params,
             "total_params": count_parameters(self.bench.model),
-            "cached_prefix": cached, "ft_equivalents": work / self.ft_work,
+            "cached_prefix": cached,
+            "ft_equivalents": work / self.ft_work,
             "seconds": time.perf_counter() - start,
             "plan": plan.to_dict() if plan is not None else None,
         }
         _write(path, record)
-        self.log(f"{method} lr {lr:g} seed {seed}: val {result.val.balanced:.4f} "
-                 f"({result.epochs_run} epochs, best {result.best_epoch}, "
-                 f"{record['seconds']:.0f} s)")
+        self.log(
+            f"{method} lr {lr:g} seed {seed}: val {result.val.balanced:.4f} "
+            f"({result.epochs_run} epochs, best {result.best_epoch}, "
+            f"{record['seconds']:.0f} s)"
+        )
         return record
 
     def baseline(self, method: str) -> None:
@@ -187,16 +223,21 @@ class Dataset:
         if done is None:
             run_dir = self.work / self.name / f"{method}-seed{seed}"
             resume = (run_dir / "config.json").exists()
-            self.log(f"{method} search seed {seed}: {'resuming' if resume else 'starting'} "
-                     f"in {run_dir}")
+            self.log(
+                f"{method} search seed {seed}: {'resuming' if resume else 'starting'} in {run_dir}"
+            )
             start = time.perf_counter()
             result = Search(config, run_dir, bench=self.bench).run_search(
                 resume=resume, final=False
             )
             done = {
-                "dataset": self.name, "method": method, "seed": seed,
-                "preset": SEARCHES[method][0], "scaling": SEARCHES[method][1],
-                "plan": result.best_plan.to_dict(), "plan_text": result.best_plan.describe(),
+                "dataset": self.name,
+                "method": method,
+                "seed": seed,
+                "preset": SEARCHES[method][0],
+                "scaling": SEARCHES[method][1],
+                "plan": result.best_plan.to_dict(),
+                "plan_text": result.best_plan.describe(),
                 "best_fitness": result.best_fitness,
                 "evaluations": result.cost["evaluations"],
                 "ft_equivalents": result.cost["work_flops"] / self.ft_work,
@@ -206,8 +247,10 @@ class Dataset:
                 "config_sha1": fingerprint,
             }
             _write(path, done)
-            self.log(f"{method} search seed {seed}: {done['plan_text']} "
-                     f"({done['ft_equivalents']:.2f} FT-eq, {done['seconds']:.0f} s)")
+            self.log(
+                f"{method} search seed {seed}: {done['plan_text']} "
+                f"({done['ft_equivalents']:.2f} FT-eq, {done['seconds']:.0f} s)"
+            )
         plan = FineTunePlan.from_dict(done["plan"])
         self.run(method, done["base_lr"], seed, plan=plan)
         return done
@@ -235,8 +278,9 @@ def _first_trained(method: str, plan: Any, blocks: int) -> int:
 
 def choose_lr(grid: list[dict[str, Any]]) -> float:
     """The grid value with the best validation balanced accuracy (ties: the smaller lr)."""
-    best = max(grid, key=lambda r: (r["val_balanced"] if r["status"] != "diverged" else -1.0,
-                                    -r["lr"]))
+    best = max(
+        grid, key=lambda r: (r["val_balanced"] if r["status"] != "diverged" else -1.0, -r["lr"])
+    )
     return float(best["lr"])
 
 
@@ -249,12 +293,22 @@ def search_config(method: str, data: Any, seed: int) -> Any:
     if "rerank" in changes:
         config = replace(config, rerank=changes.pop("rerank"))
     if changes:
-        evo = replace(config.evolution, population_size=changes["population_size"],
-                      generations=changes["generations"], elite=changes["elite"])
-        train = replace(config.protocol.train, epochs=changes["epochs"],
-                        patience=min(config.protocol.train.patience, changes["epochs"]))
-        config = replace(config, evolution=evo,
-                         protocol=replace(config.protocol, seeds=changes["seeds"], train=train))
+        evo = replace(
+            config.evolution,
+            population_size=changes["population_size"],
+            generations=changes["generations"],
+            elite=changes["elite"],
+        )
+        train = replace(
+            config.protocol.train,
+            epochs=changes["epochs"],
+            patience=min(config.protocol.train.patience, changes["epochs"]),
+        )
+        config = replace(
+            config,
+            evolution=evo,
+            protocol=replace(config.protocol, seeds=changes["seeds"], train=train),
+        )
     return config
 
 
@@ -314,10 +368,8 @@ def load_rows(records: Path, datasets: list[str]) -> dict[str, dict[str, dict[st
                     continue
                 tuning_ft = sum(g["ft_equivalents"] for g in grid)  # type: ignore[index]
                 tuning_s = sum(g["seconds"] for g in grid)  # type: ignore[index]
-                extra = {"lr": lr, "val_by_lr": {f"{g['lr']:g}": g["val_balanced"]
-                                                 for g in grid}}  # type: ignore[index]
-            out[d][method] = {"runs": chosen, "tuning_ft": tuning_ft, "tuning_s": tuning_s,
-                              **extra}
+                extra = {"lr": lr, "val_by_lr": {f"{g['lr']:g}": g["val_balanced"] for g in grid}}  # type: ignore[index]
+            out[d][method] = {"runs": chosen, "tuning_ft": tuning_ft, "tuning_s": tuning_s, **extra}
     return out
 
 
@@ -351,32 +403,50 @@ def report(records: Path, out: Path, datasets: list[str], wall: dict[str, Any]) 
             bal, bal_sd = _stat([x["test_balanced"] for x in runs])
             val, _ = _stat([x["val_balanced"] for x in runs])
             trainable = sum(x["trainable_params"] for x in runs) / len(runs)
-            table.append({
-                "dataset": d, "method": m, "label": LABELS[m], "test_top1": top1,
-                "test_top1_std": top1_sd, "test_balanced": bal, "test_balanced_std": bal_sd,
-                "val_balanced": val, "trainable_pct": 100 * trainable / runs[0]["total_params"],
-                "tuning_ft_equivalents": r["tuning_ft"], "tuning_seconds": r["tuning_s"],
-                "lr": r.get("lr"), "val_by_lr": r.get("val_by_lr"), "plans": r.get("plans"),
-                "seeds": [x["seed"] for x in runs],
-            })
+            table.append(
+                {
+                    "dataset": d,
+                    "method": m,
+                    "label": LABELS[m],
+                    "test_top1": top1,
+                    "test_top1_std": top1_sd,
+                    "test_balanced": bal,
+                    "test_balanced_std": bal_sd,
+                    "val_balanced": val,
+                    "trainable_pct": 100 * trainable / runs[0]["total_params"],
+                    "tuning_ft_equivalents": r["tuning_ft"],
+                    "tuning_seconds": r["tuning_s"],
+                    "lr": r.get("lr"),
+                    "val_by_lr": r.get("val_by_lr"),
+                    "plans": r.get("plans"),
+                    "seeds": [x["seed"] for x in runs],
+                }
+            )
     comparisons = []
     for d, methods in rows.items():
         base = [m for m in methods if m in BASELINES]
         for m in (x for x in methods if x in SEARCHES):
             entry: dict[str, Any] = {"dataset": d, "method": m}
             if "full" in methods:
-                entry["vs_full"] = paired(methods[m]["runs"], methods["full"]["runs"],
-                                          "test_top1")
+                entry["vs_full"] = paired(methods[m]["runs"], methods["full"]["runs"], "test_top1")
             if base:
-                best = max(base, key=lambda b: _stat([x["test_top1"]
-                                                      for x in methods[b]["runs"]])[0])
+                best = max(
+                    base, key=lambda b: _stat([x["test_top1"] for x in methods[b]["runs"]])[0]
+                )
                 entry["best_baseline"] = best
                 entry["vs_best"] = paired(methods[m]["runs"], methods[best]["runs"], "test_top1")
             comparisons.append(entry)
     machine = machine_description()
     date = time.strftime("%Y-%m-%d %H:%M")
-    result = {"benchmark": "accuracy", "date": date, "machine": machine, "protocol": protocol(),
-              "wall": wall, "rows": table, "comparisons": comparisons}
+    result = {
+        "benchmark": "accuracy",
+        "date": date,
+        "machine": machine,
+        "protocol": protocol(),
+        "wall": wall,
+        "rows": table,
+        "comparisons": comparisons,
+    }
     out.mkdir(parents=True, exist_ok=True)
     (out / "accuracy.json").write_text(json.dumps(result, indent=2) + "\n")
     md = markdown(table, comparisons, datasets, date, machine, wall)
@@ -386,44 +456,81 @@ def report(records: Path, out: Path, datasets: list[str], wall: dict[str, Any]) 
 
 
 def protocol() -> dict[str, Any]:
-    return {"model": MODEL, "image_size": IMAGE_SIZE, "sizes": SIZES, "seeds": SEEDS,
-            "lr_grid": LR_GRID, "epochs": EPOCHS, "patience": PATIENCE, "batch": BATCH,
-            "searches": {k: {"preset": v[0], "scaling": v[1]} for k, v in SEARCHES.items()}}
+    return {
+        "model": MODEL,
+        "image_size": IMAGE_SIZE,
+        "sizes": SIZES,
+        "seeds": SEEDS,
+        "lr_grid": LR_GRID,
+        "epochs": EPOCHS,
+        "patience": PATIENCE,
+        "batch": BATCH,
+        "searches": {k: {"preset": v[0], "scaling": v[1]} for k, v in SEARCHES.items()},
+    }
 
 
-def markdown(table: list[dict[str, Any]], comparisons: list[dict[str, Any]],
-             datasets: list[str], date: str, machine: str, wall: dict[str, Any]) -> str:
-    lines = ["# Accuracy: BioTune against the baselines (EfficientNet-Lite0, 32 px)", "",
-             f"- built: {date}", f"- machine: {machine}",
-             f"- wall time of the runs recorded: {wall.get('text', 'n/a')}", "",
-             "Test top-1 % (mean +- std over 5 seeds), trainable parameters %, and tuning cost "
-             "(FT-equivalents; one = full fine-tuning of the training split for 15 epochs):", "",
-             "| method | " + " | ".join(datasets) + " |", "|---|" + "---|" * len(datasets)]
+def markdown(
+    table: list[dict[str, Any]],
+    comparisons: list[dict[str, Any]],
+    datasets: list[str],
+    date: str,
+    machine: str,
+    wall: dict[str, Any],
+) -> str:
+    lines = [
+        "# Accuracy: BioTune against the baselines (EfficientNet-Lite0, 32 px)",
+        "",
+        f"- built: {date}",
+        f"- machine: {machine}",
+        f"- wall time of the runs recorded: {wall.get('text', 'n/a')}",
+        "",
+        "Test top-1 % (mean +- std over 5 seeds), trainable parameters %, and tuning cost "
+        "(FT-equivalents; one = full fine-tuning of the training split for 15 epochs):",
+        "",
+        "| method | " + " | ".join(datasets) + " |",
+        "|---|" + "---|" * len(datasets),
+    ]
     for m in ORDER:
         cells = []
         for d in datasets:
             r = next((x for x in table if x["dataset"] == d and x["method"] == m), None)
-            cells.append(f"{100 * r['test_top1']:.2f} +- {100 * r['test_top1_std']:.2f} "
-                         f"({r['trainable_pct']:.1f}%, {r['tuning_ft_equivalents']:.2f} FT-eq)"
-                         if r else "pending")
+            cells.append(
+                f"{100 * r['test_top1']:.2f} +- {100 * r['test_top1_std']:.2f} "
+                f"({r['trainable_pct']:.1f}%, {r['tuning_ft_equivalents']:.2f} FT-eq)"
+                if r
+                else "pending"
+            )
         lines.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
-    lines += ["", "Paired differences in test top-1 points (BioTune - other, by seed), 95 % CI:",
-              "",
-              "| dataset | method | vs full fine-tuning | best baseline | vs best baseline |",
-              "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "Paired differences in test top-1 points (BioTune - other, by seed), 95 % CI:",
+        "",
+        "| dataset | method | vs full fine-tuning | best baseline | vs best baseline |",
+        "|---|---|---|---|---|",
+    ]
     for c in comparisons:
+
         def ci(x: dict[str, float] | None) -> str:
             return f"{x['mean']:+.2f} [{x['low']:+.2f}, {x['high']:+.2f}]" if x else ""
-        lines.append(f"| {c['dataset']} | {LABELS[c['method']]} | {ci(c.get('vs_full'))} | "
-                     f"{LABELS.get(c.get('best_baseline', ''), '')} | {ci(c.get('vs_best'))} |")
-    lines += ["", "Full rows (balanced accuracy, chosen lr, validation scores per lr, plans):", "",
-              "| dataset | method | test top-1 | test balanced | val balanced | lr | tuning s |",
-              "|---|---|---|---|---|---|---|"]
+
+        lines.append(
+            f"| {c['dataset']} | {LABELS[c['method']]} | {ci(c.get('vs_full'))} | "
+            f"{LABELS.get(c.get('best_baseline', ''), '')} | {ci(c.get('vs_best'))} |"
+        )
+    lines += [
+        "",
+        "Full rows (balanced accuracy, chosen lr, validation scores per lr, plans):",
+        "",
+        "| dataset | method | test top-1 | test balanced | val balanced | lr | tuning s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in table:
-        lines.append(f"| {r['dataset']} | {r['label']} | {100 * r['test_top1']:.2f} | "
-                     f"{100 * r['test_balanced']:.2f} +- {100 * r['test_balanced_std']:.2f} | "
-                     f"{100 * r['val_balanced']:.2f} | {r['lr'] if r['lr'] else 'search'} | "
-                     f"{r['tuning_seconds']:.0f} |")
+        lines.append(
+            f"| {r['dataset']} | {r['label']} | {100 * r['test_top1']:.2f} | "
+            f"{100 * r['test_balanced']:.2f} +- {100 * r['test_balanced_std']:.2f} | "
+            f"{100 * r['val_balanced']:.2f} | {r['lr'] if r['lr'] else 'search'} | "
+            f"{r['tuning_seconds']:.0f} |"
+        )
     for r in table:
         if r["plans"]:
             lines.append(f"\n{r['dataset']} {r['label']} plans: " + "; ".join(r["plans"]))
@@ -443,9 +550,15 @@ def plots(table: list[dict[str, Any]], datasets: list[str], out: Path) -> None:
         fig, ax = plt.subplots(figsize=(7.6, 4.4))
         for r in rows:
             star = r["method"] in SEARCHES
-            ax.errorbar(max(r["trainable_pct"], 1e-3), 100 * r["test_top1"],
-                        yerr=100 * r["test_top1_std"], fmt="*" if star else "o",
-                        ms=13 if star else 7, capsize=3, label=r["label"])
+            ax.errorbar(
+                max(r["trainable_pct"], 1e-3),
+                100 * r["test_top1"],
+                yerr=100 * r["test_top1_std"],
+                fmt="*" if star else "o",
+                ms=13 if star else 7,
+                capsize=3,
+                label=r["label"],
+            )
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters (% of the model, log scale)")
         ax.set_ylabel("test top-1 accuracy (%)")
@@ -461,8 +574,13 @@ def plots(table: list[dict[str, Any]], datasets: list[str], out: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 4.2))
     width = 0.8 / max(len(datasets), 1)
     for i, d in enumerate(datasets):
-        ys = [next((100 * r["test_top1"] for r in table
-                    if r["dataset"] == d and r["method"] == m), float("nan")) for m in methods]
+        ys = [
+            next(
+                (100 * r["test_top1"] for r in table if r["dataset"] == d and r["method"] == m),
+                float("nan"),
+            )
+            for m in methods
+        ]
         ax.bar([k + i * width for k in range(len(methods))], ys, width, label=d)
     ax.set_xticks([k + 0.4 - width / 2 for k in range(len(methods))])
     ax.set_xticklabels([LABELS[m] for m in methods], rotation=25, ha="right", fontsize=8)
@@ -482,8 +600,9 @@ def plots(table: list[dict[str, Any]], datasets: list[str], out: Path) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--datasets", default=",".join(DATASETS), help="comma-separated")
-    p.add_argument("--methods", default=",".join(ORDER), help="comma-separated, from " +
-                   ",".join(ORDER))
+    p.add_argument(
+        "--methods", default=",".join(ORDER), help="comma-separated, from " + ",".join(ORDER)
+    )
     p.add_argument("--jobs", type=int, default=2, help="datasets at once, one process each")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--records", default=str(HERE / "records"), help="where records go")
@@ -507,8 +626,18 @@ def main(argv: list[str] | None = None) -> int:
     if not args.report:
         os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
         # Method-major order: every dataset's full fine-tuning, then linear probing, ...
-        tasks = [{"dataset": d, "method": m, "records": str(records), "work": args.work,
-                  "threads": args.threads} for m in ORDER if m in methods for d in datasets]
+        tasks = [
+            {
+                "dataset": d,
+                "method": m,
+                "records": str(records),
+                "work": args.work,
+                "threads": args.threads,
+            }
+            for m in ORDER
+            if m in methods
+            for d in datasets
+        ]
         start = time.perf_counter()
         try:
             if args.jobs == 1:
@@ -520,14 +649,21 @@ def main(argv: list[str] | None = None) -> int:
                     for done in pool.map(run_piece, tasks):
                         print(f"finished {done}", file=sys.stderr, flush=True)
         finally:
-            wall["sessions"].append({"ended": time.strftime("%Y-%m-%d %H:%M"),
-                                     "seconds": time.perf_counter() - start,
-                                     "jobs": args.jobs, "datasets": datasets,
-                                     "methods": methods})
+            wall["sessions"].append(
+                {
+                    "ended": time.strftime("%Y-%m-%d %H:%M"),
+                    "seconds": time.perf_counter() - start,
+                    "jobs": args.jobs,
+                    "datasets": datasets,
+                    "methods": methods,
+                }
+            )
             _write(wall_file, wall)
     total = sum(s["seconds"] for s in wall["sessions"])
-    wall["text"] = (f"{total / 3600:.2f} h over {len(wall['sessions'])} sitting(s), "
-                    "2 datasets at a time, 1 torch thread each")
+    wall["text"] = (
+        f"{total / 3600:.2f} h over {len(wall['sessions'])} sitting(s), "
+        "2 datasets at a time, 1 torch thread each"
+    )
     print(report(records, Path(args.out), datasets, wall))
     return 0
 

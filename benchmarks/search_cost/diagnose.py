@@ -48,9 +48,7 @@ def parse_plan(text: str, names: tuple[str, ...]) -> FineTunePlan:
             if block not in names:
                 raise BioTuneError(f"plan {text!r}: unknown block {block!r}; blocks: {names}")
             rates[block] = float(mult)
-    return FineTunePlan(
-        tuple(BlockSetting(n, n in rates, rates.get(n, 1.0)) for n in names)
-    )
+    return FineTunePlan(tuple(BlockSetting(n, n in rates, rates.get(n, 1.0)) for n in names))
 
 
 def final_scores(bench: Workbench, plan: FineTunePlan, config: SearchConfig) -> dict:
@@ -71,8 +69,10 @@ def cmd_plans(args: argparse.Namespace) -> None:
         line = f"{text:28s} short evaluation: fold 0 {scores[0]:.3f}, fold 1 {scores[1]:.3f}"
         if args.final:
             final = final_scores(bench, plan, config)
-            line += (f" | final recipe: val {final['val_balanced']:.4f},"
-                     f" test {final['test_balanced']:.4f}")
+            line += (
+                f" | final recipe: val {final['val_balanced']:.4f},"
+                f" test {final['test_balanced']:.4f}"
+            )
         print(line, flush=True)
 
 
@@ -99,14 +99,20 @@ def cmd_rerank(args: argparse.Namespace) -> None:
             if len(best) == args.top:
                 break
         pick = max(range(len(best)), key=lambda i: best[i][0])
-        print(f"{run_dir} (search seed {config.seed}): "
-              + ("same pick" if pick == 0 else f"the plan ranked {pick + 1} wins"), flush=True)
+        print(
+            f"{run_dir} (search seed {config.seed}): "
+            + ("same pick" if pick == 0 else f"the plan ranked {pick + 1} wins"),
+            flush=True,
+        )
         for mean, plan, scores in best:
             print(f"    3 seeds {mean:.3f} {[round(s, 3) for s in scores]}  {plan.describe()}")
         if pick and args.final:
             final = final_scores(bench, best[pick][1], config)
-            print(f"    its final recipe: val {final['val_balanced']:.4f},"
-                  f" test {final['test_balanced']:.4f}", flush=True)
+            print(
+                f"    its final recipe: val {final['val_balanced']:.4f},"
+                f" test {final['test_balanced']:.4f}",
+                flush=True,
+            )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -97,30 +97,62 @@ def _ints(text: str) -> list[int]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: tiny data and small populations (NOT the paper's protocol)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: tiny data and small populations (NOT the paper's protocol)",
+    )
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--train-size", type=int, default=300)
     p.add_argument("--val-size", type=int, default=150)
     p.add_argument("--test-size", type=int, default=1000)
-    p.add_argument("--search-seeds", type=_ints, default=[0],
-                   help="comma-separated seeds; each runs both searches (default 0)")
-    p.add_argument("--epochs", type=int, default=3,
-                   help="epoch cap of every search evaluation, both sides (paper: 30)")
-    p.add_argument("--final-epochs", type=int, default=presets.FINAL_TRAINING.epochs,
-                   help="epochs of the final training of each found plan (same for both)")
-    p.add_argument("--variant", choices=sorted(VARIANTS),
-                   help="an ablation: change the default side only "
-                        "(results/search_cost[-SCALE]-VARIANT.*)")
-    p.add_argument("--executor", default="inprocess", choices=["inprocess", "process", "ray"],
-                   help="where both searches run their evaluations (the same for both)")
+    p.add_argument(
+        "--search-seeds",
+        type=_ints,
+        default=[0],
+        help="comma-separated seeds; each runs both searches (default 0)",
+    )
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=3,
+        help="epoch cap of every search evaluation, both sides (paper: 30)",
+    )
+    p.add_argument(
+        "--final-epochs",
+        type=int,
+        default=presets.FINAL_TRAINING.epochs,
+        help="epochs of the final training of each found plan (same for both)",
+    )
+    p.add_argument(
+        "--variant",
+        choices=sorted(VARIANTS),
+        help="an ablation: change the default side only (results/search_cost[-SCALE]-VARIANT.*)",
+    )
+    p.add_argument(
+        "--executor",
+        default="inprocess",
+        choices=["inprocess", "process", "ray"],
+        help="where both searches run their evaluations (the same for both)",
+    )
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads of this process (1: steadiest on a shared 2-core box)")
-    p.add_argument("--runs", type=Path, default=Path("runs/search_cost"),
-                   help="where the run directories go (resumed if present)")
-    p.add_argument("--redo", action="store_true",
-                   help="run both sides again even where a finished record exists")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads of this process (1: steadiest on a shared 2-core box)",
+    )
+    p.add_argument(
+        "--runs",
+        type=Path,
+        default=Path("runs/search_cost"),
+        help="where the run directories go (resumed if present)",
+    )
+    p.add_argument(
+        "--redo",
+        action="store_true",
+        help="run both sides again even where a finished record exists",
+    )
     p.add_argument("--out", type=Path, default=HERE / "results")
     args = p.parse_args(argv)
     if args.quick:
@@ -133,7 +165,9 @@ def configs(args: argparse.Namespace, seed: int = 0) -> dict[str, SearchConfig]:
     """The two searches on the same data, with the same epoch cap, final recipe and search
     seed (the seed of the evolution and of the folds)."""
     data = DataConfig(
-        image_size=args.image_size, train_size=args.train_size, val_size=args.val_size,
+        image_size=args.image_size,
+        train_size=args.train_size,
+        val_size=args.val_size,
         test_size=args.test_size,
     )
     final = replace(presets.FINAL_TRAINING, epochs=args.final_epochs)
@@ -144,8 +178,12 @@ def configs(args: argparse.Namespace, seed: int = 0) -> dict[str, SearchConfig]:
         if args.quick:  # a smoke run only: small populations on both sides
             evolution = replace(evolution, population_size=4, generations=1, elite=1)
         out[name] = replace(
-            base, data=data, evolution=evolution,
-            protocol=replace(base.protocol, train=train), final=final, final_seeds=(0, 1, 2),
+            base,
+            data=data,
+            evolution=evolution,
+            protocol=replace(base.protocol, train=train),
+            final=final,
+            final_seeds=(0, 1, 2),
             seed=seed,
         )
     if args.variant:
@@ -182,9 +220,12 @@ def run_side(name: str, config: SearchConfig, args: argparse.Namespace, unit_epo
     runs = [final_training_run(bench, plan, config.final, s) for s in config.final_seeds]
     final = summarize_final(runs, result.best_plan, bench)
     final_wall = time.perf_counter() - start
-    print(f"{name}: {summary['evaluations']} evaluations ({summary['by_status']}), "
-          f"{summary['ft_equivalents']:.2f} FT-equivalents, {search_wall:.0f} s search; "
-          f"test balanced {final['test_balanced']['mean']:.4f}", flush=True)
+    print(
+        f"{name}: {summary['evaluations']} evaluations ({summary['by_status']}), "
+        f"{summary['ft_equivalents']:.2f} FT-equivalents, {search_wall:.0f} s search; "
+        f"test balanced {final['test_balanced']['mean']:.4f}",
+        flush=True,
+    )
     side = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "run_dir": str(run_dir),
@@ -218,9 +259,8 @@ def compare_sides(p: dict, d: dict) -> dict[str, float]:
     return {
         "ft_equivalents": _ratio(p["cost"]["ft_equivalents"], d["cost"]["ft_equivalents"]),
         "wall_seconds": _ratio(p["search_wall_seconds"], d["search_wall_seconds"]),
-        "balanced_points": 100 * (
-            d["final"]["test_balanced"]["mean"] - p["final"]["test_balanced"]["mean"]
-        ),
+        "balanced_points": 100
+        * (d["final"]["test_balanced"]["mean"] - p["final"]["test_balanced"]["mean"]),
     }
 
 
@@ -232,15 +272,31 @@ def _acc(side: dict, key: str) -> str:
 def _side_table(search: dict, default: str = "default") -> list[str]:
     p, d, r = search["paper"], search["default"], search["ratios"]
     rows = [
-        ("evaluations (trained)", f"{p['cost']['evaluations']} ({p['cost']['trained']})",
-         f"{d['cost']['evaluations']} ({d['cost']['trained']})", ""),
-        ("FT-equivalents", f"{p['cost']['ft_equivalents']:.2f}",
-         f"{d['cost']['ft_equivalents']:.2f}", f"{r['ft_equivalents']:.1f}x"),
-        ("search wall time (s)", f"{p['search_wall_seconds']:.0f}",
-         f"{d['search_wall_seconds']:.0f}", f"{r['wall_seconds']:.1f}x"),
+        (
+            "evaluations (trained)",
+            f"{p['cost']['evaluations']} ({p['cost']['trained']})",
+            f"{d['cost']['evaluations']} ({d['cost']['trained']})",
+            "",
+        ),
+        (
+            "FT-equivalents",
+            f"{p['cost']['ft_equivalents']:.2f}",
+            f"{d['cost']['ft_equivalents']:.2f}",
+            f"{r['ft_equivalents']:.1f}x",
+        ),
+        (
+            "search wall time (s)",
+            f"{p['search_wall_seconds']:.0f}",
+            f"{d['search_wall_seconds']:.0f}",
+            f"{r['wall_seconds']:.1f}x",
+        ),
         ("test top-1 % (3 seeds)", _acc(p, "test_top1"), _acc(d, "test_top1"), ""),
-        ("test balanced % (3 seeds)", _acc(p, "test_balanced"), _acc(d, "test_balanced"),
-         f"{r['balanced_points']:+.2f} points"),
+        (
+            "test balanced % (3 seeds)",
+            _acc(p, "test_balanced"),
+            _acc(d, "test_balanced"),
+            f"{r['balanced_points']:+.2f} points",
+        ),
         ("found plan", p["best_plan"], d["best_plan"], ""),
         ("finished", p.get("date", "?"), d.get("date", "?"), ""),
     ]
@@ -280,16 +336,21 @@ def markdown(report: dict[str, Any]) -> str:
         f"- test balanced accuracy, mean over search seeds: paper {r['paper_balanced']:.2f} %, "
         f"default {r['default_balanced']:.2f} % ({r['balanced_points']:+.2f} points).",
         "",
-        "Targets: >= 20x fewer FT-equivalents: " + ("met" if t["ft"] else "NOT met")
-        + "; >= 10x less wall time: " + ("met" if t["wall"] else "NOT met")
+        "Targets: >= 20x fewer FT-equivalents: "
+        + ("met" if t["ft"] else "NOT met")
+        + "; >= 10x less wall time: "
+        + ("met" if t["wall"] else "NOT met")
         + "; test accuracy within 1 point or better: "
-        + ("met" if t["accuracy"] else "NOT met") + ".",
+        + ("met" if t["accuracy"] else "NOT met")
+        + ".",
     ]
     if report["quick"]:
         lines += ["", "**Quick smoke run: populations shrunk, NOT the paper's protocol.**"]
     if report.get("variant"):
-        lines += ["", f"**Ablation `{report['variant']}`: the default side changed, NOT our "
-                  "default.**"]
+        lines += [
+            "",
+            f"**Ablation `{report['variant']}`: the default side changed, NOT our default.**",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -302,10 +363,13 @@ def results_stem(args: argparse.Namespace) -> str:
     defaults = parse_args([])
     scale = ""
     if not args.quick and any(getattr(args, k) != getattr(defaults, k) for k in SCALE):
-        scale = (f"{args.image_size}px-{args.train_size}-{args.val_size}-{args.test_size}"
-                 f"-e{args.epochs}-f{args.final_epochs}")
-    return "-".join(filter(None, ["search_cost", "quick" if args.quick else "", scale,
-                                  args.variant]))
+        scale = (
+            f"{args.image_size}px-{args.train_size}-{args.val_size}-{args.test_size}"
+            f"-e{args.epochs}-f{args.final_epochs}"
+        )
+    return "-".join(
+        filter(None, ["search_cost", "quick" if args.quick else "", scale, args.variant])
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -317,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
         "quick": args.quick,
         "data": f"Animal-Shape, EfficientNet-Lite0, {args.image_size} px, train {args.train_size}"
-                f" / val {args.val_size} / test {args.test_size}",
+        f" / val {args.val_size} / test {args.test_size}",
         "epochs": args.epochs,
         "threads": args.threads,
         "executor": f"{args.executor} x{args.workers}",

@@ -88,14 +88,18 @@ def main(argv: list[str] | None = None) -> int:
     REPEATS = max(1, args.repeats)
     torch.set_num_threads(args.threads)
     data = DataConfig(
-        image_size=args.image_size, train_size=args.train_size, val_size=args.val_size,
+        image_size=args.image_size,
+        train_size=args.train_size,
+        val_size=args.val_size,
         test_size=20,
     )
     bench = prepare(data)
-    train = TrainConfig(epochs=args.epochs, patience=args.epochs, batch_size=64,
-                        eval_batch_size=256)
-    base = SearchProtocol(data_fraction=0.5, seeds=(0,), train=train,
-                          cache_budget_mb=args.cache_budget_mb)
+    train = TrainConfig(
+        epochs=args.epochs, patience=args.epochs, batch_size=64, eval_batch_size=256
+    )
+    base = SearchProtocol(
+        data_fraction=0.5, seeds=(0,), train=train, cache_budget_mb=args.cache_budget_mb
+    )
     names = bench.partition.names
 
     def evaluator(**kw: Any) -> Evaluator:
@@ -111,18 +115,20 @@ def main(argv: list[str] | None = None) -> int:
         cached_cold, t_cold = _timed(lambda g=genes, c=cold: c.pop().evaluate(0, g, 0))
         warm.evaluate(0, genes, 0)
         cached_warm, t_warm = _timed(lambda g=genes: warm.evaluate(0, g, 0))
-        rows.append({
-            "frozen": k,
-            "first_block_trained": names[k],
-            "seconds_uncached": t_plain,
-            "seconds_cached_cold": t_cold,
-            "seconds_cached_warm": t_warm,
-            "speedup_cold": t_plain / t_cold,
-            "speedup_warm": t_plain / t_warm,
-            "work_ratio_warm": uncached.work / max(cached_warm.work, 1.0),
-            "same_scores": uncached.scores == cached_warm.scores == cached_cold.scores,
-            "cached_prefix": cached_warm.cached_prefix,
-        })
+        rows.append(
+            {
+                "frozen": k,
+                "first_block_trained": names[k],
+                "seconds_uncached": t_plain,
+                "seconds_cached_cold": t_cold,
+                "seconds_cached_warm": t_warm,
+                "speedup_cold": t_plain / t_cold,
+                "speedup_warm": t_plain / t_warm,
+                "work_ratio_warm": uncached.work / max(cached_warm.work, 1.0),
+                "same_scores": uncached.scores == cached_warm.scores == cached_cold.scores,
+                "cached_prefix": cached_warm.cached_prefix,
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
 
     # Memoisation: an equivalent plan already scored on this fold is a lookup, not a training
@@ -132,8 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     done = {0: record.to_dict()}
     twin = Candidate(1, genes.copy(), 0, "initial")
     memo, t_memo = _timed(lambda: memoised(twin, done, plain))
-    memo_row = {"seconds_trained": t_train, "seconds_memoised": t_memo,
-                "speedup": t_train / max(t_memo, 1e-9), "reused_from": memo.reused_from}
+    memo_row = {
+        "seconds_trained": t_train,
+        "seconds_memoised": t_memo,
+        "speedup": t_train / max(t_memo, 1e-9),
+        "reused_from": memo.reused_from,
+    }
 
     # Early termination: a clearly worse plan (head only, low lr) against full fine-tuning.
     reference = plain.evaluate(0, encode_plan(_plan(names, 0)), 0).curves
@@ -141,10 +151,15 @@ def main(argv: list[str] | None = None) -> int:
     pruner = evaluator(prune=PruneConfig(min_epochs=1, quantile=0.5))
     unpruned, t_full = _timed(lambda: plain.evaluate(0, worse, 0, "child", reference))
     pruned, t_pruned = _timed(lambda: pruner.evaluate(0, worse, 0, "child", reference))
-    prune_row = {"seconds_unpruned": t_full, "seconds_pruned": t_pruned,
-                 "speedup": t_full / t_pruned, "status": pruned.status,
-                 "pruned_at": pruned.pruned_at, "epochs": args.epochs,
-                 "work_ratio": unpruned.work / max(pruned.work, 1.0)}
+    prune_row = {
+        "seconds_unpruned": t_full,
+        "seconds_pruned": t_pruned,
+        "speedup": t_full / t_pruned,
+        "status": pruned.status,
+        "pruned_at": pruned.pruned_at,
+        "epochs": args.epochs,
+        "work_ratio": unpruned.work / max(pruned.work, 1.0),
+    }
 
     # Memory: the cache within its budget, also when the budget cannot hold every entry.
     assert warm.cache is not None
@@ -171,10 +186,18 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": machine_description(),
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-        "settings": {"model": data.model, "dataset": data.dataset, "image_size": args.image_size,
-                     "train_size": args.train_size, "val_size": args.val_size,
-                     "epochs": args.epochs, "data_fraction": 0.5, "seeds": 1,
-                     "threads": args.threads, "repeats": REPEATS},
+        "settings": {
+            "model": data.model,
+            "dataset": data.dataset,
+            "image_size": args.image_size,
+            "train_size": args.train_size,
+            "val_size": args.val_size,
+            "epochs": args.epochs,
+            "data_fraction": 0.5,
+            "seeds": 1,
+            "threads": args.threads,
+            "repeats": REPEATS,
+        },
         "caching": rows,
         "memoisation": memo_row,
         "pruning": prune_row,

@@ -60,8 +60,14 @@ def workbench(
 
     if train is not None:
         splits = user_splits(train, val, test, classes=classes, seed=data.split_seed)
-        data = replace(data, dataset=f"user:{type(train).__name__}", image_size=splits.image_size,
-                       train_size=None, val_size=None, test_size=None)
+        data = replace(
+            data,
+            dataset=f"user:{type(train).__name__}",
+            image_size=splits.image_size,
+            train_size=None,
+            val_size=None,
+            test_size=None,
+        )
         mean = std = None
     else:  # a user model on a named dataset: ImageNet normalisation, DataConfig's image size
         from biotune.models import IMAGENET_MEAN, IMAGENET_STD
@@ -69,17 +75,29 @@ def workbench(
         mean, std = IMAGENET_MEAN, IMAGENET_STD
         sizes = split_sizes(data)
         splits = load_dataset(
-            data.dataset, data.image_size or 224, mean, std, root=data.data_root,
-            seed=data.split_seed, train_size=sizes[0], val_size=sizes[1], test_size=sizes[2],
-            download=data.download, bad_images=data.bad_images,
+            data.dataset,
+            data.image_size or 224,
+            mean,
+            std,
+            root=data.data_root,
+            seed=data.split_seed,
+            train_size=sizes[0],
+            val_size=sizes[1],
+            test_size=sizes[2],
+            download=data.download,
+            bad_images=data.bad_images,
         )
     sample = splits.val[0][0]
     if user_model_given:
         loaded = user_model(model, len(splits.classes), sample, mean=mean, std=std)
         data = replace(data, model=loaded.name, pretrained=False, checkpoint=None)
     else:
-        loaded = load_model(data.model, num_classes=len(splits.classes),
-                            pretrained=data.pretrained, checkpoint=data.checkpoint)
+        loaded = load_model(
+            data.model,
+            num_classes=len(splits.classes),
+            pretrained=data.pretrained,
+            checkpoint=data.checkpoint,
+        )
     return Workbench(loaded, partition_blocks(loaded.model, data.blocks), splits), data
 
 
@@ -120,8 +138,11 @@ def search(
     from biotune.runner.search import Search
 
     config = config or named_preset(preset)
-    budget = {k: v for k, v in (("max_trainable", max_trainable),
-                                ("max_memory_mb", max_memory_mb)) if v is not None}
+    budget = {
+        k: v
+        for k, v in (("max_trainable", max_trainable), ("max_memory_mb", max_memory_mb))
+        if v is not None
+    }
     if budget:
         config = replace(config, budget=replace(config.budget, **budget))
     if objective is not None:
@@ -129,14 +150,23 @@ def search(
     if blocks is not None:
         data["blocks"] = blocks
     bench, described = workbench(
-        replace(config.data, **data), model=model, dataset=dataset, train=train, val=val,
-        test=test, classes=classes,
+        replace(config.data, **data),
+        model=model,
+        dataset=dataset,
+        train=train,
+        val=val,
+        test=test,
+        classes=classes,
     )
     config = replace(config, data=described)
     runner = Search(
-        config, run_dir, bench=bench,
+        config,
+        run_dir,
+        bench=bench,
         progress=SearchProgress(metric=config.protocol.train.metric) if progress else None,
-        executor=executor, workers=workers, ray_address=ray_address,
+        executor=executor,
+        workers=workers,
+        ray_address=ray_address,
     )
     return runner.run_search(resume=resume, final=final)
 
@@ -166,8 +196,15 @@ def train(
 
     if blocks is not None:
         data["blocks"] = blocks
-    bench, described = workbench(DataConfig(**data), model=model, dataset=dataset, train=train,
-                                 val=val, test=test, classes=classes)
+    bench, described = workbench(
+        DataConfig(**data),
+        model=model,
+        dataset=dataset,
+        train=train,
+        val=val,
+        test=test,
+        classes=classes,
+    )
     names = bench.partition.names
     if isinstance(plan, str) and plan in ("full", "head"):
         plan = FineTunePlan.full(names) if plan == "full" else FineTunePlan.head_only(names)

@@ -83,23 +83,42 @@ Method = Callable[..., BaselineRun]
 
 
 def _run_plan(
-    bench: Workbench, plan: FineTunePlan, config: TrainConfig, seed: int,
-    device: torch.device | None, hooks: TrainHooks | None = None, model: nn.Module | None = None,
+    bench: Workbench,
+    plan: FineTunePlan,
+    config: TrainConfig,
+    seed: int,
+    device: torch.device | None,
+    hooks: TrainHooks | None = None,
+    model: nn.Module | None = None,
 ) -> BaselineRun:
     """Train a copy of the bench's model under ``plan``; a plain plan (no hooks) that freezes the
     first blocks trains on the bench's cached features of them (linear probing, searched plans).
     """
     if model is None and hooks is None:
         model, result, cached = train_plan_fast(
-            bench.model, bench.partition, plan, bench.splits.train, bench.splits.val, config,
-            seed=seed, device=device, cache=bench.feature_cache(config),
+            bench.model,
+            bench.partition,
+            plan,
+            bench.splits.train,
+            bench.splits.val,
+            config,
+            seed=seed,
+            device=device,
+            cache=bench.feature_cache(config),
         )
         run = BaselineRun(model, result, count_parameters(model, trainable_only=True))
         run.info["cached_prefix"] = cached
         return run
     model, result = train_plan(
-        model if model is not None else bench.model, bench.partition, plan, bench.splits.train,
-        bench.splits.val, config, seed=seed, device=device, hooks=hooks,
+        model if model is not None else bench.model,
+        bench.partition,
+        plan,
+        bench.splits.train,
+        bench.splits.val,
+        config,
+        seed=seed,
+        device=device,
+        hooks=hooks,
         copy_model=model is None,
     )
     return BaselineRun(model, result, count_parameters(model, trainable_only=True))
@@ -120,8 +139,12 @@ def run_linear(
 
 
 def run_given_plan(
-    bench: Workbench, config: TrainConfig, seed: int = 0, device: torch.device | None = None,
-    *, plan: FineTunePlan,
+    bench: Workbench,
+    config: TrainConfig,
+    seed: int = 0,
+    device: torch.device | None = None,
+    *,
+    plan: FineTunePlan,
 ) -> BaselineRun:
     """A searched plan (BioTune's winner), trained exactly like the baselines."""
     plan.check_fits(bench.partition)
@@ -186,8 +209,10 @@ class AutoRGNHooks(TrainHooks):
 
 
 def measure_rgn(
-    model: nn.Module, params: Sequence[nn.Parameter],
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor]], count: int,
+    model: nn.Module,
+    params: Sequence[nn.Parameter],
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    count: int,
 ) -> list[float]:
     """Mean ``||grad|| / ||w||`` per tensor over ``count`` mini-batches; ``inf`` where ``w = 0``.
 
@@ -218,8 +243,7 @@ def measure_rgn(
         raise BioTuneError("AutoRGN: the training split yielded no mini-batch")
     means = [s / seen for s in sums]
     return [
-        g / n if n > 0 else (math.inf if g > 0 else 0.0)
-        for g, n in zip(means, norms, strict=True)
+        g / n if n > 0 else (math.inf if g > 0 else 0.0) for g, n in zip(means, norms, strict=True)
     ]
 
 
@@ -234,24 +258,37 @@ def per_tensor_groups(model: nn.Module, groups: Sequence[dict[str, Any]]) -> lis
 
 
 def run_autorgn(
-    bench: Workbench, config: TrainConfig, seed: int = 0, device: torch.device | None = None,
-    *, rgn_batches: int = RGN_BATCHES,
+    bench: Workbench,
+    config: TrainConfig,
+    seed: int = 0,
+    device: torch.device | None = None,
+    *,
+    rgn_batches: int = RGN_BATCHES,
 ) -> BaselineRun:
     """AutoRGN: full fine-tuning with per-tensor learning rates from relative gradient norms."""
     model = copy.deepcopy(bench.model)
     seed_everything(seed)
     reinit_head(model, bench.partition, seed)
     plan = FineTunePlan.full(bench.partition.names)
-    groups = apply_plan(model, bench.partition, plan, config.base_lr,
-                        frozen_eval=config.frozen_eval)
+    groups = apply_plan(
+        model, bench.partition, plan, config.base_lr, frozen_eval=config.frozen_eval
+    )
     hooks = AutoRGNHooks(config, rgn_batches)
     result = fine_tune(
-        model, per_tensor_groups(model, groups), bench.splits.train, bench.splits.val, config,
-        seed, device, hooks,
+        model,
+        per_tensor_groups(model, groups),
+        bench.splits.train,
+        bench.splits.val,
+        config,
+        seed,
+        device,
+        hooks,
     )
     last = hooks.history[-1]["ratio"] if hooks.history else {}
     return BaselineRun(
-        model, result, count_parameters(model, trainable_only=True),
+        model,
+        result,
+        count_parameters(model, trainable_only=True),
         {"rgn_batches": rgn_batches, "last_ratios": last},
     )
 
@@ -270,8 +307,12 @@ class SPRegularizer(TrainHooks):
     """
 
     def __init__(
-        self, pretrained: Sequence[nn.Parameter], head: Sequence[nn.Parameter],
-        alpha: float = L2SP_ALPHA, beta: float = SP_BETA, norm: int = 2,
+        self,
+        pretrained: Sequence[nn.Parameter],
+        head: Sequence[nn.Parameter],
+        alpha: float = L2SP_ALPHA,
+        beta: float = SP_BETA,
+        norm: int = 2,
     ) -> None:
         if norm not in (1, 2):
             raise BioTuneError(f"SP penalty norm must be 1 or 2 (got {norm})")
@@ -286,8 +327,12 @@ class SPRegularizer(TrainHooks):
 
     @classmethod
     def for_model(
-        cls, model: nn.Module, partition: BlockPartition, alpha: float = L2SP_ALPHA,
-        beta: float = SP_BETA, norm: int = 2,
+        cls,
+        model: nn.Module,
+        partition: BlockPartition,
+        alpha: float = L2SP_ALPHA,
+        beta: float = SP_BETA,
+        norm: int = 2,
     ) -> SPRegularizer:
         """Anchor every non-head tensor of ``model`` at its current (pretrained) value."""
         head_name = partition.names[-1]
@@ -308,28 +353,50 @@ class SPRegularizer(TrainHooks):
 
 
 def _run_sp(
-    bench: Workbench, config: TrainConfig, seed: int, device: torch.device | None,
-    alpha: float, beta: float, norm: int,
+    bench: Workbench,
+    config: TrainConfig,
+    seed: int,
+    device: torch.device | None,
+    alpha: float,
+    beta: float,
+    norm: int,
 ) -> BaselineRun:
     model = copy.deepcopy(bench.model).to(device or default_device())
     hooks = SPRegularizer.for_model(model, bench.partition, alpha, beta, norm)
-    run = _run_plan(bench, FineTunePlan.full(bench.partition.names), config, seed, device,
-                    hooks=hooks, model=model)
+    run = _run_plan(
+        bench,
+        FineTunePlan.full(bench.partition.names),
+        config,
+        seed,
+        device,
+        hooks=hooks,
+        model=model,
+    )
     run.info = {"alpha": alpha, "beta": beta, "norm": norm}
     return run
 
 
 def run_l2sp(
-    bench: Workbench, config: TrainConfig, seed: int = 0, device: torch.device | None = None,
-    *, l2sp_alpha: float = L2SP_ALPHA, sp_beta: float = SP_BETA,
+    bench: Workbench,
+    config: TrainConfig,
+    seed: int = 0,
+    device: torch.device | None = None,
+    *,
+    l2sp_alpha: float = L2SP_ALPHA,
+    sp_beta: float = SP_BETA,
 ) -> BaselineRun:
     """L2-SP: full fine-tuning pulled back toward the pretrained weights by a squared distance."""
     return _run_sp(bench, config, seed, device, l2sp_alpha, sp_beta, 2)
 
 
 def run_l1sp(
-    bench: Workbench, config: TrainConfig, seed: int = 0, device: torch.device | None = None,
-    *, l1sp_alpha: float = L1SP_ALPHA, sp_beta: float = SP_BETA,
+    bench: Workbench,
+    config: TrainConfig,
+    seed: int = 0,
+    device: torch.device | None = None,
+    *,
+    l1sp_alpha: float = L1SP_ALPHA,
+    sp_beta: float = SP_BETA,
 ) -> BaselineRun:
     """L1-SP: like L2-SP with an absolute distance, which lets most weights stay exactly put."""
     return _run_sp(bench, config, seed, device, l1sp_alpha, sp_beta, 1)
@@ -362,8 +429,13 @@ def lora_targets(
 
 
 def run_lora(
-    bench: Workbench, config: TrainConfig, seed: int = 0, device: torch.device | None = None,
-    *, lora_rank: int = LORA_RANK, lora_alpha: float = LORA_ALPHA,
+    bench: Workbench,
+    config: TrainConfig,
+    seed: int = 0,
+    device: torch.device | None = None,
+    *,
+    lora_rank: int = LORA_RANK,
+    lora_alpha: float = LORA_ALPHA,
 ) -> BaselineRun:
     """LoRA on the convolutions and linear layers (PEFT), the new head trained fully.
 
@@ -373,8 +445,9 @@ def run_lora(
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
-        raise BioTuneError("the LoRA baseline needs peft: pip install 'biotune[baselines]'"
-                           ) from None
+        raise BioTuneError(
+            "the LoRA baseline needs peft: pip install 'biotune[baselines]'"
+        ) from None
 
     if lora_rank < 1:
         raise BioTuneError(f"LoRA rank must be a positive integer (got {lora_rank})")
@@ -395,7 +468,10 @@ def run_lora(
     # An anchored regex names exactly these modules; PEFT's list form matches name suffixes.
     exact = "|".join(re.escape(n) for n in adapted)
     lora_config = LoraConfig(
-        r=lora_rank, lora_alpha=lora_alpha, lora_dropout=0.0, bias="none",
+        r=lora_rank,
+        lora_alpha=lora_alpha,
+        lora_dropout=0.0,
+        bias="none",
         target_modules=f"^(?:{exact})$",
     )
     model = get_peft_model(model, lora_config)
@@ -404,14 +480,16 @@ def run_lora(
     for p in head:
         p.requires_grad_(True)
     adapters = [p for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
-    groups = [{"params": adapters, "lr": config.base_lr, "name": "lora"},
-              {"params": head, "lr": config.base_lr, "name": "head"}]
-    result = fine_tune(model, groups, bench.splits.train, bench.splits.val, config, seed,
-                       device)
+    groups = [
+        {"params": adapters, "lr": config.base_lr, "name": "lora"},
+        {"params": head, "lr": config.base_lr, "name": "head"},
+    ]
+    result = fine_tune(model, groups, bench.splits.train, bench.splits.val, config, seed, device)
     return BaselineRun(
-        model, result, count_parameters(model, trainable_only=True),
-        {"rank": lora_rank, "alpha": lora_alpha, "adapted": len(adapted),
-         "skipped": skipped},
+        model,
+        result,
+        count_parameters(model, trainable_only=True),
+        {"rank": lora_rank, "alpha": lora_alpha, "adapted": len(adapted), "skipped": skipped},
     )
 
 
@@ -441,16 +519,18 @@ LABELS = {
 
 
 def run_baseline(
-    name: str, bench: Workbench, config: TrainConfig, seed: int = 0,
-    device: torch.device | None = None, **options: Any,
+    name: str,
+    bench: Workbench,
+    config: TrainConfig,
+    seed: int = 0,
+    device: torch.device | None = None,
+    **options: Any,
 ) -> BaselineRun:
     """Train ``bench.model`` (a copy; the bench is never changed) with baseline ``name``."""
     try:
         method = METHODS[name]
     except KeyError:
-        raise BioTuneError(
-            f"unknown method {name!r}; choose from {', '.join(METHODS)}"
-        ) from None
+        raise BioTuneError(f"unknown method {name!r}; choose from {', '.join(METHODS)}") from None
     unknown = set(options) - set(method_options(name))
     if unknown:
         raise BioTuneError(
@@ -477,9 +557,14 @@ class LrSelection:
 
 
 def select_lr(
-    name: str, bench: Workbench, config: TrainConfig, grid: Sequence[float] = (1e-4, 1e-3, 1e-2),
-    seed: int = 0, device: torch.device | None = None,
-    on_run: Callable[[BaselineRun], None] | None = None, **options: Any,
+    name: str,
+    bench: Workbench,
+    config: TrainConfig,
+    grid: Sequence[float] = (1e-4, 1e-3, 1e-2),
+    seed: int = 0,
+    device: torch.device | None = None,
+    on_run: Callable[[BaselineRun], None] | None = None,
+    **options: Any,
 ) -> LrSelection:
     """Pick the base learning rate from ``grid`` by the validation metric (never the test split).
 
@@ -493,8 +578,7 @@ def select_lr(
     best: BaselineRun | None = None
     best_lr, best_score, seconds = grid[0], -math.inf, 0.0
     for lr in grid:
-        run = run_baseline(name, bench, replace(config, base_lr=float(lr)), seed, device,
-                           **options)
+        run = run_baseline(name, bench, replace(config, base_lr=float(lr)), seed, device, **options)
         if on_run is not None:
             on_run(run)
         score = run.result.val.get(config.metric) if run.result.status != "diverged" else 0.0

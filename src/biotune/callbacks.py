@@ -128,32 +128,38 @@ class CSVLogger(Callback):
             writer.writerow(row)
 
     def on_evaluation(self, record: dict[str, Any]) -> None:
-        self._append("evaluations.csv", {
-            "candidate": record.get("candidate"),
-            "generation": record.get("generation"),
-            "role": record.get("role"),
-            "fold": record.get("fold"),
-            "status": record.get("status"),
-            "fitness": record.get("fitness"),
-            "val_score": 1 - record["fitness"] if record.get("fitness") is not None else "",
-            "seconds": record.get("seconds"),
-            "epochs": " ".join(str(e) for e in record.get("epochs", [])),
-            "cached_prefix": record.get("cached_prefix", 0),
-            "reused_from": "" if record.get("reused_from") is None else record["reused_from"],
-            "plan": plan_text(record.get("plan") or {}),
-        })
+        self._append(
+            "evaluations.csv",
+            {
+                "candidate": record.get("candidate"),
+                "generation": record.get("generation"),
+                "role": record.get("role"),
+                "fold": record.get("fold"),
+                "status": record.get("status"),
+                "fitness": record.get("fitness"),
+                "val_score": 1 - record["fitness"] if record.get("fitness") is not None else "",
+                "seconds": record.get("seconds"),
+                "epochs": " ".join(str(e) for e in record.get("epochs", [])),
+                "cached_prefix": record.get("cached_prefix", 0),
+                "reused_from": "" if record.get("reused_from") is None else record["reused_from"],
+                "plan": plan_text(record.get("plan") or {}),
+            },
+        )
 
     def on_generation(self, summary: dict[str, Any]) -> None:
         plan = summary.get("best_plan") or {}
-        self._append("generations.csv", {
-            "generation": summary["generation"],
-            "best_fitness": summary["best"],
-            "best_val_score": 1 - summary["best"],
-            "mean_fitness": summary["mean"],
-            "best_id": summary.get("best_id"),
-            "best_plan": plan_text(plan),
-            **{f"lr_mult:{name}": m for name, m in multipliers(plan).items()},
-        })
+        self._append(
+            "generations.csv",
+            {
+                "generation": summary["generation"],
+                "best_fitness": summary["best"],
+                "best_val_score": 1 - summary["best"],
+                "mean_fitness": summary["mean"],
+                "best_id": summary.get("best_id"),
+                "best_plan": plan_text(plan),
+                **{f"lr_mult:{name}": m for name, m in multipliers(plan).items()},
+            },
+        )
 
     def on_final_epoch(self, seed: int, epoch: dict[str, float]) -> None:
         self._append("final_epochs.csv", {"seed": seed, **epoch})

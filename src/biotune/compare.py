@@ -67,8 +67,7 @@ class SearchScale:
         evo = config.evolution
         evo = replace(
             evo,
-            population_size=self.population if self.population is not None
-            else evo.population_size,
+            population_size=self.population if self.population is not None else evo.population_size,
             generations=self.generations if self.generations is not None else evo.generations,
             elite=self.elite if self.elite is not None else evo.elite,
         )
@@ -115,7 +114,10 @@ def _log(message: str) -> None:
 
 
 def search_config(
-    method: str, data: DataConfig, scale: SearchScale | None, recipe: TrainConfig | None = None,
+    method: str,
+    data: DataConfig,
+    scale: SearchScale | None,
+    recipe: TrainConfig | None = None,
 ) -> SearchConfig:
     """The preset search of a BioTune method on ``data``, scaled (invalid scales fail here); its
     evaluations run in ``recipe``'s precision and memory format (no augmentation: that is for
@@ -124,15 +126,21 @@ def search_config(
 
     config = replace(preset(BIOTUNE_PRESETS[method]), data=data)
     if recipe is not None:
-        train = replace(config.protocol.train, precision=recipe.precision,
-                        channels_last=recipe.channels_last)
+        train = replace(
+            config.protocol.train, precision=recipe.precision, channels_last=recipe.channels_last
+        )
         config = replace(config, protocol=replace(config.protocol, train=train))
     return scale.apply(config) if scale is not None else config
 
 
 def _search_plan(
-    method: str, config: SearchConfig, bench: Workbench, out_dir: Path,
-    scale: SearchScale | None, log: Callable[[str], None], progress: bool = False,
+    method: str,
+    config: SearchConfig,
+    bench: Workbench,
+    out_dir: Path,
+    scale: SearchScale | None,
+    log: Callable[[str], None],
+    progress: bool = False,
 ) -> tuple[Any, dict[str, Any]]:
     """Run (or resume) the method's search in its own run directory; the plan and its cost."""
     from biotune.progress import SearchProgress
@@ -141,8 +149,10 @@ def _search_plan(
 
     run_dir = out_dir / f"search-{method}"
     resume = RunDirectory(run_dir).exists()
-    log(f"[{method}] {'resuming' if resume else 'running'} the search in {run_dir} "
-        f"({config.evolution.total_evaluations} evaluations x {len(config.protocol.seeds)} seeds)")
+    log(
+        f"[{method}] {'resuming' if resume else 'running'} the search in {run_dir} "
+        f"({config.evolution.total_evaluations} evaluations x {len(config.protocol.seeds)} seeds)"
+    )
     start = time.perf_counter()
     display = SearchProgress(metric=config.protocol.train.metric) if progress else None
     result = Search(config, run_dir, bench=bench, progress=display).run_search(
@@ -168,9 +178,15 @@ def _search_plan(
 
 
 def compare_method(
-    method: str, bench: Workbench, config: TrainConfig, seeds: Sequence[int],
-    lr_grid: Sequence[float], *, options: Mapping[str, Any] | None = None,
-    plan: Any = None, log: Callable[[str], None] = _log,
+    method: str,
+    bench: Workbench,
+    config: TrainConfig,
+    seeds: Sequence[int],
+    lr_grid: Sequence[float],
+    *,
+    options: Mapping[str, Any] | None = None,
+    plan: Any = None,
+    log: Callable[[str], None] = _log,
     progress: CompareProgress | None = None,
 ) -> dict[str, Any]:
     """One row: choose the base lr on validation, train every seed, test each run once."""
@@ -185,10 +201,20 @@ def compare_method(
     start = time.perf_counter()
     if progress is not None:
         progress.method_start(method, len(lr_grid) + len(seeds) - 1)
-    selection = select_lr(name, bench, config, lr_grid, seeds[0], device,
-                          on_run=(lambda run: progress.run_done()) if progress else None, **opts)
-    log(f"[{method}] lr {selection.lr:g} chosen on validation "
-        f"({', '.join(f'{lr:g}: {v:.3f}' for lr, v in selection.val.items())})")
+    selection = select_lr(
+        name,
+        bench,
+        config,
+        lr_grid,
+        seeds[0],
+        device,
+        on_run=(lambda run: progress.run_done()) if progress else None,
+        **opts,
+    )
+    log(
+        f"[{method}] lr {selection.lr:g} chosen on validation "
+        f"({', '.join(f'{lr:g}: {v:.3f}' for lr, v in selection.val.items())})"
+    )
     chosen = replace(config, base_lr=selection.lr)
     runs, info = [], selection.best.info
     for seed in seeds:
@@ -198,18 +224,34 @@ def compare_method(
             run = run_baseline(name, bench, chosen, seed, device, **opts)
             if progress is not None:
                 progress.run_done()
-        test = evaluate(run.model, bench.splits.test, config.eval_batch_size, device,
-                        config.precision, config.channels_last)
-        runs.append({
-            "seed": seed, "test_top1": test.top1, "test_balanced": test.balanced,
-            "val_top1": run.result.val.top1, "val_balanced": run.result.val.balanced,
-            "best_epoch": run.result.best_epoch, "epochs_run": run.result.epochs_run,
-            "seconds": run.result.seconds, "train_images": run.result.train_images,
-            "status": run.result.status, "trainable_params": run.trainable_params,
-        })
-        log(f"[{method}] seed {seed}: test top-1 {test.top1:.4f}, balanced {test.balanced:.4f} "
+        test = evaluate(
+            run.model,
+            bench.splits.test,
+            config.eval_batch_size,
+            device,
+            config.precision,
+            config.channels_last,
+        )
+        runs.append(
+            {
+                "seed": seed,
+                "test_top1": test.top1,
+                "test_balanced": test.balanced,
+                "val_top1": run.result.val.top1,
+                "val_balanced": run.result.val.balanced,
+                "best_epoch": run.result.best_epoch,
+                "epochs_run": run.result.epochs_run,
+                "seconds": run.result.seconds,
+                "train_images": run.result.train_images,
+                "status": run.result.status,
+                "trainable_params": run.trainable_params,
+            }
+        )
+        log(
+            f"[{method}] seed {seed}: test top-1 {test.top1:.4f}, balanced {test.balanced:.4f} "
             f"({run.result.seconds:.1f}s, best epoch {run.result.best_epoch} of "
-            f"{run.result.epochs_run})")
+            f"{run.result.epochs_run})"
+        )
     total = count_parameters(bench.model)
     trainable = runs[0]["trainable_params"]
     return {
@@ -235,11 +277,19 @@ def compare_method(
 
 
 def compare(
-    methods: Sequence[str], data: DataConfig, config: TrainConfig, seeds: Sequence[int] = (0, 1, 2),
-    lr_grid: Sequence[float] = DEFAULT_LR_GRID, out_dir: str | Path = "compare", *,
-    bench: Workbench | None = None, scales: Mapping[str, SearchScale] | None = None,
-    options: Mapping[str, Any] | None = None, meta: Mapping[str, Any] | None = None,
-    log: Callable[[str], None] = _log, progress: bool = False,
+    methods: Sequence[str],
+    data: DataConfig,
+    config: TrainConfig,
+    seeds: Sequence[int] = (0, 1, 2),
+    lr_grid: Sequence[float] = DEFAULT_LR_GRID,
+    out_dir: str | Path = "compare",
+    *,
+    bench: Workbench | None = None,
+    scales: Mapping[str, SearchScale] | None = None,
+    options: Mapping[str, Any] | None = None,
+    meta: Mapping[str, Any] | None = None,
+    log: Callable[[str], None] = _log,
+    progress: bool = False,
 ) -> list[dict[str, Any]]:
     """Run ``methods`` on one dataset and model; write compare.{md,csv,json,png} to ``out_dir``.
 
@@ -266,15 +316,17 @@ def compare(
     for m in scales:
         if m not in BIOTUNE_PRESETS:
             raise BioTuneError(f"a search scale applies to {', '.join(BIOTUNE_PRESETS)}, not {m!r}")
-    searches = {m: search_config(m, data, scales.get(m), config) for m in methods
-                if m in BIOTUNE_PRESETS}
+    searches = {
+        m: search_config(m, data, scales.get(m), config) for m in methods if m in BIOTUNE_PRESETS
+    }
     out = Path(out_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise BioTuneError(f"cannot create {out}: {exc.strerror}") from None
-    settings = {m: _row_settings(m, data, config, seeds, grid, options, searches.get(m))
-                for m in methods}
+    settings = {
+        m: _row_settings(m, data, config, seeds, grid, options, searches.get(m)) for m in methods
+    }
     rows_dir = out / ROWS
     stored = {m: _stored_row(rows_dir / f"{m}.json", settings[m]) for m in methods}
     bench = bench or prepare(data)
@@ -294,16 +346,27 @@ def compare(
                     display.method_done(method, stored[method], kept=True)
                 continue
             if method in BIOTUNE_PRESETS:
-                plan, search = _search_plan(method, searches[method], bench, out,
-                                            scales.get(method), log, progress)
+                plan, search = _search_plan(
+                    method, searches[method], bench, out, scales.get(method), log, progress
+                )
                 log(f"[{method}] plan: {search['plan_text']}")
-                row = compare_method(method, bench, config, seeds, grid, options=options,
-                                     plan=plan, log=log, progress=display)
+                row = compare_method(
+                    method,
+                    bench,
+                    config,
+                    seeds,
+                    grid,
+                    options=options,
+                    plan=plan,
+                    log=log,
+                    progress=display,
+                )
                 row["search"] = search
                 row["wall_seconds"] += search["wall_seconds"]
             else:
-                row = compare_method(method, bench, config, seeds, grid, options=options,
-                                     log=log, progress=display)
+                row = compare_method(
+                    method, bench, config, seeds, grid, options=options, log=log, progress=display
+                )
             _keep_row(rows_dir / f"{method}.json", settings[method], row)
             rows.append(row)
             if display is not None:
@@ -320,23 +383,39 @@ def compare(
                 f"{info['adapted']} conv/linear layers; {len(info['skipped'])} grouped "
                 "convolutions skipped (PEFT needs the rank to be a multiple of their groups)."
             )
-    write_outputs(rows, out, notes, {
-        "data": asdict(data), "train": config.to_dict(), "seeds": seeds, "lr_grid": grid,
-        **dict(meta or {}),
-    })
+    write_outputs(
+        rows,
+        out,
+        notes,
+        {
+            "data": asdict(data),
+            "train": config.to_dict(),
+            "seeds": seeds,
+            "lr_grid": grid,
+            **dict(meta or {}),
+        },
+    )
     return rows
 
 
 def _row_settings(
-    method: str, data: DataConfig, config: TrainConfig, seeds: Sequence[int],
-    grid: Sequence[float], options: Mapping[str, Any] | None, search: SearchConfig | None,
+    method: str,
+    data: DataConfig,
+    config: TrainConfig,
+    seeds: Sequence[int],
+    grid: Sequence[float],
+    options: Mapping[str, Any] | None,
+    search: SearchConfig | None,
 ) -> dict[str, Any]:
     """Everything a method's row depends on, as stored in JSON (a rerun must match it)."""
     from biotune.baselines import method_options
 
     taken = method_options("plan" if method in BIOTUNE_PRESETS else method)
     settings = {
-        "method": method, "data": asdict(data), "train": config.to_dict(), "seeds": list(seeds),
+        "method": method,
+        "data": asdict(data),
+        "train": config.to_dict(),
+        "seeds": list(seeds),
         "lr_grid": list(grid),
         "options": {k: v for k, v in sorted((options or {}).items()) if k in taken},
         "search": search.to_dict() if search is not None else None,
@@ -346,8 +425,11 @@ def _row_settings(
 
 def _settings_diff(stored: Any, wanted: Any, prefix: str = "") -> list[str]:
     if isinstance(stored, dict) and isinstance(wanted, dict):
-        return [d for k in sorted(set(stored) | set(wanted))
-                for d in _settings_diff(stored.get(k), wanted.get(k), f"{prefix}{k}.")]
+        return [
+            d
+            for k in sorted(set(stored) | set(wanted))
+            for d in _settings_diff(stored.get(k), wanted.get(k), f"{prefix}{k}.")
+        ]
     return [] if stored == wanted else [f"{prefix.rstrip('.')}: {stored!r} -> {wanted!r}"]
 
 
@@ -362,12 +444,14 @@ def _stored_row(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError, TypeError, KeyError) as exc:
-        raise BioTuneError(f"{path} is unreadable or not a compare row ({exc}); delete it to "
-                           "run that method again") from None
+        raise BioTuneError(
+            f"{path} is unreadable or not a compare row ({exc}); delete it to run that method again"
+        ) from None
     diff = _settings_diff(made_with, settings)
     if diff:
         raise BioTuneError(
-            f"{path} was made with other settings (" + "; ".join(diff[:3])
+            f"{path} was made with other settings ("
+            + "; ".join(diff[:3])
             + (f"; and {len(diff) - 3} more" if len(diff) > 3 else "")
             + "); use another --out, or delete it to run that method again"
         )
@@ -397,8 +481,11 @@ def _check_options(options: Mapping[str, Any] | None) -> None:
 
 
 def comparison_notes(
-    config: TrainConfig, seeds: Sequence[int], grid: Sequence[float],
-    scales: Mapping[str, SearchScale], options: Mapping[str, Any] | None,
+    config: TrainConfig,
+    seeds: Sequence[int],
+    grid: Sequence[float],
+    scales: Mapping[str, SearchScale],
+    options: Mapping[str, Any] | None,
     methods: Sequence[str],
 ) -> list[str]:
     """What a reader of the table must know to judge it."""
@@ -415,8 +502,10 @@ def comparison_notes(
     ]
     for method in methods:
         if method in scales and scales[method].describe():
-            notes.append(f"{LABELS[method]}: preset '{BIOTUNE_PRESETS[method]}' scaled to fit the "
-                         f"budget: {scales[method].describe()}.")
+            notes.append(
+                f"{LABELS[method]}: preset '{BIOTUNE_PRESETS[method]}' scaled to fit the "
+                f"budget: {scales[method].describe()}."
+            )
     if options:
         notes.append("Method options: " + ", ".join(f"{k}={v}" for k, v in options.items()) + ".")
     return notes
@@ -432,18 +521,37 @@ def _pct(stat: Mapping[str, float]) -> str:
 
 def markdown_table(rows: Sequence[Mapping[str, Any]], with_dataset: bool = False) -> str:
     """The comparison as a markdown table (accuracies in %)."""
-    head = ["method", "test top-1 (%)", "test balanced (%)", "trainable params (%)", "lr",
-            "train s/run", "wall s", "search cost"]
+    head = [
+        "method",
+        "test top-1 (%)",
+        "test balanced (%)",
+        "trainable params (%)",
+        "lr",
+        "train s/run",
+        "wall s",
+        "search cost",
+    ]
     if with_dataset:
         head.insert(0, "dataset")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         search = r.get("search")
-        cost = (f"{search['ft_equivalents']:.1f} FT-eq, {search['seconds']:.0f} s, "
-                f"{search['evaluations']} evals" if search else "")
-        cells = [r["label"], _pct(r["test_top1"]), _pct(r["test_balanced"]),
-                 f"{r['trainable_pct']:.2f}", f"{r['lr']:g}", f"{r['train_seconds']:.1f}",
-                 f"{r['wall_seconds']:.0f}", cost]
+        cost = (
+            f"{search['ft_equivalents']:.1f} FT-eq, {search['seconds']:.0f} s, "
+            f"{search['evaluations']} evals"
+            if search
+            else ""
+        )
+        cells = [
+            r["label"],
+            _pct(r["test_top1"]),
+            _pct(r["test_balanced"]),
+            f"{r['trainable_pct']:.2f}",
+            f"{r['lr']:g}",
+            f"{r['train_seconds']:.1f}",
+            f"{r['wall_seconds']:.0f}",
+            cost,
+        ]
         if with_dataset:
             cells.insert(0, r["dataset"])
         lines.append("| " + " | ".join(cells) + " |")
@@ -451,10 +559,23 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], with_dataset: bool = False
 
 
 CSV_COLUMNS = (
-    "dataset", "model", "method", "test_top1_mean", "test_top1_std", "test_balanced_mean",
-    "test_balanced_std", "val_balanced_mean", "trainable_params", "trainable_pct", "lr",
-    "train_seconds", "wall_seconds", "search_evaluations", "search_ft_equivalents",
-    "search_seconds", "search_scaling",
+    "dataset",
+    "model",
+    "method",
+    "test_top1_mean",
+    "test_top1_std",
+    "test_balanced_mean",
+    "test_balanced_std",
+    "val_balanced_mean",
+    "trainable_params",
+    "trainable_pct",
+    "lr",
+    "train_seconds",
+    "wall_seconds",
+    "search_evaluations",
+    "search_ft_equivalents",
+    "search_seconds",
+    "search_scaling",
 )
 
 
@@ -462,18 +583,27 @@ def csv_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for r in rows:
         s = r.get("search") or {}
-        out.append({
-            "dataset": r["dataset"], "model": r["model"], "method": r["method"],
-            "test_top1_mean": r["test_top1"]["mean"], "test_top1_std": r["test_top1"]["std"],
-            "test_balanced_mean": r["test_balanced"]["mean"],
-            "test_balanced_std": r["test_balanced"]["std"],
-            "val_balanced_mean": r["val_balanced"]["mean"],
-            "trainable_params": r["trainable_params"], "trainable_pct": r["trainable_pct"],
-            "lr": r["lr"], "train_seconds": r["train_seconds"], "wall_seconds": r["wall_seconds"],
-            "search_evaluations": s.get("evaluations", ""),
-            "search_ft_equivalents": s.get("ft_equivalents", ""),
-            "search_seconds": s.get("seconds", ""), "search_scaling": s.get("scaling", ""),
-        })
+        out.append(
+            {
+                "dataset": r["dataset"],
+                "model": r["model"],
+                "method": r["method"],
+                "test_top1_mean": r["test_top1"]["mean"],
+                "test_top1_std": r["test_top1"]["std"],
+                "test_balanced_mean": r["test_balanced"]["mean"],
+                "test_balanced_std": r["test_balanced"]["std"],
+                "val_balanced_mean": r["val_balanced"]["mean"],
+                "trainable_params": r["trainable_params"],
+                "trainable_pct": r["trainable_pct"],
+                "lr": r["lr"],
+                "train_seconds": r["train_seconds"],
+                "wall_seconds": r["wall_seconds"],
+                "search_evaluations": s.get("evaluations", ""),
+                "search_ft_equivalents": s.get("ft_equivalents", ""),
+                "search_seconds": s.get("seconds", ""),
+                "search_scaling": s.get("scaling", ""),
+            }
+        )
     return out
 
 
@@ -484,9 +614,7 @@ def write_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
         writer.writerows(csv_rows(rows))
 
 
-def plot_accuracy_vs_params(
-    rows: Sequence[Mapping[str, Any]], path: Path, title: str = ""
-) -> None:
+def plot_accuracy_vs_params(rows: Sequence[Mapping[str, Any]], path: Path, title: str = "") -> None:
     """Test top-1 (mean +- std) against % trainable parameters, one labelled point per method."""
     import matplotlib
 
@@ -499,8 +627,16 @@ def plot_accuracy_vs_params(
         x = max(r["trainable_pct"], 1e-3)
         y, err = 100 * r["test_top1"]["mean"], 100 * r["test_top1"]["std"]
         biotune = r["method"] in BIOTUNE_PRESETS
-        ax.errorbar(x, y, yerr=err, fmt="*" if biotune else markers[k % len(markers)],
-                    ms=13 if biotune else 7, capsize=3, alpha=0.85, label=r["label"])
+        ax.errorbar(
+            x,
+            y,
+            yerr=err,
+            fmt="*" if biotune else markers[k % len(markers)],
+            ms=13 if biotune else 7,
+            capsize=3,
+            alpha=0.85,
+            label=r["label"],
+        )
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (% of the model, log scale)")
     ax.set_ylabel("test top-1 accuracy (%)")
@@ -513,7 +649,9 @@ def plot_accuracy_vs_params(
 
 
 def write_outputs(
-    rows: Sequence[Mapping[str, Any]], out_dir: Path, notes: Sequence[str],
+    rows: Sequence[Mapping[str, Any]],
+    out_dir: Path,
+    notes: Sequence[str],
     meta: Mapping[str, Any],
 ) -> list[Path]:
     """compare.md, compare.csv, compare.json and compare.png in ``out_dir``."""
@@ -530,7 +668,9 @@ def write_outputs(
     md += [markdown_table(rows), *[f"- {n}" for n in notes], ""]
     paths[0].write_text("\n".join(md))
     write_csv(rows, paths[1])
-    write_json_atomic(paths[2], {"date": date, "machine": machine, **dict(meta),
-                                 "notes": list(notes), "rows": list(rows)})
+    write_json_atomic(
+        paths[2],
+        {"date": date, "machine": machine, **dict(meta), "notes": list(notes), "rows": list(rows)},
+    )
     plot_accuracy_vs_params(rows, paths[3], title)
     return paths

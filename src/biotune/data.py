@@ -139,12 +139,15 @@ class DatasetSplits:
         """One line for logs and reports: classes, split sizes, image size, origin."""
         shown = ", ".join(self.classes[:5]) + (", ..." if len(self.classes) > 5 else "")
         sizes = " / ".join(
-            f"{split} {len(getattr(self, split))}" for split in _SPLITS
+            f"{split} {len(getattr(self, split))}"
+            for split in _SPLITS
             if getattr(self, split) is not None
         )
         origin = f" ({self.origin})" if self.origin else ""
-        return (f"{self.name}: {len(self.classes)} classes ({shown}); {sizes}; "
-                f"{self.image_size} px{origin}")
+        return (
+            f"{self.name}: {len(self.classes)} classes ({shown}); {sizes}; "
+            f"{self.image_size} px{origin}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -723,8 +726,10 @@ def load_dataset(
         transform = _pil_transform(image_size, mean3, std3)
         classes, parts = _load_torchvision(key, data_root, download, transform, seed)
         label = key
-        origin = (f"official splits; where there is no validation split, {VAL_FRACTION:.0%} of "
-                  "train carved off as val")
+        origin = (
+            f"official splits; where there is no validation split, {VAL_FRACTION:.0%} of "
+            "train carved off as val"
+        )
     elif key in _FOLDER_DATASETS:
         if root is None:
             raise BioTuneError(
@@ -763,8 +768,7 @@ def load_dataset(
             ds = ds.take(stratified_sample(ds.targets, sizes[split], rng))
         datasets[split] = ds
     _check_splits(label, classes, {s: d.targets for s, d in datasets.items()})
-    subsampled = [f"{s} {sizes[s]} of {len(parts[s])}" for s in _SPLITS
-                  if sizes[s] < len(parts[s])]
+    subsampled = [f"{s} {sizes[s]} of {len(parts[s])}" for s in _SPLITS if sizes[s] < len(parts[s])]
     if subsampled:
         origin += "; subsampled: " + ", ".join(subsampled)
     return DatasetSplits(

@@ -296,8 +296,10 @@ class FeatureCache:
         tables: dict[int, torch.Tensor] = {}
         for b in sizes:
             images = torch.empty((n, *self._shape(dataset, k)), dtype=torch.float32)
-            inputs = dataset if source is None else FeatureDataset(
-                source.by_batch_size[b], source.targets
+            inputs = (
+                dataset
+                if source is None
+                else FeatureDataset(source.by_batch_size[b], source.targets)
             )
             done = 0
             with torch.no_grad(), self._eval():
@@ -417,7 +419,14 @@ def train_plan_fast(
             )
             return trained, result, k
     trained, result = train_plan(
-        model, partition, plan, train_data, val_data, config, seed=seed, device=device,
+        model,
+        partition,
+        plan,
+        train_data,
+        val_data,
+        config,
+        seed=seed,
+        device=device,
         hooks=hooks,
     )
     return trained, result, 0

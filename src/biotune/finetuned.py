@@ -30,8 +30,10 @@ META = "finetuned.json"
 #: size * 232 / 224 and crops the centre (folder and torchvision datasets, the paper's
 #: evaluation); "squash" resizes the whole image to size x size (the offline datasets' arrays).
 RESIZE_MODES = ("crop", "squash")
-_USER_TENSORS = ("this model was trained on tensors you prepared: call finetuned.model on "
-                 "tensors prepared the same way")
+_USER_TENSORS = (
+    "this model was trained on tensors you prepared: call finetuned.model on "
+    "tensors prepared the same way"
+)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
 
 
@@ -46,8 +48,9 @@ class Preprocess:
 
     def __post_init__(self) -> None:
         if self.resize not in RESIZE_MODES:
-            raise BioTuneError(f"resize must be one of {', '.join(RESIZE_MODES)}, got "
-                               f"{self.resize!r}")
+            raise BioTuneError(
+                f"resize must be one of {', '.join(RESIZE_MODES)}, got {self.resize!r}"
+            )
 
     def __call__(self, image: Any) -> torch.Tensor:
         from PIL import Image, UnidentifiedImageError
@@ -70,8 +73,12 @@ class Preprocess:
         return TF.normalize(TF.to_tensor(image), self.mean, self.std)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"size": self.size, "mean": list(self.mean), "std": list(self.std),
-                "resize": self.resize}
+        return {
+            "size": self.size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "resize": self.resize,
+        }
 
 
 @dataclass
@@ -126,8 +133,9 @@ def save_finetuned(
         save_model(_plain(model), str(tmp))
         os.replace(tmp, directory / WEIGHTS)
     except OSError as exc:
-        raise BioTuneError(f"cannot write the fine-tuned model to {directory}: "
-                           f"{exc.strerror or exc}") from None
+        raise BioTuneError(
+            f"cannot write the fine-tuned model to {directory}: {exc.strerror or exc}"
+        ) from None
     from biotune import __version__
 
     meta = {
@@ -160,9 +168,10 @@ def load_finetuned(
     try:
         meta = json.loads(meta_file.read_text())
     except OSError as exc:
-        raise BioTuneError(f"cannot read {meta_file}: {exc.strerror or exc}; is {folder} a "
-                           "folder written by biotune (search run directory or train --save)?"
-                           ) from None
+        raise BioTuneError(
+            f"cannot read {meta_file}: {exc.strerror or exc}; is {folder} a "
+            "folder written by biotune (search run directory or train --save)?"
+        ) from None
     except json.JSONDecodeError as exc:
         raise BioTuneError(f"{meta_file}: malformed JSON at line {exc.lineno}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -170,22 +179,30 @@ def load_finetuned(
     architecture = str(meta["architecture"])
     if model is None:
         if architecture.startswith("user:"):
-            raise BioTuneError(f"{folder} holds a user model ({architecture[5:]}): pass the "
-                               "module to load it into, load_finetuned(path, model=...)")
+            raise BioTuneError(
+                f"{folder} holds a user model ({architecture[5:]}): pass the "
+                "module to load it into, load_finetuned(path, model=...)"
+            )
         from biotune.models import load_model
 
-        model = load_model(architecture, num_classes=int(meta["num_classes"]),
-                           pretrained=False).model
+        model = load_model(
+            architecture, num_classes=int(meta["num_classes"]), pretrained=False
+        ).model
     try:
         missing, unexpected = load_weights(_plain(model), str(folder / WEIGHTS), strict=False)
     except (OSError, RuntimeError) as exc:
         raise BioTuneError(f"cannot load {folder / WEIGHTS}: {exc}") from None
     if missing or unexpected:
-        raise BioTuneError(f"{folder / WEIGHTS} does not fit the model: missing "
-                           f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
+        raise BioTuneError(
+            f"{folder / WEIGHTS} does not fit the model: missing "
+            f"{sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
+        )
     p = meta.get("preprocess")
-    preprocess = Preprocess(int(p["size"]), tuple(p["mean"]), tuple(p["std"]),
-                            p.get("resize", "crop")) if p else None
+    preprocess = (
+        Preprocess(int(p["size"]), tuple(p["mean"]), tuple(p["std"]), p.get("resize", "crop"))
+        if p
+        else None
+    )
     return FineTuned(model.to(device).eval(), preprocess, list(meta["classes"]), meta)
 
 
@@ -231,7 +248,11 @@ def predict_files(finetuned: FineTuned, files: Sequence[Path]) -> list[dict[str,
     probs = finetuned.probabilities(images, prepared=True)
     best = probs.argmax(1)
     return [
-        {"file": str(f), "class": finetuned.classes[int(i)], "index": int(i),
-         "probability": float(probs[k, i])}
+        {
+            "file": str(f),
+            "class": finetuned.classes[int(i)],
+            "index": int(i),
+            "probability": float(probs[k, i]),
+        }
         for k, (f, i) in enumerate(zip(readable, best, strict=True))
     ]

@@ -85,9 +85,7 @@ def apply_plan(
         for p in params:
             p.requires_grad_(setting.train)
         if setting.train and params:
-            groups.append(
-                {"params": params, "lr": base_lr * setting.lr_mult, "name": setting.name}
-            )
+            groups.append({"params": params, "lr": base_lr * setting.lr_mult, "name": setting.name})
     handles = []
     if frozen_eval:
         modules = dict(model.named_modules())

@@ -75,8 +75,10 @@ def user_splits(
         raise BioTuneError(f"{len(names)} class names for labels up to {count - 1}")
     sample, _ = train[0]
     if not isinstance(sample, torch.Tensor) or sample.ndim != 3:
-        raise BioTuneError("dataset items must be (image tensor C x H x W, label) pairs, got "
-                           f"{type(sample).__name__}")
+        raise BioTuneError(
+            "dataset items must be (image tensor C x H x W, label) pairs, got "
+            f"{type(sample).__name__}"
+        )
     return DatasetSplits(name, names, train, val, test, int(sample.shape[-1]))
 
 
@@ -101,15 +103,19 @@ def user_model(
         with torch.no_grad():
             out = model(sample.unsqueeze(0))
     except Exception as exc:  # noqa: BLE001 - any failure of the user's forward: one line
-        raise BioTuneError(f"{type(model).__name__} cannot run on a {tuple(sample.shape)} "
-                           f"image from the data: {type(exc).__name__}: {exc}") from None
+        raise BioTuneError(
+            f"{type(model).__name__} cannot run on a {tuple(sample.shape)} "
+            f"image from the data: {type(exc).__name__}: {exc}"
+        ) from None
     finally:
         model.train(was_training)
     if not isinstance(out, torch.Tensor) or out.shape != (1, num_classes):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise BioTuneError(f"{type(model).__name__} gives outputs of shape {shape} for one "
-                           f"image; the data has {num_classes} classes: give it a head with "
-                           f"{num_classes} outputs")
+        raise BioTuneError(
+            f"{type(model).__name__} gives outputs of shape {shape} for one "
+            f"image; the data has {num_classes} classes: give it a head with "
+            f"{num_classes} outputs"
+        )
     return LoadedModel(
         model=model,
         name=name or f"user:{type(model).__qualname__}",

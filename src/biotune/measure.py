@@ -27,9 +27,7 @@ from biotune.core.plan import BlockSetting, FineTunePlan, trained_mask
 from biotune.errors import BioTuneError
 
 
-def block_flops(
-    model: nn.Module, partition: BlockPartition, sample: torch.Tensor
-) -> list[float]:
+def block_flops(model: nn.Module, partition: BlockPartition, sample: torch.Tensor) -> list[float]:
     """Forward FLOPs per image of each block, measured on ``sample`` (one image, C x H x W).
 
     Each counted op goes to the block owning the innermost module that ran it; ops no block owns
@@ -167,8 +165,12 @@ def _step_timeline(
 ) -> list[int]:
     """Bytes held by the step's own tensors after each op of forward, backward and update."""
     known = [*model.parameters(), *model.buffers(), x, y]
-    known += [v for state in optimizer.state.values() for v in state.values()
-              if isinstance(v, torch.Tensor)]
+    known += [
+        v
+        for state in optimizer.state.values()
+        for v in state.values()
+        if isinstance(v, torch.Tensor)
+    ]
     with _LiveBytes(known) as live:
         loss = nn.functional.cross_entropy(model(x), y)
         loss.backward()
@@ -310,14 +312,21 @@ class PlanCosts:
         if mask not in self._memory:
             if not any(mask):
                 raise BioTuneError("a plan that trains no block has no training step to measure")
-            plan = FineTunePlan(tuple(
-                BlockSetting(name, train) for name, train in zip(
-                    self.partition.names, mask, strict=True)
-            ))
+            plan = FineTunePlan(
+                tuple(
+                    BlockSetting(name, train)
+                    for name, train in zip(self.partition.names, mask, strict=True)
+                )
+            )
             if self._work is None:
                 self._work = copy.deepcopy(self._model).cpu().float()
             self._memory[mask] = training_memory(
-                self._work, self.partition, plan, self._sample, self.batch_size, self.optimizer,
+                self._work,
+                self.partition,
+                plan,
+                self._sample,
+                self.batch_size,
+                self.optimizer,
                 work_copy=False,
             )
         return self._memory[mask]
@@ -329,8 +338,13 @@ class PlanCosts:
         """A plan's costs as stored with its evaluation record and in ``pareto.json``."""
         mask = self.mask(plan_or_genes)
         if not any(mask):
-            return {"trainable_params": 0, "trainable_share": 0.0, "memory_mb": None,
-                    "train_gflops": 0.0, "train_gflops_cached": 0.0}
+            return {
+                "trainable_params": 0,
+                "trainable_share": 0.0,
+                "memory_mb": None,
+                "train_gflops": 0.0,
+                "train_gflops_cached": 0.0,
+            }
         return {
             "trainable_params": self.trainable_params(mask),
             "trainable_share": self.trainable_share(mask),

@@ -54,6 +54,4 @@ def preset(name: str) -> SearchConfig:
     try:
         return PRESETS[name]()
     except KeyError:
-        raise BioTuneError(
-            f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}"
-        ) from None
+        raise BioTuneError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None

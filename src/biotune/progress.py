@@ -113,8 +113,10 @@ class _Display:
                 TextColumn("eta"),
                 TimeRemainingColumn(),
                 # On a narrow terminal the status gives way, never the bar and its times.
-                TextColumn("{task.fields[status]}",
-                           table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1)),
+                TextColumn(
+                    "{task.fields[status]}",
+                    table_column=Column(no_wrap=True, overflow="ellipsis", ratio=1),
+                ),
                 console=console or Console(stderr=True),
                 speed_estimate_period=3600,
                 expand=True,
@@ -178,8 +180,11 @@ class TrainingProgress(_Reporter):
     """
 
     def __init__(
-        self, metric: str = "balanced", label: str = "final training",
-        console: Console | None = None, bars: bool | None = None,
+        self,
+        metric: str = "balanced",
+        label: str = "final training",
+        console: Console | None = None,
+        bars: bool | None = None,
     ) -> None:
         from biotune.reports import score_name
 
@@ -204,24 +209,37 @@ class TrainingProgress(_Reporter):
         n, total = int(epoch["epoch"]), self._epochs.get(seed, 0)
         score = epoch.get(f"val_{self.metric}", float("nan"))
         self._best[seed] = max(self._best.get(seed, -1.0), score)
-        text = (f"train loss {epoch['train_loss']:.4f}, {self._val} {score:.4f} "
-                f"(best {self._best[seed]:.4f})")
+        text = (
+            f"train loss {epoch['train_loss']:.4f}, {self._val} {score:.4f} "
+            f"(best {self._best[seed]:.4f})"
+        )
         self._update(self._seed_task.get(seed), advance=1, status=text)
         elapsed = time.perf_counter() - self._started.get(seed, time.perf_counter())
         later = eta(elapsed, n, total)
-        self._say(f"{self.label} seed {seed}: epoch {n}/{total}, {text}, "
-                  f"{epoch['seconds']:.1f}s" + (f" | {later} at most" if later else ""))
+        self._say(
+            f"{self.label} seed {seed}: epoch {n}/{total}, {text}, "
+            f"{epoch['seconds']:.1f}s" + (f" | {later} at most" if later else "")
+        )
 
     def on_final_run(self, record: dict[str, Any]) -> None:
         seed = record["seed"]
-        tested = (f"test top-1 {record['test_top1']:.4f}, balanced {record['test_balanced']:.4f}"
-                  if record.get("test_top1") is not None else "no test split")
+        tested = (
+            f"test top-1 {record['test_top1']:.4f}, balanced {record['test_balanced']:.4f}"
+            if record.get("test_top1") is not None
+            else "no test split"
+        )
         stopped = f"best epoch {record['best_epoch']} of {record['epochs_run']}"
         task = self._seed_task.get(seed)
-        self._update(task, total=record["epochs_run"], completed=record["epochs_run"],
-                     status=f"{tested} ({stopped})")
-        self._say(f"{self.label} seed {seed} done in {duration(record['seconds'])}: {tested} "
-                  f"({stopped})", always=True)
+        self._update(
+            task,
+            total=record["epochs_run"],
+            completed=record["epochs_run"],
+            status=f"{tested} ({stopped})",
+        )
+        self._say(
+            f"{self.label} seed {seed} done in {duration(record['seconds'])}: {tested} ({stopped})",
+            always=True,
+        )
 
 
 class SearchProgress(TrainingProgress):
@@ -232,7 +250,10 @@ class SearchProgress(TrainingProgress):
     """
 
     def __init__(
-        self, console: Console | None = None, metric: str | None = None, bars: bool | None = None,
+        self,
+        console: Console | None = None,
+        metric: str | None = None,
+        bars: bool | None = None,
     ) -> None:
         from biotune.reports import score_name
 
@@ -265,8 +286,10 @@ class SearchProgress(TrainingProgress):
         fitness = record["fitness"]
         twin = record.get("reused_from")
         reused = "" if twin is None else f", as candidate {twin} (memoised)"
-        self._last = (f"gen {record['generation']} fold {record['fold']} | last: "
-                      f"{record['status']} {1 - fitness:.3f} ({record['seconds']:.1f}s)")
+        self._last = (
+            f"gen {record['generation']} fold {record['fold']} | last: "
+            f"{record['status']} {1 - fitness:.3f} ({record['seconds']:.1f}s)"
+        )
         best = self.best_text()
         self._update(self._search, advance=1, status=self._last + (f" | {best}" if best else ""))
         elapsed = time.perf_counter() - self._start
@@ -276,7 +299,8 @@ class SearchProgress(TrainingProgress):
             f"{record['fold']}, {record['role']}): {record['status']}, {self._score} "
             f"{1 - fitness:.4f} in {record['seconds']:.1f}s{reused}"
             + (f" | {best}" if best else "")
-            + f" | {duration(elapsed)} elapsed" + (f", {later}" if later else "")
+            + f" | {duration(elapsed)} elapsed"
+            + (f", {later}" if later else "")
         )
 
     def on_generation(self, summary: dict[str, Any]) -> None:
@@ -294,8 +318,11 @@ class SearchProgress(TrainingProgress):
         best = self.best_text()
         state = "done" if finished else "stopped"
         self._update(self._search, status=f"{state}" + (f" | {best}" if best else ""))
-        self._say(f"search {state} after {duration(time.perf_counter() - self._start)}"
-                  + (f": {best}" if best else ""), always=True)
+        self._say(
+            f"search {state} after {duration(time.perf_counter() - self._start)}"
+            + (f": {best}" if best else ""),
+            always=True,
+        )
 
 
 class CompareProgress(_Reporter):
@@ -303,7 +330,10 @@ class CompareProgress(_Reporter):
     runs (its learning-rate grid, then the other seeds), or one line per finished method."""
 
     def __init__(
-        self, methods: Sequence[str], console: Console | None = None, bars: bool | None = None,
+        self,
+        methods: Sequence[str],
+        console: Console | None = None,
+        bars: bool | None = None,
     ) -> None:
         super().__init__(console, bars)
         self.methods = list(methods)
@@ -332,10 +362,15 @@ class CompareProgress(_Reporter):
             self._tasks.remove(self._method)
             self._method = None
         t1 = row["test_top1"]
-        spent = "kept from an earlier run" if kept else \
-            f"in {duration(time.perf_counter() - self._method_start)}"
+        spent = (
+            "kept from an earlier run"
+            if kept
+            else f"in {duration(time.perf_counter() - self._method_start)}"
+        )
         elapsed = time.perf_counter() - self._start
         later = eta(elapsed, self._timed, self._timed + len(self.methods) - self._done)
-        self._say(f"compare: {method} done ({self._done}/{len(self.methods)}) {spent}: test "
-                  f"top-1 {t1['mean']:.4f} +- {t1['std']:.4f}" + (f" | {later}" if later else ""),
-                  always=True)
+        self._say(
+            f"compare: {method} done ({self._done}/{len(self.methods)}) {spent}: test "
+            f"top-1 {t1['mean']:.4f} +- {t1['std']:.4f}" + (f" | {later}" if later else ""),
+            always=True,
+        )

@@ -25,8 +25,11 @@ from biotune.errors import BioTuneError
 from biotune.runner.rundir import GENERATIONS, RunDirectory
 
 REPORT_FILES = ("fitness.png", "blocks.png", "plan.png")
-_SCORE_NAMES = {"balanced": "balanced accuracy", "top1": "top-1 accuracy",
-                "likelihood": "likelihood"}
+_SCORE_NAMES = {
+    "balanced": "balanced accuracy",
+    "top1": "top-1 accuracy",
+    "likelihood": "likelihood",
+}
 
 
 def score_name(metric: str) -> str:
@@ -53,7 +56,8 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
         generations = run.records("generations.jsonl") or None
     blocks = run.read("blocks.json")
     names = (
-        [b["name"] for b in blocks] if blocks
+        [b["name"] for b in blocks]
+        if blocks
         else [b["name"] for b in evaluations[0]["plan"]["blocks"]]
     )
     return {
@@ -128,8 +132,12 @@ def winner(run: Mapping[str, Any]) -> dict[str, Any]:
     else:  # no summary to go by: the best of the latest generation's evaluations so far
         latest = max(e["generation"] for e in scored)
         best = min((e for e in scored if e["generation"] == latest), key=lambda e: e["fitness"])
-    return {**best["plan"], "fitness": best["fitness"], "candidate": best["candidate"],
-            "generation": best["generation"]}
+    return {
+        **best["plan"],
+        "fitness": best["fitness"],
+        "candidate": best["candidate"],
+        "generation": best["generation"],
+    }
 
 
 def plot_fitness(run: Mapping[str, Any], path: Path) -> None:
@@ -138,8 +146,14 @@ def plot_fitness(run: Mapping[str, Any], path: Path) -> None:
     gens = run["generations"]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     scored = [e for e in run["evaluations"] if e.get("status") != "invalid"]
-    ax.scatter([e["generation"] for e in scored], [1 - e["fitness"] for e in scored], s=12,
-               color="0.6", alpha=0.6, label="each evaluation")
+    ax.scatter(
+        [e["generation"] for e in scored],
+        [1 - e["fitness"] for e in scored],
+        s=12,
+        color="0.6",
+        alpha=0.6,
+        label="each evaluation",
+    )
     x = [g["generation"] for g in gens]
     ax.plot(x, [1 - g["best"] for g in gens], "o-", label="population best")
     ax.plot(x, [1 - g["mean"] for g in gens], "s--", label="population mean")
@@ -168,8 +182,15 @@ def plot_block_selection(run: Mapping[str, Any], path: Path) -> None:
     if len(names) * len(gens) <= 300:
         for i, row in enumerate(shares):
             for j, v in enumerate(row):
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
-                        color="white" if v < 0.5 else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{v:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if v < 0.5 else "black",
+                )
     fig.colorbar(image, ax=ax, label="share fine-tuning the block")
     ax.set_title("which blocks the evaluated candidates fine-tuned", fontsize=10)
     fig.tight_layout()
@@ -190,8 +211,16 @@ def plot_plan(run: Mapping[str, Any], path: Path) -> None:
             ax.text(i, b["lr_mult"] * 1.1, f"x{b['lr_mult']:.2g}", ha="center", fontsize=7)
         else:  # the whole column hatched: a frozen block has no learning rate at all
             ax.axvspan(i - 0.4, i + 0.4, facecolor="none", edgecolor="0.6", hatch="//")
-            ax.text(i, 0.5, "frozen", ha="center", va="center", rotation=90, fontsize=8,
-                    bbox={"facecolor": "white", "edgecolor": "none"})
+            ax.text(
+                i,
+                0.5,
+                "frozen",
+                ha="center",
+                va="center",
+                rotation=90,
+                fontsize=8,
+                bbox={"facecolor": "white", "edgecolor": "none"},
+            )
     ax.set_yscale("log")
     ax.set_ylim(floor, 20)
     ax.axhline(1.0, color="0.4", lw=0.8, ls=":")
@@ -213,8 +242,11 @@ def plot_plan(run: Mapping[str, Any], path: Path) -> None:
 
 def _plan_lines(run: Mapping[str, Any], plan: Mapping[str, Any]) -> list[str]:
     """The winner's title: which plan, its validation score, its final test result if any."""
-    head = ("winning plan" if plan["generation"] is None
-            else f"best plan so far (generation {plan['generation']}; the search is not done)")
+    head = (
+        "winning plan"
+        if plan["generation"] is None
+        else f"best plan so far (generation {plan['generation']}; the search is not done)"
+    )
     lines = [head]
     fitness = plan.get("fitness")
     if fitness is not None:
@@ -228,8 +260,10 @@ def _plan_lines(run: Mapping[str, Any], plan: Mapping[str, Any]) -> list[str]:
 def final_text(final: Mapping[str, Any]) -> str:
     """'test top-1 0.9231 +- 0.0035, balanced ... over 3 seeds' from ``final.json``."""
     t1, bal = final["test_top1"], final["test_balanced"]
-    return (f"test top-1 {t1['mean']:.4f} +- {t1['std']:.4f}, balanced {bal['mean']:.4f} +- "
-            f"{bal['std']:.4f} ({len(final['runs'])} seeds)")
+    return (
+        f"test top-1 {t1['mean']:.4f} +- {t1['std']:.4f}, balanced {bal['mean']:.4f} +- "
+        f"{bal['std']:.4f} ({len(final['runs'])} seeds)"
+    )
 
 
 def summary_lines(run_dir: str | Path) -> list[str]:
@@ -266,8 +300,11 @@ def report(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]
 
 # -- the Pareto objective ---------------------------------------------------------------------
 
-_ANCHOR_STYLE = {"full fine-tuning": ("s", "tab:red"), "top half": ("^", "tab:orange"),
-                 "linear probing": ("D", "tab:green")}
+_ANCHOR_STYLE = {
+    "full fine-tuning": ("s", "tab:red"),
+    "top half": ("^", "tab:orange"),
+    "linear probing": ("D", "tab:green"),
+}
 
 
 def _cost_value(pareto: Mapping[str, Any], cost: Mapping[str, Any]) -> float:
@@ -298,31 +335,61 @@ def plot_pareto(pareto: Mapping[str, Any], path: Path) -> None:
     front's plans and of the anchors (mean +- std over the final seeds)."""
     plt = _pyplot()
     finals = any(e.get("final") for e in [*pareto["front"], *pareto["anchors"]])
-    fig, axes = plt.subplots(1, 2 if finals else 1, figsize=(12.0 if finals else 6.4, 4.8),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        1, 2 if finals else 1, figsize=(12.0 if finals else 6.4, 4.8), squeeze=False
+    )
     ax = axes[0][0]
     fold, name = pareto["fold"], score_name(pareto["metric"])
     same = [e for e in pareto["evaluated"] if e["fold"] == fold]
     other = [e for e in pareto["evaluated"] if e["fold"] != fold]
     if other:
-        ax.scatter([_cost_value(pareto, e["cost"]) for e in other],
-                   [e["val_score"] for e in other], s=14, facecolors="none", edgecolors="0.75",
-                   label="evaluated, other folds (not compared)")
-    ax.scatter([_cost_value(pareto, e["cost"]) for e in same], [e["val_score"] for e in same],
-               s=14, color="0.55", label=f"evaluated, fold {fold}")
+        ax.scatter(
+            [_cost_value(pareto, e["cost"]) for e in other],
+            [e["val_score"] for e in other],
+            s=14,
+            facecolors="none",
+            edgecolors="0.75",
+            label="evaluated, other folds (not compared)",
+        )
+    ax.scatter(
+        [_cost_value(pareto, e["cost"]) for e in same],
+        [e["val_score"] for e in same],
+        s=14,
+        color="0.55",
+        label=f"evaluated, fold {fold}",
+    )
     front = pareto["front"]
-    ax.step([_cost_value(pareto, e["cost"]) for e in front], [e["val_score"] for e in front],
-            where="post", color="tab:blue", lw=1.2)
-    ax.scatter([_cost_value(pareto, e["cost"]) for e in front], [e["val_score"] for e in front],
-               s=36, color="tab:blue", zorder=3, label=f"front (fold {fold})")
+    ax.step(
+        [_cost_value(pareto, e["cost"]) for e in front],
+        [e["val_score"] for e in front],
+        where="post",
+        color="tab:blue",
+        lw=1.2,
+    )
+    ax.scatter(
+        [_cost_value(pareto, e["cost"]) for e in front],
+        [e["val_score"] for e in front],
+        s=36,
+        color="tab:blue",
+        zorder=3,
+        label=f"front (fold {fold})",
+    )
     for anchor in pareto["anchors"]:
         if anchor["search"] is None:
             continue
         marker, color = _ANCHOR_STYLE.get(anchor["name"], ("o", "k"))
         where = anchor["search"]["fold"]
-        ax.scatter(_cost_value(pareto, anchor["cost"]), anchor["search"]["val_score"], s=110,
-                   marker=marker, facecolors="none", edgecolors=color, linewidths=1.8,
-                   zorder=4, label=f"{anchor['name']} (fold {where})")
+        ax.scatter(
+            _cost_value(pareto, anchor["cost"]),
+            anchor["search"]["val_score"],
+            s=110,
+            marker=marker,
+            facecolors="none",
+            edgecolors=color,
+            linewidths=1.8,
+            zorder=4,
+            label=f"{anchor['name']} (fold {where})",
+        )
     _log_cost_axis(ax)
     ax.set_xlabel(_cost_label(pareto))
     ax.set_ylabel(f"validation {name} (search: short training, one fold)")
@@ -344,17 +411,32 @@ def _plot_final(pareto: Mapping[str, Any], ax: Any) -> None:
     ax.step(x, y, where="post", color="tab:blue", lw=1.0, alpha=0.6)
     ax.errorbar(x, y, yerr=err, fmt="o", color="tab:blue", capsize=3, label="front plans")
     for i, (xi, yi) in enumerate(zip(x, y, strict=True), 1):  # "front k" as in the table
-        ax.annotate(f"front {i}", (xi, yi), textcoords="offset points", xytext=(6, -12),
-                    fontsize=7, color="tab:blue")
+        ax.annotate(
+            f"front {i}",
+            (xi, yi),
+            textcoords="offset points",
+            xytext=(6, -12),
+            fontsize=7,
+            color="tab:blue",
+        )
     for anchor in pareto["anchors"]:
         final = anchor.get("final")
         if not final or not final["test_top1"]:
             continue
         marker, color = _ANCHOR_STYLE.get(anchor["name"], ("o", "k"))
-        ax.errorbar(_cost_value(pareto, anchor["cost"]), 100 * final["test_top1"]["mean"],
-                    yerr=100 * final["test_top1"]["std"], fmt=marker, color=color, capsize=3,
-                    markersize=11, markerfacecolor="none", markeredgewidth=1.8,
-                    label=anchor["name"], zorder=4)
+        ax.errorbar(
+            _cost_value(pareto, anchor["cost"]),
+            100 * final["test_top1"]["mean"],
+            yerr=100 * final["test_top1"]["std"],
+            fmt=marker,
+            color=color,
+            capsize=3,
+            markersize=11,
+            markerfacecolor="none",
+            markeredgewidth=1.8,
+            label=anchor["name"],
+            zorder=4,
+        )
     _log_cost_axis(ax)
     ax.set_xlabel(_cost_label(pareto))
     ax.set_ylabel("test top-1 % (final training, mean +- std over seeds)")
@@ -373,19 +455,23 @@ def pareto_table(pareto: Mapping[str, Any]) -> str:
     """The front and the anchors as a markdown table: costs, validation and test scores, and
     which anchors dominate a front plan on test (top-1 at its cost)."""
     name = score_name(pareto["metric"])
-    head = ("| plan | blocks trained | trainable % | memory MB | train GFLOPs/image "
-            f"| val {name} (fold {pareto['fold']}) | test top-1 % | test balanced % "
-            "| dominated by (test top-1) |")
+    head = (
+        "| plan | blocks trained | trainable % | memory MB | train GFLOPs/image "
+        f"| val {name} (fold {pareto['fold']}) | test top-1 % | test balanced % "
+        "| dominated by (test top-1) |"
+    )
     lines = [head, "|" + "---|" * 9]
 
     def row(label: str, entry: Mapping[str, Any], val: str, dominated: str) -> str:
         cost = entry["cost"]
         final = entry.get("final") or {}
         memory = "" if cost.get("memory_mb") is None else f"{cost['memory_mb']:.4g}"
-        return (f"| {label} | {entry['plan_text']} | {100 * cost['trainable_share']:.2f} "
-                f"| {memory} | {cost['train_gflops']:.3g} | {val} "
-                f"| {_percent(final.get('test_top1'))} | {_percent(final.get('test_balanced'))} "
-                f"| {dominated} |")
+        return (
+            f"| {label} | {entry['plan_text']} | {100 * cost['trainable_share']:.2f} "
+            f"| {memory} | {cost['train_gflops']:.3g} | {val} "
+            f"| {_percent(final.get('test_top1'))} | {_percent(final.get('test_balanced'))} "
+            f"| {dominated} |"
+        )
 
     for i, entry in enumerate(pareto["front"], 1):
         dominated = entry.get("dominated_by")

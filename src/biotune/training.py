@@ -65,28 +65,41 @@ class TrainConfig:
     """
 
     epochs: int = option(30, flag="--epochs", type="positive_int", help="maximum epochs")
-    patience: int = option(3, flag="--patience", type="int",
-                           help="early stopping: epochs in a row without a new best validation "
-                           "score before stopping")
-    batch_size: int = option(96, flag="--batch-size", type="positive_int",
-                             help="training batch size")
+    patience: int = option(
+        3,
+        flag="--patience",
+        type="int",
+        help="early stopping: epochs in a row without a new best validation score before stopping",
+    )
+    batch_size: int = option(
+        96, flag="--batch-size", type="positive_int", help="training batch size"
+    )
     eval_batch_size: int = 64
-    base_lr: float = option(1e-3, flag="--lr", type="float",
-                            help="base learning rate (a block's lr is this times its multiplier)")
+    base_lr: float = option(
+        1e-3,
+        flag="--lr",
+        type="float",
+        help="base learning rate (a block's lr is this times its multiplier)",
+    )
     weight_decay: float = 0.0
     optimizer: str = option("adam", flag="--optimizer", choices=OPTIMIZERS, help="optimizer")
     scheduler: str = "cosine"
     metric: str = "balanced"
     frozen_eval: bool = True
     precision: str = option(
-        "auto", flag="--precision", choices=PRECISIONS,
+        "auto",
+        flag="--precision",
+        choices=PRECISIONS,
         help="auto: float32 on the CPU; on a GPU bfloat16 where it runs natively (compute "
-        "capability 8.0+), else float16 with loss scaling; 32: float32 everywhere")
+        "capability 8.0+), else float16 with loss scaling; 32: float32 everywhere",
+    )
     augment: bool = False
     channels_last: bool = option(
-        False, flag="--channels-last",
+        False,
+        flag="--channels-last",
         help="channels-last memory format: 1.45x to 1.66x faster CPU training steps for "
-        "EfficientNet-Lite0, but results differ in float rounding from the default")
+        "EfficientNet-Lite0, but results differ in float rounding from the default",
+    )
     amp: InitVar[bool | None] = None  # before ``precision``: True = "auto", False = "32"
 
     def __post_init__(self, amp: bool | None) -> None:
@@ -203,16 +216,15 @@ def resolve_device(spec: str | torch.device | None = None) -> torch.device:
     try:
         device = torch.device(text)
     except RuntimeError:
-        raise BioTuneError(
-            f"unknown device {spec!r}; choose from {', '.join(DEVICES)}"
-        ) from None
+        raise BioTuneError(f"unknown device {spec!r}; choose from {', '.join(DEVICES)}") from None
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
             raise BioTuneError(f"device {spec!r}: no CUDA GPU is available here")
         if device.index is not None and device.index >= count:
-            raise BioTuneError(f"device {spec!r}: this machine has {count} CUDA GPU(s), "
-                               f"cuda:0 to cuda:{count - 1}")
+            raise BioTuneError(
+                f"device {spec!r}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}"
+            )
     elif device.type == "mps":
         if not torch.backends.mps.is_available():
             raise BioTuneError(f"device {spec!r}: Apple's MPS backend is not available here")
@@ -240,8 +252,10 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
     if precision == "auto":
         if device.type != "cuda":
             return None
-        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else (
-            torch.float16
+        return (
+            torch.bfloat16
+            if torch.cuda.get_device_capability(device) >= (8, 0)
+            else (torch.float16)
         )
     if precision == "fp16" and device.type == "cpu":
         raise BioTuneError("precision fp16 needs a GPU; on the CPU use bf16 or 32")
@@ -275,8 +289,13 @@ def accuracy(preds: np.ndarray, targets: np.ndarray) -> tuple[float, float]:
 
 
 def batches(
-    dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0, *,
-    workers: int = 0, pin_memory: bool = False,
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool = False,
+    seed: int = 0,
+    *,
+    workers: int = 0,
+    pin_memory: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Mini-batches of (images, labels); in-memory tensor datasets are sliced directly (fast).
 
@@ -301,8 +320,12 @@ def batches(
             yield tables.get(len(idx), images)[idx], labels[idx]
         return
     loader = DataLoader(
-        dataset, batch_size=batch_size, sampler=order.tolist(), generator=torch.Generator(),
-        num_workers=workers, pin_memory=pin_memory,
+        dataset,
+        batch_size=batch_size,
+        sampler=order.tolist(),
+        generator=torch.Generator(),
+        num_workers=workers,
+        pin_memory=pin_memory,
     )
     for x, y in loader:
         yield x, torch.as_tensor(y, dtype=torch.long)
@@ -326,8 +349,12 @@ def _to(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Ten
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, dataset: Dataset, batch_size: int = 256, device: torch.device | None = None,
-    precision: str = "auto", channels_last: bool = False,
+    model: nn.Module,
+    dataset: Dataset,
+    batch_size: int = 256,
+    device: torch.device | None = None,
+    precision: str = "auto",
+    channels_last: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Predicted classes, true labels and mean cross-entropy over a dataset (eval mode)."""
     device = device or next(model.parameters()).device
@@ -347,17 +374,19 @@ def predict(
 
 
 def evaluate(
-    model: nn.Module, dataset: Dataset, batch_size: int = 256, device: torch.device | None = None,
-    precision: str = "auto", channels_last: bool = False,
+    model: nn.Module,
+    dataset: Dataset,
+    batch_size: int = 256,
+    device: torch.device | None = None,
+    precision: str = "auto",
+    channels_last: bool = False,
 ) -> Metrics:
     preds, targets, loss = predict(model, dataset, batch_size, device, precision, channels_last)
     top1, balanced = accuracy(preds, targets)
     return Metrics(top1, balanced, loss)
 
 
-def make_optimizer(
-    groups: Sequence[dict[str, Any]], config: TrainConfig
-) -> torch.optim.Optimizer:
+def make_optimizer(groups: Sequence[dict[str, Any]], config: TrainConfig) -> torch.optim.Optimizer:
     groups = [g for g in groups if g["params"]]
     if not groups:
         raise BioTuneError("nothing to train: every parameter is frozen")
@@ -426,8 +455,9 @@ def fine_tune(
             epoch_seed = seed * 1000 + epoch
             # Its own stream, apart from the shuffling's: the crops never move the batch order.
             crops = torch.Generator().manual_seed(epoch_seed + 2**32) if config.augment else None
-            for x, y in batches(train_data, config.batch_size, shuffle=True, seed=epoch_seed,
-                                **loading):
+            for x, y in batches(
+                train_data, config.batch_size, shuffle=True, seed=epoch_seed, **loading
+            ):
                 x, y = _to(x, device, config.channels_last), y.to(device, non_blocking=True)
                 if crops is not None:
                     x = random_resized_crop_flip(x, crops)
@@ -451,23 +481,32 @@ def fine_tune(
                 break
             if scheduler is not None:
                 scheduler.step()
-            val = evaluate(model, val_data, config.eval_batch_size, device, config.precision,
-                           config.channels_last)
+            val = evaluate(
+                model,
+                val_data,
+                config.eval_batch_size,
+                device,
+                config.precision,
+                config.channels_last,
+            )
             eval_images += len(val_data)  # type: ignore[arg-type]
             metric = val.get(config.metric)
             history.append(
-                {"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
-                 "val_top1": val.top1, "val_balanced": val.balanced, "val_loss": val.loss,
-                 "val_likelihood": val.likelihood}
+                {
+                    "epoch": epoch + 1,
+                    "train_loss": loss_sum / max(seen, 1),
+                    "val_top1": val.top1,
+                    "val_balanced": val.balanced,
+                    "val_loss": val.loss,
+                    "val_likelihood": val.likelihood,
+                }
             )
             if metric > best_metric:
                 best_metric, best_epoch, best_val, since_best = metric, epoch + 1, val, 0
                 best_state = copy.deepcopy(model.state_dict())
             else:
                 since_best += 1
-            hooks.on_epoch_end(
-                epoch, {**history[-1], "seconds": time.perf_counter() - epoch_start}
-            )
+            hooks.on_epoch_end(epoch, {**history[-1], "seconds": time.perf_counter() - epoch_start})
             if hooks.should_stop(epoch, metric):
                 status = "pruned"
                 break

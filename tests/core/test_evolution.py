@@ -537,8 +537,12 @@ def test_bad_search_arguments_raise():
 
 @pytest.mark.parametrize(
     ("argv", "expected"),
-    [([], True), (["--preset", "paper"], False), (["--no-anchors"], False),
-     (["--preset", "paper", "--anchors"], True)],
+    [
+        ([], True),
+        (["--preset", "paper"], False),
+        (["--no-anchors"], False),
+        (["--preset", "paper", "--anchors"], True),
+    ],
 )
 def test_cli_anchors_follow_the_preset_unless_asked(argv, expected):
     from biotune.cli import build_parser
@@ -601,12 +605,19 @@ def within(limit: float, cost=share):  # noqa: ANN001, ANN201
 @pytest.mark.parametrize("children_batch", [None, 1])
 @pytest.mark.parametrize("objective", ["accuracy", "pareto"])
 @pytest.mark.parametrize(("limit", "cost"), [(0.3, share), (0.05, share), (120.0, memory_like)])
-def test_the_budget_is_never_violated_by_any_proposal(anchors, children_batch, objective, limit,
-                                                      cost):
+def test_the_budget_is_never_violated_by_any_proposal(
+    anchors, children_batch, objective, limit, cost
+):
     fits = within(limit, cost)
     for seed in range(4):
-        config = EvolutionConfig(population_size=5, generations=4, elite=2, anchors=anchors,
-                                 children_batch=children_batch, objective=objective)
+        config = EvolutionConfig(
+            population_size=5,
+            generations=4,
+            elite=2,
+            anchors=anchors,
+            children_batch=children_batch,
+            objective=objective,
+        )
         evo = BioTuneEvolution(len(BLOCK_PARAMS), config, seed=seed, fits=fits, cost=share)
         asked = [c for batch in drive(evo) for c in batch]
         assert len(asked) == config.total_evaluations
@@ -616,19 +627,23 @@ def test_the_budget_is_never_violated_by_any_proposal(anchors, children_batch, o
 
 def test_small_pools_immigrants_and_wide_initial_samples_respect_the_budget_too():
     fits = within(0.1)
-    config = EvolutionConfig(population_size=4, generations=3, elite=2, children_batch=1,
-                             initial_size=7)
+    config = EvolutionConfig(
+        population_size=4, generations=3, elite=2, children_batch=1, initial_size=7
+    )
     evo = BioTuneEvolution(len(BLOCK_PARAMS), config, seed=3, fits=fits)
     asked = [c for batch in drive(evo) for c in batch]
     assert any(c.role == "immigrant" for c in asked)
     assert all(fits(c.genes) for c in asked)
 
 
-@pytest.mark.parametrize("config", [
-    EvolutionConfig(generations=3),
-    EvolutionConfig(population_size=6, generations=3, elite=2, anchors=True),
-    EvolutionConfig(population_size=4, generations=3, elite=2, children_batch=1),
-])
+@pytest.mark.parametrize(
+    "config",
+    [
+        EvolutionConfig(generations=3),
+        EvolutionConfig(population_size=6, generations=3, elite=2, anchors=True),
+        EvolutionConfig(population_size=4, generations=3, elite=2, children_batch=1),
+    ],
+)
 def test_a_budget_every_genome_fits_changes_nothing_random_stream_included(config):
     plain = BioTuneEvolution(NUM_BLOCKS, config, seed=5)
     loose = BioTuneEvolution(NUM_BLOCKS, config, seed=5, fits=lambda genes: True)
@@ -671,8 +686,9 @@ def test_the_pareto_objective_needs_a_cost_and_is_stored_only_when_chosen():
 
 
 def _pareto(seed: int = 0, **settings) -> BioTuneEvolution:
-    config = EvolutionConfig(population_size=6, generations=3, elite=2, objective="pareto",
-                             **settings)
+    config = EvolutionConfig(
+        population_size=6, generations=3, elite=2, objective="pareto", **settings
+    )
     return BioTuneEvolution(len(BLOCK_PARAMS), config, seed=seed, cost=share)
 
 
@@ -738,8 +754,9 @@ def test_pareto_child_removes_an_elite_parent_only_by_dominating_it(dearer):
 
 @pytest.mark.parametrize("steps", [1, 2, 3, 5])
 def test_pareto_and_budget_state_round_trips_and_resumes_bit_identically(steps):
-    config = EvolutionConfig(population_size=5, generations=3, elite=2, objective="pareto",
-                             children_batch=1)
+    config = EvolutionConfig(
+        population_size=5, generations=3, elite=2, objective="pareto", children_batch=1
+    )
     fits = within(0.5)
     original = BioTuneEvolution(len(BLOCK_PARAMS), config, seed=9, fits=fits, cost=share)
     drive(original, steps=steps)

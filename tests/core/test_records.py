@@ -11,9 +11,19 @@ from biotune.core.records import Evaluation, FinalRun, Role, Status
 from biotune.errors import BioTuneError
 
 FINAL = {
-    "seed": 0, "test_top1": 0.5, "test_balanced": 0.25, "val_top1": 0.75, "val_balanced": 0.5,
-    "best_epoch": 1, "epochs_run": 2, "seconds": 1.5, "train_images": 80, "eval_images": 40,
-    "cached_prefix": 3, "status": "ok", "trainable_params": 1000,
+    "seed": 0,
+    "test_top1": 0.5,
+    "test_balanced": 0.25,
+    "val_top1": 0.75,
+    "val_balanced": 0.5,
+    "best_epoch": 1,
+    "epochs_run": 2,
+    "seconds": 1.5,
+    "train_images": 80,
+    "eval_images": 40,
+    "cached_prefix": 3,
+    "status": "ok",
+    "trainable_params": 1000,
 }
 
 
@@ -27,8 +37,23 @@ def test_statuses_and_roles_print_format_and_serialise_as_their_values():
 
 
 def test_an_evaluation_is_stored_as_plain_json_in_field_order():
-    ev = Evaluation(3, 1, Role.CHILD, [0.5, 0.25], {"blocks": []}, 1, [0], [0.5], 0.5, "pruned",
-                    1.0, 10, 5, [1], pruned_at=1)
+    ev = Evaluation(
+        3,
+        1,
+        Role.CHILD,
+        [0.5, 0.25],
+        {"blocks": []},
+        1,
+        [0],
+        [0.5],
+        0.5,
+        "pruned",
+        1.0,
+        10,
+        5,
+        [1],
+        pruned_at=1,
+    )
     assert ev.status is Status.PRUNED
     stored = ev.to_dict()
     assert type(stored["status"]) is str and type(stored["role"]) is str

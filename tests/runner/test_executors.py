@@ -43,9 +43,7 @@ CONFIG = SearchConfig(
 
 def _search(run_dir: Path, executor: str, workers: int = 1) -> tuple[list[dict], dict]:
     result = Search(CONFIG, run_dir, executor=executor, workers=workers).run_search(final=False)
-    records = [
-        {k: v for k, v in r.items() if k not in MEASURED_FIELDS} for r in result.evaluations
-    ]
+    records = [{k: v for k, v in r.items() if k not in MEASURED_FIELDS} for r in result.evaluations]
     best = json.loads((run_dir / "best_plan.json").read_text())
     return records, best
 
@@ -88,9 +86,7 @@ def test_ray_local_cluster_finds_what_inprocess_finds(inprocess, tmp_path):
 def test_results_arrive_in_the_driver_as_they_finish(tmp_path):
     evaluator = build_evaluator(CONFIG)
     tasks = [Task(i, tuple([0.9] * 10 + [0.5]), 0, "initial") for i in range(2)]
-    executor = make_executor(
-        "inprocess", evaluator, functools.partial(build_evaluator, CONFIG)
-    )
+    executor = make_executor("inprocess", evaluator, functools.partial(build_evaluator, CONFIG))
     seen: list[int] = []
     executor.run(tasks, lambda ev: seen.append(ev.candidate))
     executor.close()
@@ -119,9 +115,32 @@ def test_ray_missing_gives_an_install_hint(monkeypatch):
 # ------------------------------------------------------------------- workers of a dead driver
 
 PROCESS_SEARCH = [
-    "--image-size", "32", "--train-size", "40", "--val-size", "20", "--test-size", "20",
-    "--population", "4", "--generations", "3", "--elite", "1", "--seeds", "1", "--epochs", "1",
-    "--final-epochs", "1", "--final-seeds", "1", "--executor", "process", "--workers", "2",
+    "--image-size",
+    "32",
+    "--train-size",
+    "40",
+    "--val-size",
+    "20",
+    "--test-size",
+    "20",
+    "--population",
+    "4",
+    "--generations",
+    "3",
+    "--elite",
+    "1",
+    "--seeds",
+    "1",
+    "--epochs",
+    "1",
+    "--final-epochs",
+    "1",
+    "--final-seeds",
+    "1",
+    "--executor",
+    "process",
+    "--workers",
+    "2",
     "--quiet",
 ]
 
@@ -130,9 +149,10 @@ PROCESS_SEARCH = [
 def test_workers_exit_when_the_driver_is_killed(tmp_path, sig):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "biotune.cli", "search", "--run-dir", str(run_dir),
-         *PROCESS_SEARCH],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [sys.executable, "-m", "biotune.cli", "search", "--run-dir", str(run_dir), *PROCESS_SEARCH],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     records = run_dir / "evaluations.jsonl"
     deadline = time.time() + 300
@@ -151,7 +171,6 @@ def test_workers_exit_when_the_driver_is_killed(tmp_path, sig):
         assert f"--resume {run_dir}" in err
 
 
-
 def test_a_wrong_ray_address_fails_fast_in_one_line_and_leaves_no_run_directory(tmp_path):
     """Nothing listens on the port: the address is checked before anything loads (Ray itself
     would retry for minutes), one line, exit 2, and no run directory."""
@@ -165,9 +184,22 @@ def test_a_wrong_ray_address_fails_fast_in_one_line_and_leaves_no_run_directory(
         port = s.getsockname()[1]
     run_dir = tmp_path / "run"
     done = subprocess.run(
-        [sys.executable, "-m", "biotune", "search", "--run-dir", str(run_dir), "--executor",
-         "ray", "--ray-address", f"127.0.0.1:{port}", "--quiet"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "biotune",
+            "search",
+            "--run-dir",
+            str(run_dir),
+            "--executor",
+            "ray",
+            "--ray-address",
+            f"127.0.0.1:{port}",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [

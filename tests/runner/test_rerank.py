@@ -25,22 +25,30 @@ TINY = TrainConfig(epochs=2, patience=2, batch_size=16, eval_batch_size=32, base
 def _bench() -> Workbench:
     model = make_tiny_cnn()
     val = make_tiny_data(30, seed=1)
-    splits = DatasetSplits("tiny", ["a", "b", "c"], make_tiny_data(60), val,
-                           make_tiny_data(30, seed=2), 8)
-    return Workbench(LoadedModel(model, "tiny", 8, (0.5,) * 3, (0.5,) * 3, "random"),
-                     partition_blocks(model), splits)
+    splits = DatasetSplits(
+        "tiny", ["a", "b", "c"], make_tiny_data(60), val, make_tiny_data(30, seed=2), 8
+    )
+    return Workbench(
+        LoadedModel(model, "tiny", 8, (0.5,) * 3, (0.5,) * 3, "random"),
+        partition_blocks(model),
+        splits,
+    )
 
 
 def test_candidates_are_the_first_distinct_plans_of_the_generation():
     names = ("a", "b", "c", "head")
     full = encode_plan(FineTunePlan.full(names))
     head = encode_plan(FineTunePlan.head_only(names))
-    population = [(Candidate(i, genes, 1, "child"), 0.1 * i)
-                  for i, genes in enumerate([full, full * 0.999 + 0.0005, head, full])]
+    population = [
+        (Candidate(i, genes, 1, "child"), 0.1 * i)
+        for i, genes in enumerate([full, full * 0.999 + 0.0005, head, full])
+    ]
     picked = candidates(population, names, 2)
     assert [c.id for c, _, _ in picked] == [0, 2]
-    records = [{"candidate": 0, "rank": 0, "val_balanced": 0.5},
-               {"candidate": 2, "rank": 1, "val_balanced": 0.5}]
+    records = [
+        {"candidate": 0, "rank": 0, "val_balanced": 0.5},
+        {"candidate": 2, "rank": 1, "val_balanced": 0.5},
+    ]
     assert choose(records)["candidate"] == 0  # a tie goes to the better search rank
     records[1]["val_balanced"] = 0.6
     assert choose(records)["candidate"] == 2
@@ -48,9 +56,12 @@ def test_candidates_are_the_first_distinct_plans_of_the_generation():
 
 def test_a_search_with_rerank_chooses_on_validation_and_reuses_the_winning_run(tmp_path):
     config = replace(
-        default(), evolution=EvolutionConfig(population_size=4, generations=1, elite=1),
+        default(),
+        evolution=EvolutionConfig(population_size=4, generations=1, elite=1),
         protocol=replace(default().protocol, seeds=(0,), train=replace(TINY, epochs=1)),
-        final=TINY, final_seeds=(0, 1), rerank=3,
+        final=TINY,
+        final_seeds=(0, 1),
+        rerank=3,
     )
     result = Search(config, tmp_path / "run", bench=_bench()).run_search()
     run = tmp_path / "run"

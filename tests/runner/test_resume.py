@@ -13,9 +13,29 @@ from pathlib import Path
 import pytest
 
 TINY = [
-    "--image-size", "32", "--train-size", "40", "--val-size", "20", "--test-size", "20",
-    "--population", "4", "--generations", "1", "--elite", "1", "--seeds", "1",
-    "--epochs", "1", "--final-epochs", "1", "--final-seeds", "1", "--quiet",
+    "--image-size",
+    "32",
+    "--train-size",
+    "40",
+    "--val-size",
+    "20",
+    "--test-size",
+    "20",
+    "--population",
+    "4",
+    "--generations",
+    "1",
+    "--elite",
+    "1",
+    "--seeds",
+    "1",
+    "--epochs",
+    "1",
+    "--final-epochs",
+    "1",
+    "--final-seeds",
+    "1",
+    "--quiet",
 ]
 TIMING_KEYS = {"seconds", "cache_work", "cache_images"}
 
@@ -48,7 +68,9 @@ def _counted_cost(run_dir: Path) -> dict:
 def _resume(run_dir: Path) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "biotune.cli", "search", "--resume", str(run_dir), "--quiet"],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 
@@ -122,9 +144,20 @@ def test_second_process_cannot_write_a_locked_run_directory(tmp_path):
 
 def test_resume_with_another_configuration_is_refused(tmp_path, reference):
     result = subprocess.run(
-        [sys.executable, "-m", "biotune.cli", "search", "--resume", str(reference),
-         "--model", "efficientnet_lite1", "--quiet"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "biotune.cli",
+            "search",
+            "--resume",
+            str(reference),
+            "--model",
+            "efficientnet_lite1",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 2
     assert "different configuration" in result.stderr

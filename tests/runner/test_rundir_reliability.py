@@ -31,7 +31,9 @@ from biotune.training import TrainConfig
 CONFIG = SearchConfig(
     evolution=EvolutionConfig(population_size=4, generations=2, elite=1),
     protocol=SearchProtocol(
-        data_fraction=0.5, seeds=(0,), train=TrainConfig(epochs=1, batch_size=16),
+        data_fraction=0.5,
+        seeds=(0,),
+        train=TrainConfig(epochs=1, batch_size=16),
         cache_features=True,
     ),
 )
@@ -72,8 +74,10 @@ def _lines(run_dir: Path) -> list[dict]:
 
 
 def _without_seconds(records: list[dict]) -> list[dict]:
-    return sorted(({k: v for k, v in r.items() if k != "seconds"} for r in records),
-                  key=lambda r: r["candidate"])
+    return sorted(
+        ({k: v for k, v in r.items() if k != "seconds"} for r in records),
+        key=lambda r: r["candidate"],
+    )
 
 
 def _counted(run_dir: Path) -> dict:
@@ -133,15 +137,21 @@ def _moved_partition(merge: bool) -> BlockPartition:
     """The tiny CNN's blocks with block 1's BatchNorm moved into block 0 (or 0 and 1 merged)."""
     b0, b1, *rest = partition_blocks(make_tiny_cnn()).blocks
     if merge:
-        both = Block("0+1", b0.param_names + b1.param_names, b0.module_names + b1.module_names,
-                     b0.num_params + b1.num_params)
+        both = Block(
+            "0+1",
+            b0.param_names + b1.param_names,
+            b0.module_names + b1.module_names,
+            b0.num_params + b1.num_params,
+        )
         return BlockPartition((both, *rest))
     moved = b1.param_names[2:]
-    return BlockPartition((
-        Block(b0.name, b0.param_names + moved, b0.module_names, b0.num_params + 16),
-        Block(b1.name, b1.param_names[:2], b1.module_names, b1.num_params - 16),
-        *rest,
-    ))
+    return BlockPartition(
+        (
+            Block(b0.name, b0.param_names + moved, b0.module_names, b0.num_params + 16),
+            Block(b1.name, b1.param_names[:2], b1.module_names, b1.num_params - 16),
+            *rest,
+        )
+    )
 
 
 @pytest.mark.parametrize("merge", [False, True], ids=["same-count", "other-count"])
@@ -245,8 +255,9 @@ def test_out_of_memory_is_one_line_and_the_search_resumes(tmp_path, monkeypatch)
     with pytest.raises(BioTuneError, match="out of memory: DefaultCPUAllocator") as err:
         Search(SMALL, run_dir, bench=make_bench()).run_search(final=False)
     assert "\n" not in str(err.value) and "--resume" in str(err.value)
-    monkeypatch.setattr(fitness_module.Evaluator, "evaluate", lambda *a, **k: (_ for _ in ()).throw(
-        MemoryError()))
+    monkeypatch.setattr(
+        fitness_module.Evaluator, "evaluate", lambda *a, **k: (_ for _ in ()).throw(MemoryError())
+    )
     with pytest.raises(BioTuneError, match="out of memory: MemoryError"):
         Search(SMALL, run_dir, bench=make_bench()).run_search(resume=True, final=False)
     monkeypatch.undo()

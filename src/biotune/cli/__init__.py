@@ -41,8 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"biotune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for add in (add_search_parser, add_train_parser, add_predict_parser, add_blocks_parser,
-                add_compare_parser, add_report_parser):
+    for add in (
+        add_search_parser,
+        add_train_parser,
+        add_predict_parser,
+        add_blocks_parser,
+        add_compare_parser,
+        add_report_parser,
+    ):
         add(sub)
     return parser
 

@@ -43,8 +43,9 @@ def share(text: str) -> float:
     try:
         value = float(text.strip().removesuffix("%"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a percentage such as 10%, got {text!r}") \
-            from None
+        raise argparse.ArgumentTypeError(
+            f"expected a percentage such as 10%, got {text!r}"
+        ) from None
     if not 0 < value <= 100:
         raise argparse.ArgumentTypeError(f"expected a percentage in (0, 100], got {text!r}")
     return value / 100
@@ -62,8 +63,13 @@ def megabytes(text: str) -> float:
 
 #: How the command line reads a value, by the name ``option(type=...)`` gives.
 TYPES: dict[str, Callable[[str], Any]] = {
-    "positive_int": positive_int, "fraction": fraction, "share": share,
-    "megabytes": megabytes, "int": int, "float": float, "str": str,
+    "positive_int": positive_int,
+    "fraction": fraction,
+    "share": share,
+    "megabytes": megabytes,
+    "int": int,
+    "float": float,
+    "str": str,
 }
 
 
@@ -112,7 +118,11 @@ def defaults_text(f: dataclasses.Field, defaults: Mapping[str, Any], note: str =
 
 
 def add_field_options(
-    group: Any, cls: type, names: Iterable[str], defaults: Mapping[str, Any], prefix: str = "",
+    group: Any,
+    cls: type,
+    names: Iterable[str],
+    defaults: Mapping[str, Any],
+    prefix: str = "",
     notes: Mapping[str, str] | None = None,
 ) -> None:
     """Add the options of fields ``names`` of ``cls``; ``defaults`` names the configs (of type
@@ -129,22 +139,27 @@ def add_field_options(
             if meta.get("negatable"):
                 kwargs["action"] = argparse.BooleanOptionalAction
             else:
-                kwargs["action"] = "store_false" if flag_of(f).startswith("--no-") \
-                    else "store_true"
+                kwargs["action"] = "store_false" if flag_of(f).startswith("--no-") else "store_true"
         else:
-            kwargs["type"] = TYPES[meta.get("type", type(f.default).__name__)] \
-                if "choices" not in meta else None
+            kwargs["type"] = (
+                TYPES[meta.get("type", type(f.default).__name__)] if "choices" not in meta else None
+            )
             kwargs["choices"] = meta.get("choices")
             kwargs["metavar"] = meta.get("metavar")
         note = (notes or {}).get(name, "")
         help_text += note if is_switch(f) else defaults_text(f, defaults, note)
         kwargs["help"] = help_text.replace("%", "%%")
-        group.add_argument(flag_of(f, prefix), **{k: v for k, v in kwargs.items()
-                                                  if v is not None or k == "default"})
+        group.add_argument(
+            flag_of(f, prefix),
+            **{k: v for k, v in kwargs.items() if v is not None or k == "default"},
+        )
 
 
 def field_changes(
-    args: argparse.Namespace, cls: type, names: Iterable[str] | None = None, prefix: str = "",
+    args: argparse.Namespace,
+    cls: type,
+    names: Iterable[str] | None = None,
+    prefix: str = "",
 ) -> dict[str, Any]:
     """The fields of ``cls`` whose options were given, as ``replace`` changes."""
     fields = cli_fields(cls)
@@ -157,7 +172,10 @@ def field_changes(
 
 
 def apply_fields(
-    args: argparse.Namespace, config: Any, names: Iterable[str] | None = None, prefix: str = "",
+    args: argparse.Namespace,
+    config: Any,
+    names: Iterable[str] | None = None,
+    prefix: str = "",
 ) -> Any:
     """``config`` with the options of its fields ``names`` (default: all of them) applied."""
     changes = field_changes(args, type(config), names, prefix)

@@ -41,11 +41,16 @@ def add_seed_options(parser: Any, prefix: str, what: str, default: str = "") -> 
     ``--{prefix}num-seeds N`` (seeds 0 to N-1), never both; read back with ``seeds_from``.
     ``default`` says what is used when neither is given."""
     group = parser.add_mutually_exclusive_group()
-    group.add_argument(f"--{prefix}seeds", type=_seed_list, metavar="S[,S...]",
-                       help=f"{what}: these seeds, e.g. 0,3,7 (a single number is one seed)"
-                       + (f" ({default})" if default else ""))
-    group.add_argument(f"--{prefix}num-seeds", type=positive_int, metavar="N",
-                       help=f"{what}: seeds 0 to N-1")
+    group.add_argument(
+        f"--{prefix}seeds",
+        type=_seed_list,
+        metavar="S[,S...]",
+        help=f"{what}: these seeds, e.g. 0,3,7 (a single number is one seed)"
+        + (f" ({default})" if default else ""),
+    )
+    group.add_argument(
+        f"--{prefix}num-seeds", type=positive_int, metavar="N", help=f"{what}: seeds 0 to N-1"
+    )
 
 
 def seeds_text(configs: Mapping[str, tuple[int, ...]]) -> str:
@@ -66,8 +71,9 @@ def seeds_from(args: argparse.Namespace, prefix: str = "") -> tuple[int, ...] | 
 
 
 def add_quiet_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quiet", action="store_true",
-                   help="no progress bars or lines (warnings and errors only)")
+    p.add_argument(
+        "--quiet", action="store_true", help="no progress bars or lines (warnings and errors only)"
+    )
 
 
 # -- model and data ---------------------------------------------------------------------------
@@ -79,22 +85,32 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
     from biotune.runner.config import DataConfig
 
     defaults = {"default": DataConfig()}
-    demo = {name: f"; the offline demo datasets: {size}"
-            for name, size in zip(("train_size", "val_size", "test_size"), DEMO_SIZES, strict=True)}
+    demo = {
+        name: f"; the offline demo datasets: {size}"
+        for name, size in zip(("train_size", "val_size", "test_size"), DEMO_SIZES, strict=True)
+    }
     g = p.add_argument_group("model and data")
-    add_field_options(g, DataConfig, ("model", "checkpoint", "pretrained", "dataset",
-                                      "data_root", "download", "image_size"), defaults)
-    g.add_argument("--native-size", action="store_true",
-                   help="use the model's native input resolution (224 for ResNet-50)")
-    add_field_options(g, DataConfig, ("train_size", "val_size", "test_size"), defaults,
-                      notes=demo)
-    g.add_argument("--full-data", action="store_true",
-                   help="use the whole splits (no subsampling)")
+    add_field_options(
+        g,
+        DataConfig,
+        ("model", "checkpoint", "pretrained", "dataset", "data_root", "download", "image_size"),
+        defaults,
+    )
+    g.add_argument(
+        "--native-size",
+        action="store_true",
+        help="use the model's native input resolution (224 for ResNet-50)",
+    )
+    add_field_options(g, DataConfig, ("train_size", "val_size", "test_size"), defaults, notes=demo)
+    g.add_argument("--full-data", action="store_true", help="use the whole splits (no subsampling)")
     add_field_options(g, DataConfig, ("split_seed", "bad_images"), defaults)
-    g.add_argument("--blocks", metavar="FILE.json",
-                   help='your own block partition: {"block name": ["module prefix or regex", '
-                   '...], ...} in input-to-output order, the classifier last (default: the '
-                   "model family's blocks; see biotune blocks MODEL)")
+    g.add_argument(
+        "--blocks",
+        metavar="FILE.json",
+        help='your own block partition: {"block name": ["module prefix or regex", '
+        "...], ...} in input-to-output order, the classifier last (default: the "
+        "model family's blocks; see biotune blocks MODEL)",
+    )
 
 
 def data_config(args: argparse.Namespace, base: Any) -> Any:
@@ -121,7 +137,10 @@ MACHINE = ("precision", "channels_last")
 
 
 def add_training_options(
-    p: argparse.ArgumentParser, prefix: str, what: str, defaults: Mapping[str, Any],
+    p: argparse.ArgumentParser,
+    prefix: str,
+    what: str,
+    defaults: Mapping[str, Any],
     names: tuple[str, ...] = RECIPE,
 ) -> None:
     """Options of one training recipe; ``defaults`` names the TrainConfigs their help quotes."""
@@ -145,18 +164,28 @@ def add_machine_options(p: argparse.ArgumentParser, augment: str | None) -> None
     from biotune.training import DEVICES, TrainConfig
 
     g = p.add_argument_group("device and precision")
-    g.add_argument("--device", metavar="{" + ",".join(DEVICES) + "}",
-                   help="where to train (default auto: a CUDA GPU if there is one, else the CPU; "
-                   "or the BIOTUNE_DEVICE environment variable)")
+    g.add_argument(
+        "--device",
+        metavar="{" + ",".join(DEVICES) + "}",
+        help="where to train (default auto: a CUDA GPU if there is one, else the CPU; "
+        "or the BIOTUNE_DEVICE environment variable)",
+    )
     add_field_options(g, TrainConfig, ("precision",), {"default": TrainConfig()})
-    g.add_argument("--threads", type=positive_int,
-                   help="torch CPU threads for training in this process (default: torch's "
-                   "choice, all cores); a search's evaluations keep their own (--eval-threads)")
+    g.add_argument(
+        "--threads",
+        type=positive_int,
+        help="torch CPU threads for training in this process (default: torch's "
+        "choice, all cores); a search's evaluations keep their own (--eval-threads)",
+    )
     add_field_options(g, TrainConfig, ("channels_last",), {"default": TrainConfig()})
     if augment:
-        g.add_argument("--augment", action="store_true", default=None,
-                       help="random resized crops and flips, the torchvision/timm standard, "
-                       f"for {augment}; the feature cache is off for it")
+        g.add_argument(
+            "--augment",
+            action="store_true",
+            default=None,
+            help="random resized crops and flips, the torchvision/timm standard, "
+            f"for {augment}; the feature cache is off for it",
+        )
 
 
 def use_machine(args: argparse.Namespace) -> None:
@@ -175,6 +204,7 @@ def use_machine(args: argparse.Namespace) -> None:
 
 # -- budgets ----------------------------------------------------------------------------------
 
+
 def add_budget_options(p: argparse.ArgumentParser, defaults: Mapping[str, Any]) -> None:
     """``--objective`` (an ``EvolutionConfig`` field), ``--max-trainable``, ``--max-memory``,
     ``--pareto-cost`` and ``--pareto-final``; ``defaults`` names the SearchConfigs their help
@@ -183,11 +213,15 @@ def add_budget_options(p: argparse.ArgumentParser, defaults: Mapping[str, Any]) 
     from biotune.core.evolution import EvolutionConfig
 
     g = p.add_argument_group("budget and trade-off (beyond the paper)")
-    add_field_options(g, EvolutionConfig, ("objective",),
-                      {label: c.evolution for label, c in defaults.items()})
-    add_field_options(g, BudgetConfig, ("max_trainable", "max_memory_mb", "pareto_cost",
-                                        "pareto_final"),
-                      {label: c.budget for label, c in defaults.items()})
+    add_field_options(
+        g, EvolutionConfig, ("objective",), {label: c.evolution for label, c in defaults.items()}
+    )
+    add_field_options(
+        g,
+        BudgetConfig,
+        ("max_trainable", "max_memory_mb", "pareto_cost", "pareto_final"),
+        {label: c.budget for label, c in defaults.items()},
+    )
 
 
 # -- output files -----------------------------------------------------------------------------

@@ -10,11 +10,18 @@ from biotune.cli._fields import positive_int
 
 def add_blocks_parser(sub: Any) -> argparse.ArgumentParser:
     """``biotune blocks``: sets ``func=cmd_blocks``."""
-    b = sub.add_parser("blocks", help="show how a model is split into blocks",
-                       description="Print a model's blocks with parameter counts and shares.")
+    b = sub.add_parser(
+        "blocks",
+        help="show how a model is split into blocks",
+        description="Print a model's blocks with parameter counts and shares.",
+    )
     b.add_argument("model", nargs="?", default="efficientnet_lite0", help="model name")
-    b.add_argument("--num-classes", type=positive_int, default=1000,
-                   help="classes of the new head (default 1000)")
+    b.add_argument(
+        "--num-classes",
+        type=positive_int,
+        default=1000,
+        help="classes of the new head (default 1000)",
+    )
     b.set_defaults(func=cmd_blocks)
     return b
 

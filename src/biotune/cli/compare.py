@@ -70,7 +70,8 @@ def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
     from biotune.presets import FINAL_TRAINING
 
     p = subparsers.add_parser(
-        "compare", help="compare BioTune with the baselines on one dataset and model",
+        "compare",
+        help="compare BioTune with the baselines on one dataset and model",
         description="Run several methods with the same splits, the same training recipe and "
         "the same learning-rate grid (chosen per method on validation), over several seeds; "
         "write a table (markdown, CSV, JSON) and a plot of accuracy against trainable "
@@ -78,33 +79,65 @@ def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
         f"finished method's row is kept in OUT/{ROWS}/METHOD.json: the same command run again "
         "skips finished methods and refuses rows made with other settings.",
     )
-    p.add_argument("--methods", type=_method_list, default=list(ALL_METHODS),
-                   help=f"comma-separated, from {','.join(ALL_METHODS)} (default: all)")
+    p.add_argument(
+        "--methods",
+        type=_method_list,
+        default=list(ALL_METHODS),
+        help=f"comma-separated, from {','.join(ALL_METHODS)} (default: all)",
+    )
     add_seed_options(p, "", "seeds of the final runs", seeds_text({"": DEFAULT_SEEDS}))
-    p.add_argument("--lr-grid", type=_float_list, default=DEFAULT_LR_GRID,
-                   help="base learning rates to choose from on validation (default "
-                   f"{','.join(f'{lr:g}' for lr in DEFAULT_LR_GRID)})")
-    p.add_argument("--out", help="output folder (default runs/compare-DATASET-MODEL-TIME); "
-                   "finished methods and BioTune searches found there are resumed")
+    p.add_argument(
+        "--lr-grid",
+        type=_float_list,
+        default=DEFAULT_LR_GRID,
+        help="base learning rates to choose from on validation (default "
+        f"{','.join(f'{lr:g}' for lr in DEFAULT_LR_GRID)})",
+    )
+    p.add_argument(
+        "--out",
+        help="output folder (default runs/compare-DATASET-MODEL-TIME); "
+        "finished methods and BioTune searches found there are resumed",
+    )
     add_quiet_option(p)
     add_data_options(p)
-    add_training_options(p, "", "training recipe (the same for every method)",
-                         {"default": FINAL_TRAINING}, names=RECIPE)
+    add_training_options(
+        p,
+        "",
+        "training recipe (the same for every method)",
+        {"default": FINAL_TRAINING},
+        names=RECIPE,
+    )
     add_machine_options(p, augment="every method's training runs (not the BioTune searches)")
     g = p.add_argument_group("baseline options")
-    g.add_argument("--lora-rank", type=positive_int,
-                   help=f"LoRA rank (default {baselines.LORA_RANK})")
-    g.add_argument("--lora-alpha", type=float, help="LoRA alpha; scaling = alpha/rank "
-                   f"(default {baselines.LORA_ALPHA:g})")
-    g.add_argument("--l2sp-alpha", type=float, help="L2-SP pull toward the pretrained "
-                   f"weights (default {baselines.L2SP_ALPHA:g})")
-    g.add_argument("--l1sp-alpha", type=float, help="L1-SP pull toward the pretrained "
-                   f"weights (default {baselines.L1SP_ALPHA:g})")
-    g.add_argument("--sp-beta", type=float, help="L2-SP/L1-SP weight decay of the head "
-                   f"(default {baselines.SP_BETA:g})")
-    g.add_argument("--rgn-batches", type=positive_int,
-                   help="AutoRGN: mini-batches its gradient norms average over "
-                   f"(default {baselines.RGN_BATCHES})")
+    g.add_argument(
+        "--lora-rank", type=positive_int, help=f"LoRA rank (default {baselines.LORA_RANK})"
+    )
+    g.add_argument(
+        "--lora-alpha",
+        type=float,
+        help=f"LoRA alpha; scaling = alpha/rank (default {baselines.LORA_ALPHA:g})",
+    )
+    g.add_argument(
+        "--l2sp-alpha",
+        type=float,
+        help=f"L2-SP pull toward the pretrained weights (default {baselines.L2SP_ALPHA:g})",
+    )
+    g.add_argument(
+        "--l1sp-alpha",
+        type=float,
+        help=f"L1-SP pull toward the pretrained weights (default {baselines.L1SP_ALPHA:g})",
+    )
+    g.add_argument(
+        "--sp-beta",
+        type=float,
+        help=f"L2-SP/L1-SP weight decay of the head (default {baselines.SP_BETA:g})",
+    )
+    g.add_argument(
+        "--rgn-batches",
+        type=positive_int,
+        help="AutoRGN: mini-batches its gradient norms average over "
+        f"(default {baselines.RGN_BATCHES})",
+    )
     for method, flag in SCALE_FLAGS.items():
         preset_name = BIOTUNE_PRESETS[method]
         g = p.add_argument_group(f"scaling of the '{preset_name}' search ({method})")
@@ -122,7 +155,8 @@ def scales_from_args(args: argparse.Namespace) -> dict[str, SearchScale]:
     for method, flag in SCALE_FLAGS.items():
         scale = SearchScale(
             *(getattr(args, f"{flag}_{k}", None) for k in ("population", "generations", "elite")),
-            seeds=seeds_from(args, f"{flag}-"), epochs=getattr(args, f"{flag}_epochs", None),
+            seeds=seeds_from(args, f"{flag}-"),
+            epochs=getattr(args, f"{flag}_epochs", None),
         )
         if scale.describe():
             scales[method] = scale
@@ -145,13 +179,23 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.augment:
         config = replace(config, augment=True)
     use_machine(args)
-    out = Path(args.out) if args.out else Path("runs") / (
-        f"compare-{Path(data.dataset).name}-{data.model}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = (
+        Path(args.out)
+        if args.out
+        else Path("runs")
+        / (f"compare-{Path(data.dataset).name}-{data.model}-{time.strftime('%Y%m%d-%H%M%S')}")
     )
     rows = compare(
-        args.methods, data, config, seeds_from(args) or DEFAULT_SEEDS, args.lr_grid, out,
-        scales=scales_from_args(args), options=options_from_args(args),
-        meta={"command": " ".join(["biotune", *sys.argv[1:]])}, progress=not args.quiet,
+        args.methods,
+        data,
+        config,
+        seeds_from(args) or DEFAULT_SEEDS,
+        args.lr_grid,
+        out,
+        scales=scales_from_args(args),
+        options=options_from_args(args),
+        meta={"command": " ".join(["biotune", *sys.argv[1:]])},
+        progress=not args.quiet,
     )
     print(markdown_table(rows))
     print("written: " + ", ".join(str(out / name) for name in OUTPUTS))

@@ -12,10 +12,13 @@ from biotune.cli._options import check_writable
 
 def add_predict_parser(sub: Any) -> argparse.ArgumentParser:
     """``biotune predict``: sets ``func=cmd_predict``."""
-    pr = sub.add_parser("predict", help="classify images with a fine-tuned model",
-                        description="Load a fine-tuned model (a search's run directory or a "
-                        "train --save folder) and print the class and its probability for each "
-                        "image (folders are searched recursively).")
+    pr = sub.add_parser(
+        "predict",
+        help="classify images with a fine-tuned model",
+        description="Load a fine-tuned model (a search's run directory or a "
+        "train --save folder) and print the class and its probability for each "
+        "image (folders are searched recursively).",
+    )
     pr.add_argument("model_dir", help="run directory or folder holding finetuned.json")
     pr.add_argument("images", nargs="+", help="image files or folders")
     pr.add_argument("--csv", help="write file,class,index,probability rows here instead")

@@ -11,7 +11,8 @@ from biotune.reports import report, summary_lines
 def add_report_parser(subparsers: Any) -> argparse.ArgumentParser:
     """``biotune report``: sets ``func=cmd_report``."""
     p = subparsers.add_parser(
-        "report", help="plot a search: fitness per generation, blocks chosen, the winning plan",
+        "report",
+        help="plot a search: fitness per generation, blocks chosen, the winning plan",
         description="Read a search's run directory, print the winning plan with its "
         "validation score and, once the final training has run (final.json), its test result, "
         "and write three plots: best and mean validation score per generation, which blocks "

@@ -34,10 +34,12 @@ def _preset_help() -> str:
     from biotune.presets import paper
 
     c = paper()
-    return (f"'default': our cheap search; 'paper': the paper's protocol (population "
-            f"{c.evolution.population_size}, {c.evolution.generations} generations, "
-            f"{len(c.protocol.seeds)} seeds, up to {c.protocol.train.epochs} epochs); "
-            "default: 'default'")
+    return (
+        f"'default': our cheap search; 'paper': the paper's protocol (population "
+        f"{c.evolution.population_size}, {c.evolution.generations} generations, "
+        f"{len(c.protocol.seeds)} seeds, up to {c.protocol.train.epochs} epochs); "
+        "default: 'default'"
+    )
 
 
 def add_search_parser(sub: Any) -> argparse.ArgumentParser:
@@ -48,71 +50,116 @@ def add_search_parser(sub: Any) -> argparse.ArgumentParser:
     from biotune.runner.fitness import PruneConfig, SearchProtocol
 
     presets = {"default preset": default(), "paper preset": paper()}
-    s = sub.add_parser("search", help="search a fine-tuning plan, then train and test it",
-                       description="Search a fine-tuning plan with the evolutionary algorithm, "
-                       "train the best plan on the whole training split with several seeds and "
-                       "test it once. With no options: EfficientNet-Lite0 (offline ImageNet "
-                       "weights) on Animal-Shape.")
+    s = sub.add_parser(
+        "search",
+        help="search a fine-tuning plan, then train and test it",
+        description="Search a fine-tuning plan with the evolutionary algorithm, "
+        "train the best plan on the whole training split with several seeds and "
+        "test it once. With no options: EfficientNet-Lite0 (offline ImageNet "
+        "weights) on Animal-Shape.",
+    )
     s.add_argument("--preset", choices=["default", "paper"], help=_preset_help())
     s.add_argument("--run-dir", help="where records go (default runs/DATASET-MODEL-TIME)")
-    s.add_argument("--config", metavar="FILE",
-                   help="start from this configuration (JSON, or YAML with PyYAML; the schema of "
-                   "a run directory's config.json, e.g. one copied from an earlier run) instead "
-                   "of a preset; options given change it")
-    s.add_argument("--resume", metavar="RUN_DIR",
-                   help="continue an interrupted search in RUN_DIR with the configuration stored "
-                   "there (--preset is refused; other options must match it; --run-dir, if "
-                   "given, must be RUN_DIR)")
+    s.add_argument(
+        "--config",
+        metavar="FILE",
+        help="start from this configuration (JSON, or YAML with PyYAML; the schema of "
+        "a run directory's config.json, e.g. one copied from an earlier run) instead "
+        "of a preset; options given change it",
+    )
+    s.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue an interrupted search in RUN_DIR with the configuration stored "
+        "there (--preset is refused; other options must match it; --run-dir, if "
+        "given, must be RUN_DIR)",
+    )
     add_field_options(s, SearchConfig, ("seed",), presets)
-    s.add_argument("--no-final", action="store_true",
-                   help="stop after the search, without training the best plan")
+    s.add_argument(
+        "--no-final",
+        action="store_true",
+        help="stop after the search, without training the best plan",
+    )
     add_quiet_option(s)
-    s.add_argument("--log", choices=["csv", "tensorboard"], default="csv",
-                   help="csv (default): the search and final training logged as CSV files in "
-                   "RUN_DIR/logs (cheap, always written); tensorboard: TensorBoard event files "
-                   "in RUN_DIR/logs/tensorboard as well (pip install 'biotune[tensorboard]')")
+    s.add_argument(
+        "--log",
+        choices=["csv", "tensorboard"],
+        default="csv",
+        help="csv (default): the search and final training logged as CSV files in "
+        "RUN_DIR/logs (cheap, always written); tensorboard: TensorBoard event files "
+        "in RUN_DIR/logs/tensorboard as well (pip install 'biotune[tensorboard]')",
+    )
     g = s.add_argument_group("execution (does not change results)")
-    g.add_argument("--executor", choices=["inprocess", "process", "ray"], default="inprocess",
-                   help="where evaluations run: this process (default), a local process pool, "
-                   "or a Ray cluster")
-    g.add_argument("--workers", type=positive_int, default=1,
-                   help="parallel workers for --executor process/ray (default 1)")
-    g.add_argument("--ray-address", help="address of an existing Ray cluster (default: start a "
-                   "local one)")
+    g.add_argument(
+        "--executor",
+        choices=["inprocess", "process", "ray"],
+        default="inprocess",
+        help="where evaluations run: this process (default), a local process pool, "
+        "or a Ray cluster",
+    )
+    g.add_argument(
+        "--workers",
+        type=positive_int,
+        default=1,
+        help="parallel workers for --executor process/ray (default 1)",
+    )
+    g.add_argument(
+        "--ray-address", help="address of an existing Ray cluster (default: start a local one)"
+    )
     add_data_options(s)
 
     g = s.add_argument_group("evolution")
     evolutions = {label: c.evolution for label, c in presets.items()}
     add_field_options(g, EvolutionConfig, ("population_size", "generations", "elite"), evolutions)
-    g.add_argument("--children-batch", type=int,
-                   help="children made per step: 1 = the paper's sequential order; 0 = all "
-                   "children of a generation at once (parallel)")
+    g.add_argument(
+        "--children-batch",
+        type=int,
+        help="children made per step: 1 = the paper's sequential order; 0 = all "
+        "children of a generation at once (parallel)",
+    )
     add_field_options(g, EvolutionConfig, ("anchors", "initial_size"), evolutions)
 
     g = s.add_argument_group("fitness protocol")
     protocols = {label: c.protocol for label, c in presets.items()}
     add_field_options(g, SearchProtocol, ("data_fraction",), protocols)
-    add_seed_options(g, "", "seeds of each evaluation", seeds_text({
-        label: c.protocol.seeds for label, c in presets.items()
-    }))
+    add_seed_options(
+        g,
+        "",
+        "seeds of each evaluation",
+        seeds_text({label: c.protocol.seeds for label, c in presets.items()}),
+    )
     g = s.add_argument_group("speed-ups (default preset: all on; paper preset: all off)")
-    add_field_options(g, SearchProtocol, ("cache_features", "cache_budget_mb", "memoize"),
-                      protocols)
-    g.add_argument("--prune", action=argparse.BooleanOptionalAction, default=None,
-                   help="stop a child's training early when it is clearly worse than this "
-                   "generation's elites at the same epoch")
+    add_field_options(
+        g, SearchProtocol, ("cache_features", "cache_budget_mb", "memoize"), protocols
+    )
+    g.add_argument(
+        "--prune",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="stop a child's training early when it is clearly worse than this "
+        "generation's elites at the same epoch",
+    )
     add_field_options(g, PruneConfig, ("quantile",), {"default": PruneConfig()})
     add_field_options(g, SearchProtocol, ("cpu_threads",), protocols)
-    add_training_options(s, "", "training of each evaluation", {
-        label: c.protocol.train for label, c in presets.items()
-    })
-    add_training_options(s, "final-", "final training of the best plan", {
-        label: c.final for label, c in presets.items()
-    })
+    add_training_options(
+        s,
+        "",
+        "training of each evaluation",
+        {label: c.protocol.train for label, c in presets.items()},
+    )
+    add_training_options(
+        s,
+        "final-",
+        "final training of the best plan",
+        {label: c.final for label, c in presets.items()},
+    )
     g = s.add_argument_group("seeds of the final training")
-    add_seed_options(g, "final-", "seeds of the final training of the best plan", seeds_text({
-        label: c.final_seeds for label, c in presets.items()
-    }))
+    add_seed_options(
+        g,
+        "final-",
+        "seeds of the final training of the best plan",
+        seeds_text({label: c.final_seeds for label, c in presets.items()}),
+    )
     add_machine_options(s, augment="the final training (not the search's evaluations)")
     add_budget_options(s, presets)
     s.set_defaults(func=cmd_search)
@@ -137,16 +184,22 @@ def search_config(args: argparse.Namespace, base: Any) -> Any:
         evolution = replace(evolution, children_batch=args.children_batch or None)
     protocol = apply_fields(args, base.protocol)
     seeds = seeds_from(args)
-    protocol = replace(protocol, train=train_config(args, "", protocol.train),
-                       prune=_prune(args, protocol),
-                       **({"seeds": seeds} if seeds is not None else {}))
+    protocol = replace(
+        protocol,
+        train=train_config(args, "", protocol.train),
+        prune=_prune(args, protocol),
+        **({"seeds": seeds} if seeds is not None else {}),
+    )
     final = train_config(args, "final-", base.final)
     if args.augment:
         final = replace(final, augment=True)
     final_seeds = seeds_from(args, "final-")
     config = replace(
-        apply_fields(args, base), data=data_config(args, base.data), evolution=evolution,
-        protocol=protocol, final=final,
+        apply_fields(args, base),
+        data=data_config(args, base.data),
+        evolution=evolution,
+        protocol=protocol,
+        final=final,
         **({"final_seeds": final_seeds} if final_seeds is not None else {}),
     )
     return replace(config, budget=apply_fields(args, config.budget))
@@ -165,8 +218,10 @@ def read_config(path: str) -> Any:
         try:
             import yaml
         except ImportError:
-            raise BioTuneError(f"--config {path}: YAML needs PyYAML (pip install pyyaml), or "
-                               "give the configuration as JSON") from None
+            raise BioTuneError(
+                f"--config {path}: YAML needs PyYAML (pip install pyyaml), or "
+                "give the configuration as JSON"
+            ) from None
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
@@ -175,8 +230,9 @@ def read_config(path: str) -> Any:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise BioTuneError(f"--config {path}: malformed JSON at line {exc.lineno}: "
-                               f"{exc.msg}") from None
+            raise BioTuneError(
+                f"--config {path}: malformed JSON at line {exc.lineno}: {exc.msg}"
+            ) from None
     if isinstance(data, dict) and isinstance(data.get("search"), dict):
         data = data["search"]
     try:
@@ -184,15 +240,19 @@ def read_config(path: str) -> Any:
     except BioTuneError as exc:
         raise BioTuneError(f"--config {path}: {exc}") from None
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise BioTuneError(f"--config {path}: not a search configuration (the schema of a run's "
-                           f"config.json): {type(exc).__name__} {exc}") from None
+        raise BioTuneError(
+            f"--config {path}: not a search configuration (the schema of a run's "
+            f"config.json): {type(exc).__name__} {exc}"
+        ) from None
 
 
 def print_final(final: dict[str, Any]) -> None:
     t1, bal = final["test_top1"], final["test_balanced"]
-    print(f"test top-1 {t1['mean']:.4f} +- {t1['std']:.4f} | balanced {bal['mean']:.4f} +- "
-          f"{bal['std']:.4f} | {len(final['runs'])} seeds | trainable "
-          f"{100 * final['trainable_share']:.1f}% of parameters")
+    print(
+        f"test top-1 {t1['mean']:.4f} +- {t1['std']:.4f} | balanced {bal['mean']:.4f} +- "
+        f"{bal['std']:.4f} | {len(final['runs'])} seeds | trainable "
+        f"{100 * final['trainable_share']:.1f}% of parameters"
+    )
 
 
 def _check_resume_options(args: argparse.Namespace) -> None:
@@ -215,8 +275,11 @@ def _interrupted(run_dir: Path, created: bool) -> None:
     from biotune.runner.rundir import CONFIG, LOCK
 
     if (run_dir / CONFIG).exists():
-        print(f"\ninterrupted: every finished evaluation is saved; resume with\n"
-              f"  biotune search --resume {run_dir}", file=sys.stderr)
+        print(
+            f"\ninterrupted: every finished evaluation is saved; resume with\n"
+            f"  biotune search --resume {run_dir}",
+            file=sys.stderr,
+        )
         return
     if created:  # this call made the directory and nothing was recorded: leave no debris
         with contextlib.suppress(OSError):
@@ -245,8 +308,9 @@ def cmd_search(args: argparse.Namespace) -> int:
         run_dir = Path(args.resume)
     elif args.config:
         if args.preset:
-            raise BioTuneError("--config and --preset both say where the configuration comes "
-                               "from: give one")
+            raise BioTuneError(
+                "--config and --preset both say where the configuration comes from: give one"
+            )
         base = read_config(args.config)
         run_dir = Path(args.run_dir) if args.run_dir else None
     else:
@@ -255,9 +319,11 @@ def cmd_search(args: argparse.Namespace) -> int:
     config = search_config(args, base)
     use_machine(args)
     if args.device and args.device.startswith("cuda:") and args.executor != "inprocess":
-        raise BioTuneError(f"--device {args.device} picks one GPU for this process; --executor "
-                           f"{args.executor} gives each worker a GPU of its own (use --device "
-                           "cuda or auto)")
+        raise BioTuneError(
+            f"--device {args.device} picks one GPU for this process; --executor "
+            f"{args.executor} gives each worker a GPU of its own (use --device "
+            "cuda or auto)"
+        )
     if run_dir is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path("runs") / f"{Path(config.data.dataset).name}-{config.data.model}-{stamp}"
@@ -269,20 +335,28 @@ def cmd_search(args: argparse.Namespace) -> int:
         loggers.append(TensorBoardLogger(run_dir / "logs" / "tensorboard"))
     try:
         search = Search(
-            config, run_dir, progress=None if args.quiet else SearchProgress(metric=metric),
+            config,
+            run_dir,
+            progress=None if args.quiet else SearchProgress(metric=metric),
             callbacks=loggers,
-            executor=args.executor, workers=args.workers, ray_address=args.ray_address,
+            executor=args.executor,
+            workers=args.workers,
+            ray_address=args.ray_address,
         )
         result = search.run_search(resume=bool(args.resume), final=not args.no_final)
     except KeyboardInterrupt:
         _interrupted(run_dir, created)
         return EXIT_INTERRUPTED
-    print(f"best plan (validation {score_name(metric)} {1 - result.best_fitness:.4f} on the last "
-          f"generation's fold): {result.best_plan.describe()}")
+    print(
+        f"best plan (validation {score_name(metric)} {1 - result.best_fitness:.4f} on the last "
+        f"generation's fold): {result.best_plan.describe()}"
+    )
     summary = json.loads((run_dir / "search_summary.json").read_text())
     cost = summary["cost"]
-    print(f"search: {cost['evaluations']} evaluations, {cost['seconds']:.0f}s of training, "
-          f"{cost['ft_equivalents']:.2f} FT-equivalents")
+    print(
+        f"search: {cost['evaluations']} evaluations, {cost['seconds']:.0f}s of training, "
+        f"{cost['ft_equivalents']:.2f} FT-equivalents"
+    )
     if result.final:
         print_final(result.final)
     if result.pareto:
@@ -292,6 +366,8 @@ def cmd_search(args: argparse.Namespace) -> int:
         print(f"front: {run_dir / 'pareto.json'}, {run_dir / 'pareto.png'}")
     print(f"plan: {run_dir / 'best_plan.json'}")
     if result.final and result.final.get("model"):
-        print(f"fine-tuned model (seed {result.final['model']['seed']}, the best on validation): "
-              f"{run_dir / 'model.safetensors'}; use it with: biotune predict {run_dir} IMAGES")
+        print(
+            f"fine-tuned model (seed {result.final['model']['seed']}, the best on validation): "
+            f"{run_dir / 'model.safetensors'}; use it with: biotune predict {run_dir} IMAGES"
+        )
     return 0

@@ -33,16 +33,22 @@ def add_train_parser(sub: Any) -> argparse.ArgumentParser:
     """``biotune train``: sets ``func=cmd_train``; help texts quote the final-training recipe."""
     from biotune.presets import FINAL_TRAINING
 
-    t = sub.add_parser("train", help="train a given plan and test it",
-                       description="Fine-tune a model under a plan (a JSON file, e.g. a run's "
-                       "best_plan.json, or 'full' / 'head') on the whole training split, test it. "
-                       "The plan and --out are checked before any training.")
+    t = sub.add_parser(
+        "train",
+        help="train a given plan and test it",
+        description="Fine-tune a model under a plan (a JSON file, e.g. a run's "
+        "best_plan.json, or 'full' / 'head') on the whole training split, test it. "
+        "The plan and --out are checked before any training.",
+    )
     t.add_argument("--plan", required=True, help="plan JSON file, 'full' or 'head'")
     add_seed_options(t, "", "seeds", seeds_text({"default": TRAIN_SEEDS}))
     t.add_argument("--out", help="write the results as JSON here")
-    t.add_argument("--save", metavar="DIR",
-                   help="save the fine-tuned model (the seed best on validation) in DIR: "
-                   "model.safetensors and finetuned.json, for biotune predict")
+    t.add_argument(
+        "--save",
+        metavar="DIR",
+        help="save the fine-tuned model (the seed best on validation) in DIR: "
+        "model.safetensors and finetuned.json, for biotune predict",
+    )
     add_data_options(t)
     add_training_options(t, "", "training", {"default": FINAL_TRAINING})
     add_quiet_option(t)
@@ -81,11 +87,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         check_writable(save / "finetuned.json", "--save")
     base_data = DataConfig(**origin["data"]) if origin.get("data") else DataConfig()
     if base_data.dataset.startswith("user:") and not args.dataset:
-        raise BioTuneError(f"plan {args.plan} was searched on data given in Python "
-                           f"({base_data.dataset}): name the data with --dataset")
+        raise BioTuneError(
+            f"plan {args.plan} was searched on data given in Python "
+            f"({base_data.dataset}): name the data with --dataset"
+        )
     if base_data.model.startswith("user:") and not args.model:
-        raise BioTuneError(f"plan {args.plan} was searched on a model given in Python "
-                           f"({base_data.model}): name a model with --model")
+        raise BioTuneError(
+            f"plan {args.plan} was searched on a model given in Python "
+            f"({base_data.model}): name a model with --model"
+        )
     base_train = FINAL_TRAINING
     if origin.get("base_lr") and getattr(args, "lr", None) is None:
         base_train = replace(FINAL_TRAINING, base_lr=float(origin["base_lr"]))
@@ -96,8 +106,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     seeds = seeds_from(args) or TRAIN_SEEDS
     data = data_config(args, base_data)
     if origin:
-        print(f"from the plan: model {data.model}, dataset {data.dataset}, base lr "
-              f"{config.base_lr:g} (options given override them)", file=sys.stderr)
+        print(
+            f"from the plan: model {data.model}, dataset {data.dataset}, base lr "
+            f"{config.base_lr:g} (options given override them)",
+            file=sys.stderr,
+        )
     bench = prepare(data)
     print(f"data: {bench.splits.describe()}", file=sys.stderr)
     names = bench.partition.names
@@ -105,9 +118,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         plan.check_fits(bench.partition, source=f"plan {args.plan}")
         stored = origin.get("partition", {}).get("fingerprint")
         if stored and stored != partition_record(bench)["fingerprint"]:
-            raise BioTuneError(f"plan {args.plan} was made for other blocks of the same names "
-                               f"(model {origin.get('data', {}).get('model')}): its genes would "
-                               "steer other parameters; use the model it was searched on")
+            raise BioTuneError(
+                f"plan {args.plan} was made for other blocks of the same names "
+                f"(model {origin.get('data', {}).get('model')}): its genes would "
+                "steer other parameters; use the model it was searched on"
+            )
     elif args.plan == "full":
         plan = FineTunePlan.full(names)
     else:
@@ -116,8 +131,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     progress = [] if args.quiet else [TrainingProgress(config.metric, label="training")]
     try:
         for seed in seeds:
-            model, run = final_training_run(bench, plan, config, seed, keep_model=True,
-                                            callbacks=progress)
+            model, run = final_training_run(
+                bench, plan, config, seed, keep_model=True, callbacks=progress
+            )
             runs.append(run)
             if best is None or run.val_balanced > best[1].val_balanced:
                 best = (model, run)

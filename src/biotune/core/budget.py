@@ -26,8 +26,10 @@ from biotune.errors import BioTuneError
 PARETO_COSTS = ("params", "memory")
 #: The record key of each Pareto cost axis, and how a report labels it.
 COST_KEYS = {"params": "trainable_share", "memory": "memory_mb"}
-COST_LABELS = {"params": "trainable parameters (% of the model)",
-               "memory": "peak training memory (MB, float32)"}
+COST_LABELS = {
+    "params": "trainable parameters (% of the model)",
+    "memory": "peak training memory (MB, float32)",
+}
 
 
 def _is_number(value: object) -> bool:
@@ -47,22 +49,39 @@ class BudgetConfig:
     """
 
     max_trainable: float | None = option(
-        None, flag="--max-trainable", type="share", metavar="P%", none="no limit",
+        None,
+        flag="--max-trainable",
+        type="share",
+        metavar="P%",
+        none="no limit",
         help="never train a plan that fine-tunes more than P% of the model's parameters "
-        "(10% or 10); the search only proposes plans within it")
+        "(10% or 10); the search only proposes plans within it",
+    )
     max_memory_mb: float | None = option(
-        None, flag="--max-memory", type="megabytes", metavar="MB", none="no limit",
+        None,
+        flag="--max-memory",
+        type="megabytes",
+        metavar="MB",
+        none="no limit",
         help="never train a plan whose float32 training step, at the final training's batch "
         "size and optimizer, holds more than MB of memory (measured once per set of trained "
-        "blocks)")
+        "blocks)",
+    )
     pareto_cost: str = option(
-        "params", flag="--pareto-cost", choices=PARETO_COSTS,
+        "params",
+        flag="--pareto-cost",
+        choices=PARETO_COSTS,
         help="the cost the pareto objective trades accuracy against: params, the share of "
-        "parameters trained, or memory")
+        "parameters trained, or memory",
+    )
     pareto_final: int | None = option(
-        None, flag="--pareto-final", type="positive_int", metavar="N",
+        None,
+        flag="--pareto-final",
+        type="positive_int",
+        metavar="N",
         none="every plan on it",
-        help="train and test N plans spread along the front at the end")
+        help="train and test N plans spread along the front at the end",
+    )
 
     def __post_init__(self) -> None:
         share = self.max_trainable
@@ -189,7 +208,18 @@ class SearchBudget:
             return None
         plan = decode_genome(genes, evaluator.partition.names)
         return Evaluation(
-            candidate.id, candidate.generation, candidate.role, genes.tolist(), plan.to_dict(),
-            evaluator.fold_of(candidate.generation), list(evaluator.protocol.seeds), [],
-            WORST_FITNESS, Status.OVER_BUDGET, 0.0, 0, 0, [],
+            candidate.id,
+            candidate.generation,
+            candidate.role,
+            genes.tolist(),
+            plan.to_dict(),
+            evaluator.fold_of(candidate.generation),
+            list(evaluator.protocol.seeds),
+            [],
+            WORST_FITNESS,
+            Status.OVER_BUDGET,
+            0.0,
+            0,
+            0,
+            [],
         )

@@ -59,7 +59,8 @@ def search_cost(
     cost: dict[str, Any] = {
         "evaluations": len(evaluations),
         "trained": sum(
-            1 for e in evaluations
+            1
+            for e in evaluations
             if e["status"] not in _NOT_TRAINED and e.get("reused_from") is None
         ),
         "by_status": dict(sorted(by_status.items())),

@@ -69,26 +69,39 @@ class EvolutionConfig:
     parent from the mating pool only if it dominates it. The search then needs a ``cost``.
     """
 
-    population_size: int = option(10, flag="--population", type="positive_int",
-                                  help="population size")
-    generations: int = option(10, flag="--generations", type="int",
-                              help="generations after the initial population")
-    elite: int = option(3, flag="--elite", type="int",
-                        help="elites kept and refined by local search")
+    population_size: int = option(
+        10, flag="--population", type="positive_int", help="population size"
+    )
+    generations: int = option(
+        10, flag="--generations", type="int", help="generations after the initial population"
+    )
+    elite: int = option(
+        3, flag="--elite", type="int", help="elites kept and refined by local search"
+    )
     local_search_step: float = 0.25
     children_batch: int | None = None
     anchors: bool = option(
-        False, flag="--anchors", negatable=True,
+        False,
+        flag="--anchors",
+        negatable=True,
         help="start the population from full fine-tuning, the top half and linear probing "
-        "instead of random genomes")
+        "instead of random genomes",
+    )
     initial_size: int | None = option(
-        None, flag="--initial-size", type="positive_int", none="the population size",
-        help="genomes scored in the initial generation, the best --population of them kept")
+        None,
+        flag="--initial-size",
+        type="positive_int",
+        none="the population size",
+        help="genomes scored in the initial generation, the best --population of them kept",
+    )
     objective: str = option(
-        "accuracy", flag="--objective", choices=OBJECTIVES,
+        "accuracy",
+        flag="--objective",
+        choices=OBJECTIVES,
         help="accuracy: the most accurate plan; pareto: every plan no other beats in both "
         "validation accuracy and cost (--pareto-cost), compared on one fold, each trained and "
-        "tested at the end next to the anchors (pareto.json, pareto.png, pareto.md)")
+        "tested at the end next to the anchors (pareto.json, pareto.png, pareto.md)",
+    )
 
     def __post_init__(self) -> None:
         for name in ("population_size", "generations", "elite"):
@@ -385,8 +398,11 @@ class BioTuneEvolution:
             raise BioTuneError(f"not a BioTune evolution state of format {_STATE_FORMAT}")
         try:
             evo = cls(
-                state["num_blocks"], EvolutionConfig(**state["config"]), state["seed"],
-                fits=fits, cost=cost,
+                state["num_blocks"],
+                EvolutionConfig(**state["config"]),
+                state["seed"],
+                fits=fits,
+                cost=cost,
             )
             evo._rng.bit_generator.state = copy.deepcopy(dict(state["rng"]))
             evo._next_id = int(state["next_id"])
@@ -656,8 +672,10 @@ def _same_plan(a: np.ndarray, b: np.ndarray) -> bool:
     """Two genomes that train the same blocks at the same rates (the genes of frozen blocks
     and the threshold may differ)."""
     trained_a, trained_b = a[:-1] > a[-1], b[:-1] > b[-1]
-    return bool(np.array_equal(trained_a, trained_b) and np.array_equal(a[:-1][trained_a],
-                                                                          b[:-1][trained_b]))
+    return bool(
+        np.array_equal(trained_a, trained_b)
+        and np.array_equal(a[:-1][trained_a], b[:-1][trained_b])
+    )
 
 
 def _checked_fitness(candidate_id: int, value: float) -> float:

@@ -37,7 +37,17 @@ def option(
     ``--flag`` sets True, a flag ``--no-...`` sets False, and ``negatable`` gives both
     ``--flag`` and ``--no-flag``.
     """
-    metadata = {"help": help, "flag": flag, "type": type, "choices": choices,
-                "metavar": metavar, "none": none, "negatable": negatable}
-    return dataclasses.field(default=default, default_factory=default_factory,
-                             metadata={k: v for k, v in metadata.items() if v})
+    metadata = {
+        "help": help,
+        "flag": flag,
+        "type": type,
+        "choices": choices,
+        "metavar": metavar,
+        "none": none,
+        "negatable": negatable,
+    }
+    return dataclasses.field(
+        default=default,
+        default_factory=default_factory,
+        metadata={k: v for k, v in metadata.items() if v},
+    )

@@ -27,7 +27,8 @@ def dominates(a: Point, b: Point) -> bool:
 def non_dominated(points: Sequence[Point]) -> list[int]:
     """Indices of the points no other point dominates, in input order (equal points all stay)."""
     return [
-        i for i, p in enumerate(points)
+        i
+        for i, p in enumerate(points)
         if not any(dominates(q, p) for j, q in enumerate(points) if j != i)
     ]
 

@@ -75,9 +75,7 @@ class FineTunePlan:
 
     def key(self, digits: int = 6) -> tuple:
         """A hashable identity: plans with the same key train identically (for memoisation)."""
-        return tuple(
-            (b.name, round(b.lr_mult, digits) if b.train else None) for b in self.blocks
-        )
+        return tuple((b.name, round(b.lr_mult, digits) if b.train else None) for b in self.blocks)
 
     @classmethod
     def full(cls, names: Sequence[str]) -> FineTunePlan:
@@ -187,16 +185,12 @@ def decode_genome(genes: Sequence[float] | np.ndarray, names: Sequence[str]) -> 
 
 def encode_plan(plan: FineTunePlan) -> np.ndarray:
     """Plan -> a genome that decodes back to it (frozen genes 0, threshold just below the rest)."""
-    trained = [
-        0.5 + math.log10(b.lr_mult) / LR_DECADES for b in plan.blocks if b.train
-    ]
+    trained = [0.5 + math.log10(b.lr_mult) / LR_DECADES for b in plan.blocks if b.train]
     if not trained:
         raise BioTuneError("cannot encode a plan that trains no block")
     if min(trained) <= 0 or max(trained) > 1:
         raise BioTuneError("lr multipliers must lie in (0.1, 10] to be encoded as a genome")
-    genes = [
-        0.5 + math.log10(b.lr_mult) / LR_DECADES if b.train else 0.0 for b in plan.blocks
-    ]
+    genes = [0.5 + math.log10(b.lr_mult) / LR_DECADES if b.train else 0.0 for b in plan.blocks]
     return np.array([*genes, min(trained) / 2], dtype=float)
 
 

@@ -46,8 +46,20 @@ WORST_FITNESS = 1.0
 MEASURED_FIELDS = ("seconds", "cache_work", "cache_images")
 #: What every stored evaluation record holds (a run is resumed from them).
 EVALUATION_KEYS = (
-    "candidate", "generation", "role", "genes", "plan", "fold", "seeds", "scores", "fitness",
-    "status", "seconds", "train_images", "eval_images", "epochs",
+    "candidate",
+    "generation",
+    "role",
+    "genes",
+    "plan",
+    "fold",
+    "seeds",
+    "scores",
+    "fitness",
+    "status",
+    "seconds",
+    "train_images",
+    "eval_images",
+    "epochs",
 )
 
 

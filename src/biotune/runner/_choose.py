@@ -38,13 +38,17 @@ def choose(
     reranked = rerank.rerank_plans(search, evo, evaluator) if search.config.rerank > 1 else []
     if reranked:
         chosen = rerank.choose(reranked)
-        best, best_fitness = next((c, f) for c, f in evo.population
-                                  if c.id == chosen["candidate"])
+        best, best_fitness = next((c, f) for c, f in evo.population if c.id == chosen["candidate"])
     plan = decode_genome(best.genes, search.bench.partition.names)
     search.run.write(
         BEST_PLAN,
-        {**plan.to_dict(), "fitness": best_fitness, "candidate": best.id,
-         "genes": [float(g) for g in best.genes], "origin": _origin(search, partition)},
+        {
+            **plan.to_dict(),
+            "fitness": best_fitness,
+            "candidate": best.id,
+            "genes": [float(g) for g in best.genes],
+            "origin": _origin(search, partition),
+        },
     )
     return Chosen(best, best_fitness, plan, reranked)
 
@@ -59,12 +63,17 @@ def write_summary(
     cost["cache"] = evaluator.cache_status
     if chosen.reranked:
         work = sum(r["work"] for r in chosen.reranked)
-        cost["rerank"] = {"plans": len(chosen.reranked), "work_flops": work,
-                          "seconds": sum(r["seconds"] for r in chosen.reranked)}
+        cost["rerank"] = {
+            "plans": len(chosen.reranked),
+            "work_flops": work,
+            "seconds": sum(r["seconds"] for r in chosen.reranked),
+        }
         cost["work_flops"] += work
         cost["ft_equivalents"] = cost["work_flops"] / cost["ft_work_flops"]
-    search.run.write(SEARCH_SUMMARY, {"cost": cost, "best_fitness": chosen.fitness,
-                                      "best_plan": chosen.plan.to_dict()})
+    search.run.write(
+        SEARCH_SUMMARY,
+        {"cost": cost, "best_fitness": chosen.fitness, "best_plan": chosen.plan.to_dict()},
+    )
     return cost
 
 
@@ -74,6 +83,8 @@ def _origin(search: Search, partition: dict[str, Any]) -> dict[str, Any]:
     return {
         "data": asdict(search.config.data),
         "base_lr": search.config.final.base_lr,
-        "partition": {"names": [b["name"] for b in partition["blocks"]],
-                      "fingerprint": partition["fingerprint"]},
+        "partition": {
+            "names": [b["name"] for b in partition["blocks"]],
+            "fingerprint": partition["fingerprint"],
+        },
     }

@@ -35,20 +35,24 @@ if TYPE_CHECKING:
 
 
 def optimize(
-    search: Search, evo: BioTuneEvolution, evaluator: Evaluator, executor: Executor,
+    search: Search,
+    evo: BioTuneEvolution,
+    evaluator: Evaluator,
+    executor: Executor,
     records: list[dict[str, Any]],
 ) -> dict[int, dict[str, Any]]:
     """Run the evolution to its end; every evaluation record by candidate id."""
     assert search.bench is not None
     sessions = search.run.read(SESSIONS)
-    search._sessions = [*(sessions if isinstance(sessions, list) else []),
-                        {"started": time.time(), "seconds": 0.0}]
+    search._sessions = [
+        *(sessions if isinstance(sessions, list) else []),
+        {"started": time.time(), "seconds": 0.0},
+    ]
     search._clock = time.perf_counter()
     done = {r["candidate"]: r for r in records}
     if search.executor == "inprocess":
         _replay_cache(evaluator, records)
-    emit(search.callbacks, "on_search_start", search.config.evolution.total_evaluations,
-         len(done))
+    emit(search.callbacks, "on_search_start", search.config.evolution.total_evaluations, len(done))
     try:
         while not evo.done:
             candidates = evo.ask()
@@ -75,8 +79,11 @@ def optimize(
             search._write(GENERATIONS, evo.history)
             if len(evo.history) > generations:
                 best = decode_genome(evo.best[0].genes, search.bench.partition.names)
-                emit(search.callbacks, "on_generation",
-                     {**evo.history[-1], "best_plan": best.to_dict()})
+                emit(
+                    search.callbacks,
+                    "on_generation",
+                    {**evo.history[-1], "best_plan": best.to_dict()},
+                )
     finally:
         with contextlib.suppress(BioTuneError):  # the error that stopped it says more
             _tick(search)
@@ -84,9 +91,7 @@ def optimize(
     return done
 
 
-def task_for(
-    candidate: Candidate, done: dict[int, dict[str, Any]], prune: bool = True
-) -> Task:
+def task_for(candidate: Candidate, done: dict[int, dict[str, Any]], prune: bool = True) -> Task:
     """A task; children carry this generation's elite curves for early termination (not
     with ``prune=False``: the pareto objective, where a cheap plan below the accurate elites'
     curves may still be on the front)."""
@@ -99,8 +104,11 @@ def task_for(
             for curve in r.get("curves", [])
         )
     return Task(
-        candidate.id, tuple(float(g) for g in candidate.genes), candidate.generation,
-        candidate.role, reference,
+        candidate.id,
+        tuple(float(g) for g in candidate.genes),
+        candidate.generation,
+        candidate.role,
+        reference,
     )
 
 
@@ -120,16 +128,30 @@ def memoised(
             and FineTunePlan.from_dict(rec["plan"]).key() == plan.key()
         ):
             return Evaluation(
-                candidate.id, candidate.generation, candidate.role,
-                [float(g) for g in candidate.genes], plan.to_dict(), fold, rec["seeds"],
-                rec["scores"], rec["fitness"], Status.OK, 0.0, 0, 0, rec["epochs"],
-                rec.get("curves", []), reused_from=rec["candidate"],
+                candidate.id,
+                candidate.generation,
+                candidate.role,
+                [float(g) for g in candidate.genes],
+                plan.to_dict(),
+                fold,
+                rec["seeds"],
+                rec["scores"],
+                rec["fitness"],
+                Status.OK,
+                0.0,
+                0,
+                0,
+                rec["epochs"],
+                rec.get("curves", []),
+                reused_from=rec["candidate"],
             )
     return None
 
 
 def _record(
-    search: Search, done: dict[int, dict[str, Any]], results: dict[int, float],
+    search: Search,
+    done: dict[int, dict[str, Any]],
+    results: dict[int, float],
     ev: Evaluation,
 ) -> None:
     """Persist a finished evaluation at once (fsynced) and note its fitness for ``tell``."""
@@ -165,8 +187,10 @@ def _replay_cache(evaluator: Evaluator, records: list[dict[str, Any]]) -> None:
         return
     with evaluator._pinned_threads():  # cached features depend on the thread count
         for rec in records:
-            if rec.get("reused_from") is not None or rec["status"] in (Status.INVALID,
-                                                                       Status.OVER_BUDGET):
+            if rec.get("reused_from") is not None or rec["status"] in (
+                Status.INVALID,
+                Status.OVER_BUDGET,
+            ):
                 continue
             plan = decode_genome(rec["genes"], evaluator.partition.names)
             train = subset(evaluator.splits.train, evaluator.folds[rec["fold"]])

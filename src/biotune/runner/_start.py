@@ -45,9 +45,7 @@ def check_config(run: RunDirectory, config: SearchConfig, resume: bool) -> bool:
         if resume:
             raise BioTuneError(f"nothing to resume: {run.path} holds no search")
         if any(run.path.glob("*.json*")):
-            raise BioTuneError(
-                f"run directory {run.path} already holds files; choose a new one"
-            )
+            raise BioTuneError(f"run directory {run.path} already holds files; choose a new one")
         return True
     if not resume:
         raise BioTuneError(
@@ -58,7 +56,8 @@ def check_config(run: RunDirectory, config: SearchConfig, resume: bool) -> bool:
     if diff:
         raise BioTuneError(
             f"cannot resume {run.path} with a different configuration ("
-            + "; ".join(diff[:3]) + (f"; and {len(diff) - 3} more" if len(diff) > 3 else "")
+            + "; ".join(diff[:3])
+            + (f"; and {len(diff) - 3} more" if len(diff) > 3 else "")
             + ")"
         )
     return False
@@ -83,8 +82,9 @@ def load_and_check(search: Search, new: bool) -> Started:
     if state is not None:
         evo = BioTuneEvolution.from_state_dict(state, **hooks)
     else:
-        evo = BioTuneEvolution(len(bench.partition), search.config.evolution,
-                               seed=search.config.seed, **hooks)
+        evo = BioTuneEvolution(
+            len(bench.partition), search.config.evolution, seed=search.config.seed, **hooks
+        )
     return Started(evaluator, evo, records, partition, prints)
 
 
@@ -100,8 +100,14 @@ def write_header(search: Search, started: Started, new: bool) -> None:
     """The configuration (a new search), the blocks' sizes, and the partition record."""
     assert search.bench is not None
     if new:
-        search._write(CONFIG, {"biotune": __version__, "search": search.config.to_dict(),
-                               "fingerprints": started.fingerprints})
+        search._write(
+            CONFIG,
+            {
+                "biotune": __version__,
+                "search": search.config.to_dict(),
+                "fingerprints": started.fingerprints,
+            },
+        )
     search._write(
         BLOCKS,
         [{"name": n, "params": p, "share": s} for n, p, s in search.bench.partition.summary()],
@@ -125,8 +131,10 @@ def _check_fingerprints(run: RunDirectory, current: dict[str, str]) -> None:
     """Refuse to resume on another model or other data than the search started with (a
     run directory from before fingerprints were stored is not checked)."""
     stored = (run.read(CONFIG) or {}).get("fingerprints") or {}
-    for what, words in (("model", "the model (its class, parameter names or shapes)"),
-                        ("data", "the data (sizes, classes, labels or files)")):
+    for what, words in (
+        ("model", "the model (its class, parameter names or shapes)"),
+        ("data", "the data (sizes, classes, labels or files)"),
+    ):
         if stored.get(what) and stored[what] != current[what]:
             raise BioTuneError(
                 f"cannot resume {run.path}: {words} changed since the search started; "
@@ -135,7 +143,9 @@ def _check_fingerprints(run: RunDirectory, current: dict[str, str]) -> None:
 
 
 def _check_partition(
-    run: RunDirectory, current: dict[str, Any], names: tuple[str, ...],
+    run: RunDirectory,
+    current: dict[str, Any],
+    names: tuple[str, ...],
     records: list[dict[str, Any]],
 ) -> None:
     """Refuse to resume on other blocks: every stored gene would steer another block."""
@@ -146,9 +156,9 @@ def _check_partition(
     stored = run.read(PARTITION)
     if stored is not None:
         if stored.get("fingerprint") != current["fingerprint"]:
-            raise BioTuneError(refuse.format(
-                _partition_changes(stored.get("blocks", []), current["blocks"])
-            ))
+            raise BioTuneError(
+                refuse.format(_partition_changes(stored.get("blocks", []), current["blocks"]))
+            )
         return
     # A run directory from before partitions were stored: check what its records show.
     state = run.read(STATE)
@@ -158,9 +168,7 @@ def _check_partition(
         plan = rec["plan"] if isinstance(rec["plan"], dict) else {}
         old = tuple(str(b.get("name")) for b in plan.get("blocks", []))
         if old != names:
-            raise BioTuneError(refuse.format(
-                f"{', '.join(old)} -> {', '.join(names)}"
-            ))
+            raise BioTuneError(refuse.format(f"{', '.join(old)} -> {', '.join(names)}"))
 
 
 def _partition_changes(stored: list[dict[str, Any]], current: list[dict[str, Any]]) -> str:

@@ -23,41 +23,74 @@ class DataConfig:
     """Which model and data, at which size."""
 
     model: str = option(
-        "efficientnet_lite0", flag="--model",
+        "efficientnet_lite0",
+        flag="--model",
         help="model name: efficientnet_lite0/1/2 (offline ImageNet weights), a torchvision name "
-        "(resnet50, densenet121, ...; 'tv:' prefix optional) or 'timm:NAME'")
+        "(resnet50, densenet121, ...; 'tv:' prefix optional) or 'timm:NAME'",
+    )
     dataset: str = option(
-        "animal-shape", flag="--dataset",
+        "animal-shape",
+        flag="--dataset",
         help="offline: animal-shape, mnist-5k, digits, textures; torchvision: flowers102, "
         "fgvc-aircraft, dtd, cifar10, stl10, mnist, usps, svhn; or a folder with one sub-folder "
-        "of images per class")
+        "of images per class",
+    )
     data_root: str | None = option(
-        None, flag="--data-root", type="str",
+        None,
+        flag="--data-root",
+        type="str",
         none=f"~/{DEFAULT_DATA_ROOT.relative_to(Path.home())}",
-        help="where torchvision datasets live or are downloaded to")
-    download: bool = option(False, flag="--download",
-                            help="download torchvision datasets (needs internet)")
-    pretrained: bool = option(True, flag="--no-pretrained",
-                              help="start from random weights instead of pretrained ones")
+        help="where torchvision datasets live or are downloaded to",
+    )
+    download: bool = option(
+        False, flag="--download", help="download torchvision datasets (needs internet)"
+    )
+    pretrained: bool = option(
+        True, flag="--no-pretrained", help="start from random weights instead of pretrained ones"
+    )
     checkpoint: str | None = option(
-        None, flag="--checkpoint", type="str", none="none",
-        help="load the model's weights from this state-dict file")
+        None,
+        flag="--checkpoint",
+        type="str",
+        none="none",
+        help="load the model's weights from this state-dict file",
+    )
     image_size: int | None = option(  # None: the model's native resolution
-        32, flag="--image-size", type="positive_int",
-        help="image side in pixels, or --native-size for the model's own")
+        32,
+        flag="--image-size",
+        type="positive_int",
+        help="image side in pixels, or --native-size for the model's own",
+    )
     # None: the whole split, except the offline demo datasets (capped at data.DEMO_SIZES)
     train_size: int | None = option(
-        None, flag="--train-size", type="positive_int", none="all",
-        help="use at most this many training images, a stratified subsample")
-    val_size: int | None = option(None, flag="--val-size", type="positive_int", none="all",
-                                  help="at most this many validation images")
-    test_size: int | None = option(None, flag="--test-size", type="positive_int", none="all",
-                                   help="at most this many test images")
+        None,
+        flag="--train-size",
+        type="positive_int",
+        none="all",
+        help="use at most this many training images, a stratified subsample",
+    )
+    val_size: int | None = option(
+        None,
+        flag="--val-size",
+        type="positive_int",
+        none="all",
+        help="at most this many validation images",
+    )
+    test_size: int | None = option(
+        None,
+        flag="--test-size",
+        type="positive_int",
+        none="all",
+        help="at most this many test images",
+    )
     split_seed: int = option(0, flag="--split-seed", help="seed of the train/val/test split")
     bad_images: str = option(
-        "skip", flag="--bad-images", choices=BAD_IMAGES,
+        "skip",
+        flag="--bad-images",
+        choices=BAD_IMAGES,
         help="unreadable image files in a folder dataset (every image is decoded when the "
-        "folder is scanned): skip them with a warning or stop with an error")
+        "folder is scanned): skip them with a warning or stop with an error",
+    )
     # block name -> module prefixes or regexes, in order (None: the model family's blocks)
     blocks: dict[str, list[str]] | None = None
     full_data: bool = False  # the whole splits, the offline demo datasets too (sizes ignored)

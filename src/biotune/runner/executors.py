@@ -159,9 +159,7 @@ class ProcessPoolExecutor:
             max_workers=self.workers,
             mp_context=ctx,
             initializer=_init_worker,
-            initargs=(
-                factory, threads_per_worker(self.workers), devices, ctx.Lock(), os.getpid()
-            ),
+            initargs=(factory, threads_per_worker(self.workers), devices, ctx.Lock(), os.getpid()),
         )
         self._interrupted = False
 
@@ -215,8 +213,9 @@ def check_reachable(address: str | None) -> None:
     try:
         port_number = int(port) if port else (10001 if client else 6379)
     except ValueError:
-        raise BioTuneError(f"--ray-address {address}: expected HOST:PORT or ray://HOST:PORT"
-                           ) from None
+        raise BioTuneError(
+            f"--ray-address {address}: expected HOST:PORT or ray://HOST:PORT"
+        ) from None
     try:
         with socket.create_connection((host, port_number), timeout=RAY_CONNECT_TIMEOUT_S):
             pass
@@ -266,7 +265,9 @@ class RayExecutor:
             check_reachable(address)
             try:
                 ray.init(
-                    address=address or None, include_dashboard=False, log_to_driver=False,
+                    address=address or None,
+                    include_dashboard=False,
+                    log_to_driver=False,
                     configure_logging=False,
                 )
             except ConnectionError as exc:

@@ -44,12 +44,23 @@ def train_final(search: Search, plan: FineTunePlan) -> dict[str, Any]:
         if seed in runs:
             continue
         model, run = final_training_run(
-            search.bench, plan, search.config.final, seed, keep_model=True,
+            search.bench,
+            plan,
+            search.config.final,
+            seed,
+            keep_model=True,
             callbacks=search.callbacks,
         )
         if best is None or run.val_balanced > best.val_balanced:
-            save_model(search.run.path, model, search.bench, search.config.data, plan,
-                       search.config.final, run)
+            save_model(
+                search.run.path,
+                model,
+                search.bench,
+                search.config.data,
+                plan,
+                search.config.final,
+                run,
+            )
             best = run
         search.run.append_final_run(run)
         runs[seed] = run
@@ -61,8 +72,12 @@ def train_final(search: Search, plan: FineTunePlan) -> dict[str, Any]:
 
 
 def final_training_run(
-    bench: Workbench, plan: FineTunePlan, config: TrainConfig, seed: int,
-    keep_model: bool = False, callbacks: Sequence[Any] = (),
+    bench: Workbench,
+    plan: FineTunePlan,
+    config: TrainConfig,
+    seed: int,
+    keep_model: bool = False,
+    callbacks: Sequence[Any] = (),
 ) -> Any:
     """Fine-tune under ``plan`` on the whole training split; early stopping on val; test once.
 
@@ -73,15 +88,28 @@ def final_training_run(
     """
     emit(callbacks, "on_final_start", seed, config.epochs)
     model, result, cached = train_plan_fast(
-        bench.model, bench.partition, plan, bench.splits.train, bench.splits.val, config,
-        seed=seed, device=default_device(),
+        bench.model,
+        bench.partition,
+        plan,
+        bench.splits.train,
+        bench.splits.val,
+        config,
+        seed=seed,
+        device=default_device(),
         cache=bench.feature_cache(config) if config.frozen_eval else None,
         hooks=FinalEpochs(callbacks, seed) if callbacks else None,
     )
     test = (
-        evaluate(model, bench.splits.test, config.eval_batch_size, default_device(),
-                 config.precision, config.channels_last)
-        if bench.splits.test is not None else None
+        evaluate(
+            model,
+            bench.splits.test,
+            config.eval_batch_size,
+            default_device(),
+            config.precision,
+            config.channels_last,
+        )
+        if bench.splits.test is not None
+        else None
     )
     run = FinalRun(
         seed=seed,
@@ -103,16 +131,27 @@ def final_training_run(
 
 
 def save_model(
-    directory: str | Path, model: torch.nn.Module, bench: Workbench, data: DataConfig,
-    plan: FineTunePlan, config: TrainConfig, run: FinalRun,
+    directory: str | Path,
+    model: torch.nn.Module,
+    bench: Workbench,
+    data: DataConfig,
+    plan: FineTunePlan,
+    config: TrainConfig,
+    run: FinalRun,
 ) -> Path:
     """Write a trained model with what it takes to use it (``biotune.finetuned``)."""
     from biotune.finetuned import Preprocess, save_finetuned
 
     user_data = data.dataset.startswith("user:")
-    preprocess = None if user_data else Preprocess(
-        bench.splits.image_size, bench.loaded.mean, bench.loaded.std,
-        "squash" if is_offline(data.dataset) else "crop",
+    preprocess = (
+        None
+        if user_data
+        else Preprocess(
+            bench.splits.image_size,
+            bench.loaded.mean,
+            bench.loaded.std,
+            "squash" if is_offline(data.dataset) else "crop",
+        )
     )
     details = {
         "plan": plan.to_dict(),
@@ -120,19 +159,27 @@ def save_model(
         "base_lr": config.base_lr,
         "partition": partition_record(bench),
         "data": {**asdict(data), "splits": bench.splits.describe()},
-        "scores": {k: getattr(run, k) for k in ("val_top1", "val_balanced", "test_top1",
-                                                "test_balanced")},
+        "scores": {
+            k: getattr(run, k) for k in ("val_top1", "val_balanced", "test_top1", "test_balanced")
+        },
         "seed": run.seed,
         "trainable_params": run.trainable_params,
     }
-    return save_finetuned(directory, model, architecture=bench.loaded.name,
-                          classes=bench.splits.classes, preprocess=preprocess, details=details)
+    return save_finetuned(
+        directory,
+        model,
+        architecture=bench.loaded.name,
+        classes=bench.splits.classes,
+        preprocess=preprocess,
+        details=details,
+    )
 
 
 def summarize_final(
     runs: Sequence[FinalRun], plan: FineTunePlan, bench: Workbench
 ) -> dict[str, Any]:
     """Mean and spread over the seeds' runs of each score, what the plan trains, the runs."""
+
     def stat(key: str) -> dict[str, float] | None:
         if any(getattr(r, key) is None for r in runs):
             return None  # no test split

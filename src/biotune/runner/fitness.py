@@ -56,8 +56,12 @@ class PruneConfig:
 
     enabled: bool = True
     min_epochs: int = 1
-    quantile: float = option(0.5, flag="--prune-quantile", type="float",
-                             help="prune below this quantile of the elites' curves, 0.5 the median")
+    quantile: float = option(
+        0.5,
+        flag="--prune-quantile",
+        type="float",
+        help="prune below this quantile of the elites' curves, 0.5 the median",
+    )
     margin: float = 0.0
 
     def __post_init__(self) -> None:
@@ -103,26 +107,44 @@ class SearchProtocol:
     """How each candidate is trained and scored during the search."""
 
     data_fraction: float = option(
-        0.5, flag="--data-fraction", type="fraction", metavar="1/K",
+        0.5,
+        flag="--data-fraction",
+        type="fraction",
+        metavar="1/K",
         help="share of the training split each evaluation trains on: 1/k for a whole number k "
-        "(1, 0.5, 1/3, 0.25, ...), the split cut into k folds that rotate per generation")
+        "(1, 0.5, 1/3, 0.25, ...), the split cut into k folds that rotate per generation",
+    )
     seeds: tuple[int, ...] = (0, 1, 2)
     train: TrainConfig = field(default_factory=TrainConfig)
-    memoize: bool = option(True, flag="--memoize", negatable=True,
-                           help="do not retrain a plan already scored on the same fold and seeds")
+    memoize: bool = option(
+        True,
+        flag="--memoize",
+        negatable=True,
+        help="do not retrain a plan already scored on the same fold and seeds",
+    )
     cache_features: bool = option(
-        False, flag="--cache", negatable=True,
-        help="train on cached outputs of a plan's frozen first blocks, exactly")
-    cache_budget_mb: float = option(1024.0, flag="--cache-budget-mb", type="float",
-                                    help="memory for cached features per worker, in MB")
+        False,
+        flag="--cache",
+        negatable=True,
+        help="train on cached outputs of a plan's frozen first blocks, exactly",
+    )
+    cache_budget_mb: float = option(
+        1024.0,
+        flag="--cache-budget-mb",
+        type="float",
+        help="memory for cached features per worker, in MB",
+    )
     prune: PruneConfig | None = None  # early termination of clearly worse runs; None: off
     # torch CPU threads per evaluation. On the CPU the thread count changes the floating-point
     # sums, so pinning it makes a search's result independent of the executor and its worker
     # count; parallelism comes from workers. None leaves torch's setting alone.
     cpu_threads: int | None = option(
-        1, flag="--eval-threads", type="int", none="torch's choice",
-        help="CPU threads per evaluation; results depend on it, so it is part of the "
-        "configuration")
+        1,
+        flag="--eval-threads",
+        type="int",
+        none="torch's choice",
+        help="CPU threads per evaluation; results depend on it, so it is part of the configuration",
+    )
 
     def __post_init__(self) -> None:
         if self.cpu_threads is not None and (
@@ -134,8 +156,10 @@ class SearchProtocol:
                 f"cache_budget_mb must be a non-negative number (got {self.cache_budget_mb})"
             )
         fraction = self.data_fraction
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not (
-            0 < fraction <= 1
+        if (
+            isinstance(fraction, bool)
+            or not isinstance(fraction, (int, float))
+            or not (0 < fraction <= 1)
         ):
             raise BioTuneError(f"data_fraction must be in (0, 1] (got {fraction!r})")
         k = round(1 / fraction)
@@ -241,9 +265,7 @@ class Evaluator:
         if prune is None or not prune.enabled or not reference:
             return None
         last_seed = seed == self.protocol.seeds[-1]
-        return PruneHooks(
-            reference, prune, self.protocol.train.epochs - 1 if last_seed else None
-        )
+        return PruneHooks(reference, prune, self.protocol.train.epochs - 1 if last_seed else None)
 
     def evaluate(
         self,
@@ -264,8 +286,20 @@ class Evaluator:
         start = time.perf_counter()
         if not genome_is_valid(genes):
             return Evaluation(
-                candidate, generation, role, genes.tolist(), plan.to_dict(), fold, seeds,
-                [], WORST_FITNESS, Status.INVALID, 0.0, 0, 0, [],
+                candidate,
+                generation,
+                role,
+                genes.tolist(),
+                plan.to_dict(),
+                fold,
+                seeds,
+                [],
+                WORST_FITNESS,
+                Status.INVALID,
+                0.0,
+                0,
+                0,
+                [],
             )
         train = subset(self.splits.train, self.folds[fold])
         scores, epochs, curves, status = [], [], [], "ok"
@@ -279,13 +313,27 @@ class Evaluator:
                 hooks = self.hooks_for(candidate, seed, reference)
                 if cached is not None:
                     _, result = train_plan_cached(
-                        self.model, self.partition, plan, cached[0], cached[1],
-                        self.protocol.train, seed=seed, device=self.device, hooks=hooks,
+                        self.model,
+                        self.partition,
+                        plan,
+                        cached[0],
+                        cached[1],
+                        self.protocol.train,
+                        seed=seed,
+                        device=self.device,
+                        hooks=hooks,
                     )
                 else:
                     _, result = train_plan(
-                        self.model, self.partition, plan, train, self.splits.val,
-                        self.protocol.train, seed=seed, device=self.device, hooks=hooks,
+                        self.model,
+                        self.partition,
+                        plan,
+                        train,
+                        self.splits.val,
+                        self.protocol.train,
+                        seed=seed,
+                        device=self.device,
+                        hooks=hooks,
                     )
                 curves.append([h[f"val_{self.protocol.train.metric}"] for h in result.history])
                 train_images += result.train_images
@@ -303,10 +351,26 @@ class Evaluator:
         k = plan.frozen_prefix if cached is not None else 0
         work = cost.run_work(self.flops, k, plan.frozen_prefix, train_images, eval_images)
         return Evaluation(
-            candidate, generation, role, genes.tolist(), plan.to_dict(), fold, seeds, scores,
-            fitness, status, time.perf_counter() - start, train_images, eval_images, epochs,
-            curves, work=work, cached_prefix=k, pruned_at=pruned_at,
-            cache_work=cost.cache_work(self.flops, built), cache_images=sum(built),
+            candidate,
+            generation,
+            role,
+            genes.tolist(),
+            plan.to_dict(),
+            fold,
+            seeds,
+            scores,
+            fitness,
+            status,
+            time.perf_counter() - start,
+            train_images,
+            eval_images,
+            epochs,
+            curves,
+            work=work,
+            cached_prefix=k,
+            pruned_at=pruned_at,
+            cache_work=cost.cache_work(self.flops, built),
+            cache_images=sum(built),
         )
 
     def _cache_images(self) -> list[int]:
@@ -334,9 +398,11 @@ class Evaluator:
         if self.cache is None or k < 1:
             return None
         sizes = batch_sizes_for(len(train), self.protocol.train.batch_size)
-        if self.cache.entry_bytes(train, k, len(sizes)) + self.cache.entry_bytes(
-            self.splits.val, k
-        ) > self.cache.budget_bytes:
+        if (
+            self.cache.entry_bytes(train, k, len(sizes))
+            + self.cache.entry_bytes(self.splits.val, k)
+            > self.cache.budget_bytes
+        ):
             self.cache.skipped += 1
             return None
         train_features = self.cache.features(("fold", fold), train, k, sizes)

@@ -65,14 +65,31 @@ def rerank_plans(
         if candidate.id in done:
             continue
         model, run = final_training_run(bench, plan, config, seed, keep_model=True)
-        work = run_work(evaluator.flops, run.cached_prefix, plan.frozen_prefix,
-                        run.train_images, run.eval_images)
-        rec = {**run.to_dict(), "candidate": candidate.id, "rank": rank, "fitness": fitness,
-               "plan": plan.to_dict(), "work": work}
+        work = run_work(
+            evaluator.flops,
+            run.cached_prefix,
+            plan.frozen_prefix,
+            run.train_images,
+            run.eval_images,
+        )
+        rec = {
+            **run.to_dict(),
+            "candidate": candidate.id,
+            "rank": rank,
+            "fitness": fitness,
+            "plan": plan.to_dict(),
+            "work": work,
+        }
         search.run.append_rerank(rec)
         done[candidate.id] = rec
-        _log.info("re-rank %d/%d: %s: val balanced accuracy %.4f (search fitness %.4f)",
-                  rank + 1, len(picks), plan.describe(), rec["val_balanced"], fitness)
+        _log.info(
+            "re-rank %d/%d: %s: val balanced accuracy %.4f (search fitness %.4f)",
+            rank + 1,
+            len(picks),
+            plan.describe(),
+            rec["val_balanced"],
+            fitness,
+        )
         if best_model is None or rec["val_balanced"] > best_model[1]["val_balanced"]:
             best_model = (model, rec, plan, run)
     records = [done[c.id] for c, _, _ in picks]

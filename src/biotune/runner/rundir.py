@@ -245,7 +245,7 @@ class RunDirectory:
             with _writing(path), open(path, "r+b") as f:
                 f.truncate(min(len(kept), len(data)))
                 f.seek(0, os.SEEK_END)
-                f.write(kept[len(data):])  # the newline of a complete last record
+                f.write(kept[len(data) :])  # the newline of a complete last record
                 f.flush()
                 os.fsync(f.fileno())
         return out
@@ -270,8 +270,9 @@ class RunDirectory:
     def rerank_runs(self) -> dict[int, dict[str, Any]]:
         """The re-ranked plans' runs by candidate: a ``FinalRun`` with the candidate, its rank
         and search fitness, its plan and its work."""
-        return {r["candidate"]: r for r in self.records(RERANK, repair=True,
-                                                        required=("candidate",))}
+        return {
+            r["candidate"]: r for r in self.records(RERANK, repair=True, required=("candidate",))
+        }
 
     def append_rerank(self, record: dict[str, Any]) -> None:
         self.append(RERANK, record)

@@ -112,13 +112,17 @@ class Search:
         """Load and check everything, search, choose the plan, then train and test it."""
         started = _start.load_and_check(self, new)
         executor = make_executor(
-            self.executor, started.evaluator, _start.evaluator_factory(self),
-            workers=self.workers, ray_address=self.ray_address,
+            self.executor,
+            started.evaluator,
+            _start.evaluator_factory(self),
+            workers=self.workers,
+            ray_address=self.ray_address,
         )
         try:
             _start.write_header(self, started, new)
-            done = _optimize.optimize(self, started.evo, started.evaluator, executor,
-                                      started.records)
+            done = _optimize.optimize(
+                self, started.evo, started.evaluator, executor, started.records
+            )
         finally:
             executor.close()
         chosen = _choose.choose(self, started.evo, started.evaluator, started.partition)
@@ -128,8 +132,9 @@ class Search:
         pareto = None
         if self.config.evolution.objective == "pareto":
             pareto = finish_pareto(self, evaluations, final)
-        return SearchResult(self.run.path, chosen.plan, chosen.fitness, evaluations,
-                            final_result, cost, pareto)
+        return SearchResult(
+            self.run.path, chosen.plan, chosen.fitness, evaluations, final_result, cost, pareto
+        )
 
 
 def _out_of_memory(exc: BaseException) -> str | None:

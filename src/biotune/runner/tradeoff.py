@@ -82,8 +82,9 @@ class _FinalRuns:
         for seed in search.config.final_seeds:
             if (key, seed) in self.runs:
                 continue
-            run = final_training_run(search.bench, plan, search.config.final, seed,
-                                     callbacks=search.callbacks)
+            run = final_training_run(
+                search.bench, plan, search.config.final, seed, callbacks=search.callbacks
+            )
             rec = {"plan_key": key, **run.to_dict()}
             search.run.append(PARETO_RUNS, rec)
             self.runs[(key, seed)] = rec
@@ -99,13 +100,16 @@ def finish_pareto(search: Search, evaluations: list[dict[str, Any]], final: bool
     config, budget, names = search.config, search.budget, search.bench.partition.names
     axis = config.budget.pareto_cost
     key = COST_KEYS[axis]
-    records = [r if r.get("cost") else {**r, "cost": budget.record(r["genes"])}
-               for r in evaluations]
+    records = [
+        r if r.get("cost") else {**r, "cost": budget.record(r["genes"])} for r in evaluations
+    ]
     last = max(r["generation"] for r in records)
     fold = next(r["fold"] for r in records if r["generation"] == last)
     front = fold_front(records, fold, key)
-    chosen = {id(front[i]) for i in spread_along([r["cost"][key] for r in front],
-                                                 config.budget.pareto_final)}
+    chosen = {
+        id(front[i])
+        for i in spread_along([r["cost"][key] for r in front], config.budget.pareto_final)
+    }
     best = FineTunePlan.from_dict(search.run.read(BEST_PLAN) or front[-1]["plan"])
     runs = _FinalRuns(search, best) if final else None
     on_front = {r["candidate"] for r in front}
@@ -113,26 +117,48 @@ def finish_pareto(search: Search, evaluations: list[dict[str, Any]], final: bool
     front_entries = []
     for rec in front:
         plan = FineTunePlan.from_dict(rec["plan"])
-        front_entries.append({
-            "candidate": rec["candidate"], "generation": rec["generation"], "fold": fold,
-            "plan": rec["plan"], "plan_text": plan.describe(), "fitness": rec["fitness"],
-            "val_score": 1.0 - rec["fitness"], "cost": rec["cost"],
-            "final": runs.train(plan) if runs and id(rec) in chosen else None,
-        })
+        front_entries.append(
+            {
+                "candidate": rec["candidate"],
+                "generation": rec["generation"],
+                "fold": fold,
+                "plan": rec["plan"],
+                "plan_text": plan.describe(),
+                "fitness": rec["fitness"],
+                "val_score": 1.0 - rec["fitness"],
+                "cost": rec["cost"],
+                "final": runs.train(plan) if runs and id(rec) in chosen else None,
+            }
+        )
     anchors = []
     for name, plan in anchor_plans(names):
         fits = budget.fits_mask(budget.costs.mask(plan))
-        searched = [r for r in records if r["status"] == "ok"
-                    and FineTunePlan.from_dict(r["plan"]).key() == plan.key()]
+        searched = [
+            r
+            for r in records
+            if r["status"] == "ok" and FineTunePlan.from_dict(r["plan"]).key() == plan.key()
+        ]
         same_fold = [r for r in searched if r["fold"] == fold]
         scored = (same_fold or searched)[:1]
-        anchors.append({
-            "name": name, "plan": plan.to_dict(), "plan_text": plan.describe(),
-            "cost": budget.record(plan), "within_budget": fits,
-            "search": ({"candidate": scored[0]["candidate"], "fold": scored[0]["fold"],
-                        "val_score": 1.0 - scored[0]["fitness"]} if scored else None),
-            "final": runs.train(plan) if runs and fits else None,
-        })
+        anchors.append(
+            {
+                "name": name,
+                "plan": plan.to_dict(),
+                "plan_text": plan.describe(),
+                "cost": budget.record(plan),
+                "within_budget": fits,
+                "search": (
+                    {
+                        "candidate": scored[0]["candidate"],
+                        "fold": scored[0]["fold"],
+                        "val_score": 1.0 - scored[0]["fitness"],
+                    }
+                    if scored
+                    else None
+                ),
+                "final": runs.train(plan) if runs and fits else None,
+            }
+        )
     for entry in front_entries:
         entry["dominated_by"] = _dominated_by(entry, anchors, key)
     pareto = {
@@ -147,11 +173,19 @@ def finish_pareto(search: Search, evaluations: list[dict[str, Any]], final: bool
         "front": front_entries,
         "anchors": anchors,
         "evaluated": [
-            {"candidate": r["candidate"], "generation": r["generation"], "fold": r["fold"],
-             "role": r["role"], "status": r["status"], "fitness": r["fitness"],
-             "val_score": 1.0 - r["fitness"], "cost": r["cost"],
-             "on_front": r["candidate"] in on_front}
-            for r in records if r["status"] == "ok"
+            {
+                "candidate": r["candidate"],
+                "generation": r["generation"],
+                "fold": r["fold"],
+                "role": r["role"],
+                "status": r["status"],
+                "fitness": r["fitness"],
+                "val_score": 1.0 - r["fitness"],
+                "cost": r["cost"],
+                "on_front": r["candidate"] in on_front,
+            }
+            for r in records
+            if r["status"] == "ok"
         ],
     }
     search.run.write(PARETO, pareto)
@@ -174,8 +208,10 @@ def _dominated_by(
             continue
         point = (-mine["mean"], entry["cost"][key])
         out[metric] = [
-            a["name"] for a in anchors
-            if a["final"] is not None and a["final"][metric] is not None
+            a["name"]
+            for a in anchors
+            if a["final"] is not None
+            and a["final"][metric] is not None
             and dominates((-a["final"][metric]["mean"], a["cost"][key]), point)
         ]
     return out

@@ -47,9 +47,17 @@ class Workbench:
         if key not in self._caches:
             sample, _ = next(batches(self.splits.val, 2))
             stages = block_chain(self.model, self.partition, sample)
-            self._caches[key] = None if stages is None else FeatureCache(
-                self.model, stages, int(FINAL_CACHE_MB * 2**20), config.eval_batch_size,
-                default_device(), config.precision,
+            self._caches[key] = (
+                None
+                if stages is None
+                else FeatureCache(
+                    self.model,
+                    stages,
+                    int(FINAL_CACHE_MB * 2**20),
+                    config.eval_batch_size,
+                    default_device(),
+                    config.precision,
+                )
             )
         return self._caches[key]
 
@@ -75,12 +83,22 @@ def prepare(data: DataConfig) -> Workbench:
     size = data.image_size or probe.input_size
     train_size, val_size, test_size = split_sizes(data)
     splits = load_dataset(
-        data.dataset, size, probe.mean, probe.std, root=data.data_root, seed=data.split_seed,
-        train_size=train_size, val_size=val_size, test_size=test_size,
-        download=data.download, bad_images=data.bad_images,
+        data.dataset,
+        size,
+        probe.mean,
+        probe.std,
+        root=data.data_root,
+        seed=data.split_seed,
+        train_size=train_size,
+        val_size=val_size,
+        test_size=test_size,
+        download=data.download,
+        bad_images=data.bad_images,
     )
     loaded = load_model(
-        data.model, num_classes=len(splits.classes), pretrained=data.pretrained,
+        data.model,
+        num_classes=len(splits.classes),
+        pretrained=data.pretrained,
         checkpoint=data.checkpoint,
     )
     return Workbench(loaded, partition_blocks(loaded.model, data.blocks), splits)
@@ -96,8 +114,9 @@ def search_budget(
     if not config.budget.limited and objective != "pareto":
         return None
     sample, _ = next(batches(bench.splits.val, 4))
-    costs = PlanCosts(bench.model, bench.partition, sample, flops, config.final.batch_size,
-                      config.final.optimizer)
+    costs = PlanCosts(
+        bench.model, bench.partition, sample, flops, config.final.batch_size, config.final.optimizer
+    )
     budget = SearchBudget(config.budget, costs, objective)
     budget.check_feasible()
     return budget
