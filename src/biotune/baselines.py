@@ -35,7 +35,6 @@ from torch import nn
 from biotune.blocks import BlockPartition
 from biotune.core.plan import FineTunePlan
 from biotune.errors import BioTuneError
-from biotune.features import train_plan_fast
 from biotune.freezing import apply_plan
 from biotune.runner.workbench import Workbench
 from biotune.training import (
@@ -95,17 +94,7 @@ def _run_plan(
     first blocks trains on the bench's cached features of them (linear probing, searched plans).
     """
     if model is None and hooks is None:
-        model, result, cached = train_plan_fast(
-            bench.model,
-            bench.partition,
-            plan,
-            bench.splits.train,
-            bench.splits.val,
-            config,
-            seed=seed,
-            device=device,
-            cache=bench.feature_cache(config),
-        )
+        model, result, cached = bench.train(plan, config, seed, device)
         run = BaselineRun(model, result, count_parameters(model, trainable_only=True))
         run.info["cached_prefix"] = cached
         return run

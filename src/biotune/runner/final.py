@@ -21,7 +21,6 @@ from biotune.callbacks import emit
 from biotune.core.plan import FineTunePlan
 from biotune.core.records import FinalRun
 from biotune.data import is_offline
-from biotune.features import train_plan_fast
 from biotune.runner.config import DataConfig
 from biotune.runner.rundir import FINAL
 from biotune.runner.workbench import Workbench, partition_record
@@ -87,16 +86,11 @@ def final_training_run(
     ``on_final_epoch`` and ``on_final_run`` (``biotune.callbacks``; the record as a dict).
     """
     emit(callbacks, "on_final_start", seed, config.epochs)
-    model, result, cached = train_plan_fast(
-        bench.model,
-        bench.partition,
+    model, result, cached = bench.train(
         plan,
-        bench.splits.train,
-        bench.splits.val,
         config,
-        seed=seed,
-        device=default_device(),
-        cache=bench.feature_cache(config) if config.frozen_eval else None,
+        seed,
+        default_device(),
         hooks=FinalEpochs(callbacks, seed) if callbacks else None,
     )
     test = (

@@ -11,14 +11,15 @@ import torch
 
 from biotune.blocks import BlockPartition, partition_blocks
 from biotune.core.budget import SearchBudget
+from biotune.core.plan import FineTunePlan
 from biotune.data import DEMO_SIZES, DatasetSplits, is_offline, load_dataset
-from biotune.features import FeatureCache, block_chain
+from biotune.features import FeatureCache, block_chain, train_plan_fast
 from biotune.inputs import fingerprint
 from biotune.measure import PlanCosts
 from biotune.models import LoadedModel, load_model
 from biotune.runner.config import DataConfig, SearchConfig
 from biotune.runner.fitness import Evaluator
-from biotune.training import TrainConfig, batches, default_device
+from biotune.training import TrainConfig, TrainHooks, TrainResult, batches, default_device
 
 #: Memory for the frozen-prefix features of final trainings and baselines (whole splits).
 FINAL_CACHE_MB = 2048.0
@@ -60,6 +61,30 @@ class Workbench:
                 )
             )
         return self._caches[key]
+
+    def train(
+        self,
+        plan: FineTunePlan,
+        config: TrainConfig,
+        seed: int = 0,
+        device: torch.device | None = None,
+        hooks: TrainHooks | None = None,
+    ) -> tuple[torch.nn.Module, TrainResult, int]:
+        """A copy of the model trained under ``plan`` on the whole training split (validation for
+        early stopping), on cached features of its frozen prefix when it can: the trained model,
+        its result and how many blocks came from the cache (final trainings, baselines)."""
+        return train_plan_fast(
+            self.model,
+            self.partition,
+            plan,
+            self.splits.train,
+            self.splits.val,
+            config,
+            seed=seed,
+            device=device,
+            cache=self.feature_cache(config) if config.frozen_eval else None,
+            hooks=hooks,
+        )
 
     def __getstate__(self) -> dict[str, Any]:
         """Workers get the model and data, not features cached here."""
