@@ -482,7 +482,7 @@ def markdown(
         "",
         f"- built: {date}",
         f"- machine: {machine}",
-        f"- wall time of the runs recorded: {wall.get('text', 'n/a')}",
+        f"- time: {wall.get('text', 'n/a')}",
         "",
         "Test top-1 % (mean +- std over 5 seeds), trainable parameters %, and tuning cost "
         "(FT-equivalents; one = full fine-tuning of the training split for 15 epochs):",
@@ -660,9 +660,12 @@ def main(argv: list[str] | None = None) -> int:
             )
             _write(wall_file, wall)
     total = sum(s["seconds"] for s in wall["sessions"])
+    # A sitting cut short (a session's end) records no wall time; every record has its seconds.
+    work = sum(r.get("seconds", 0.0) for r in map(_read, records.glob("*/*/*.json")) if r)
     wall["text"] = (
-        f"{total / 3600:.2f} h over {len(wall['sessions'])} sitting(s), "
-        "2 datasets at a time, 1 torch thread each"
+        f"{work / 3600:.2f} h of training and search summed over the records (2 processes at a "
+        f"time, 1 torch thread each); sittings that ended normally: {len(wall['sessions'])}, "
+        f"{total / 3600:.2f} h"
     )
     print(report(records, Path(args.out), datasets, wall))
     return 0
