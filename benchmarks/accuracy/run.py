@@ -18,6 +18,7 @@ import json
 import math
 import multiprocessing
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -50,17 +51,25 @@ BASELINES = ("full", "linear", "autorgn", "lora", "l2sp", "l1sp")
 SEARCHES = {
     "biotune": ("default", None),
     "biotune-rerank": ("default", {"rerank": 3}),
+    "biotune-rerank2": ("default", {"rerank": 2}),
     "biotune-paper": (
         "paper",
         {"population_size": 8, "generations": 3, "elite": 2, "seeds": (0,), "epochs": 4},
     ),
 }
+#: A candidate whose search is another method's but for ``rerank`` starts from that method's
+#: finished run directory (its evolution is deterministic: the from-scratch searches of
+#: "biotune-rerank" equal those of "biotune" fitness for fitness), keeping the re-ranking runs
+#: of the first k ranks, so only its missing re-ranking runs are trained. Its seconds: the
+#: evolution's sessions plus its re-ranking runs, as a from-scratch search would spend them.
+DERIVED = {"biotune-rerank": "biotune", "biotune-rerank2": "biotune-rerank"}
 #: The order in which a dataset's methods run: the cheap and decisive ones first.
 ORDER = (
     "full",
     "linear",
     "biotune",
     "biotune-rerank",
+    "biotune-rerank2",
     "l2sp",
     "l1sp",
     "lora",
@@ -76,6 +85,7 @@ LABELS = {
     "l1sp": "L1-SP",
     "biotune": "BioTune (default search, 2026-11-30)",
     "biotune-rerank": "BioTune (default + re-rank 3 plans)",
+    "biotune-rerank2": "BioTune (default + re-rank 2 plans)",
     "biotune-paper": "BioTune (paper protocol, scaled)",
 }
 
@@ -222,6 +232,9 @@ class Dataset:
             )
         if done is None:
             run_dir = self.work / self.name / f"{method}-seed{seed}"
+            derived = not (run_dir / "config.json").exists() and self._derive(
+                method, seed, config, run_dir
+            )
             resume = (run_dir / "config.json").exists()
             self.log(
                 f"{method} search seed {seed}: {'resuming' if resume else 'starting'} in {run_dir}"
@@ -242,7 +255,8 @@ class Dataset:
                 "evaluations": result.cost["evaluations"],
                 "ft_equivalents": result.cost["work_flops"] / self.ft_work,
                 "search_ft_equivalents": result.cost["ft_equivalents"],
-                "seconds": time.perf_counter() - start,
+                "seconds": _search_seconds(run_dir) if derived else time.perf_counter() - start,
+                "derived_from": DERIVED[method] if derived else None,
                 "base_lr": config.protocol.train.base_lr,
                 "config_sha1": fingerprint,
             }
@@ -254,6 +268,37 @@ class Dataset:
         plan = FineTunePlan.from_dict(done["plan"])
         self.run(method, done["base_lr"], seed, plan=plan)
         return done
+
+    def _derive(self, method: str, seed: int, config: Any, run_dir: Path) -> bool:
+        """Start ``run_dir`` as a copy of the source method's finished search (``DERIVED``)."""
+        source = DERIVED.get(method)
+        if source is None:
+            return False
+        src = self.work / self.name / f"{source}-seed{seed}"
+        if not (src / "search_summary.json").exists():
+            return False
+        skip = {"model.safetensors", "finetuned.json", "final_runs.jsonl", "final.json"}
+        skip |= {"best_plan.json", "search_summary.json"}  # written when the search finishes
+        tmp = run_dir.with_name(run_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for f in src.iterdir():
+            if f.is_file() and f.name not in skip and not f.name.startswith("."):
+                shutil.copy2(f, tmp / f.name)
+        stored = json.loads((tmp / "config.json").read_text())
+        stored["search"] = config.to_dict()
+        (tmp / "config.json").write_text(json.dumps(stored, indent=2) + "\n")
+        rerank = tmp / "rerank.jsonl"
+        if rerank.exists():
+            kept = [
+                line
+                for line in rerank.read_text().splitlines()
+                if line.strip() and json.loads(line)["rank"] < config.rerank
+            ]
+            rerank.write_text("".join(line + "\n" for line in kept))
+        tmp.rename(run_dir)
+        self.log(f"{method} search seed {seed}: derived from {src}")
+        return True
 
     def biotune(self, method: str) -> None:
         # The default search is cheap: one search per seed, so the spread over seeds includes the
@@ -268,6 +313,16 @@ class Dataset:
         plan = FineTunePlan.from_dict(done["plan"])
         for seed in SEEDS[1:]:
             self.run(method, done["base_lr"], seed, plan=plan)
+
+
+def _search_seconds(run_dir: Path) -> float:
+    """The evolution's session seconds plus the re-ranking runs' seconds of a run directory."""
+    sessions = json.loads((run_dir / "sessions.json").read_text())
+    rerank = run_dir / "rerank.jsonl"
+    lines = rerank.read_text().splitlines() if rerank.exists() else []
+    return sum(s["seconds"] for s in sessions) + sum(
+        json.loads(line)["seconds"] for line in lines if line.strip()
+    )
 
 
 def _first_trained(method: str, plan: Any, blocks: int) -> int:
