@@ -63,6 +63,8 @@ SEARCHES = {
 #: of the first k ranks, so only its missing re-ranking runs are trained. Its seconds: the
 #: evolution's sessions plus its re-ranking runs, as a from-scratch search would spend them.
 DERIVED = {"biotune-rerank": "biotune", "biotune-rerank2": "biotune-rerank"}
+#: The candidate defaults the README's rule chooses from.
+CANDIDATES = ("biotune", "biotune-rerank", "biotune-rerank2")
 #: The order in which a dataset's methods run: the cheap and decisive ones first.
 ORDER = (
     "full",
@@ -412,7 +414,12 @@ def load_rows(records: Path, datasets: list[str]) -> dict[str, dict[str, dict[st
                 tuning_ft = sum(s["ft_equivalents"] for s in searches) / len(searches)
                 tuning_s = sum(s["seconds"] for s in searches) / len(searches)
                 chosen = sorted(finals, key=lambda r: r["seed"])
-                extra = {"plans": [s["plan_text"] for s in searches]}
+                by_seed = {r["seed"]: r for r in chosen}
+                extra = {
+                    "plans": [s["plan_text"] for s in searches],
+                    "whole_ft": sum(whole_search_ft(method, s, by_seed) for s in searches)
+                    / len(searches),
+                }
             else:
                 grid = [runs.get(_run_name(lr, SEEDS[0])) for lr in LR_GRID]
                 if any(g is None for g in grid):
@@ -423,9 +430,88 @@ def load_rows(records: Path, datasets: list[str]) -> dict[str, dict[str, dict[st
                     continue
                 tuning_ft = sum(g["ft_equivalents"] for g in grid)  # type: ignore[index]
                 tuning_s = sum(g["seconds"] for g in grid)  # type: ignore[index]
-                extra = {"lr": lr, "val_by_lr": {f"{g['lr']:g}": g["val_balanced"] for g in grid}}  # type: ignore[index]
+                extra_ft = {"whole_ft": tuning_ft}  # the grid's seed-0 winner is the final run
+                extra = {
+                    "lr": lr,
+                    "val_by_lr": {f"{g['lr']:g}": g["val_balanced"] for g in grid},  # type: ignore[index]
+                    **extra_ft,
+                }
             out[d][method] = {"runs": chosen, "tuning_ft": tuning_ft, "tuning_s": tuning_s, **extra}
     return out
+
+
+def whole_search_ft(method: str, search: dict[str, Any], runs: dict[int, dict[str, Any]]) -> float:
+    """What ``biotune search`` costs as a whole, in FT-equivalents: the search plus the final
+    training of seed 0. A re-ranking search holds that run already (its winning re-rank run is
+    the seed-0 final run); otherwise it is the plan's run with the search's own seed (seed 0 for
+    the paper protocol's single search)."""
+    if (SEARCHES[method][1] or {}).get("rerank", 0) > 1:
+        return float(search["ft_equivalents"])
+    return float(search["ft_equivalents"] + runs[search["seed"]]["ft_equivalents"])
+
+
+def mean_val(entry: dict[str, Any]) -> float:
+    return sum(r["val_balanced"] for r in entry["runs"]) / len(entry["runs"])
+
+
+def choose_default(
+    rows: dict[str, dict[str, dict[str, Any]]], datasets: list[str]
+) -> dict[str, Any]:
+    """The README's rule: among the candidates complete on every dataset whose whole search
+    costs less than full fine-tuning's grid on average, the highest mean validation balanced
+    accuracy wins; within 0.2 points of it, the cheapest. Decided on validation only."""
+    grid = [rows[d]["full"]["whole_ft"] for d in datasets if "full" in rows[d]]
+    grid_mean = sum(grid) / len(grid) if len(grid) == len(datasets) else None
+    table = []
+    for m in CANDIDATES:
+        if any(m not in rows[d] for d in datasets):
+            table.append({"method": m, "complete": False})
+            continue
+        cost = sum(rows[d][m]["whole_ft"] for d in datasets) / len(datasets)
+        table.append(
+            {
+                "method": m,
+                "complete": True,
+                "val_balanced": sum(mean_val(rows[d][m]) for d in datasets) / len(datasets),
+                "whole_ft": cost,
+                "eligible": grid_mean is not None and cost < grid_mean,
+            }
+        )
+    eligible = [c for c in table if c.get("eligible")]
+    chosen = None
+    if eligible and all(c["complete"] for c in table):
+        best = max(c["val_balanced"] for c in eligible)
+        close = [c for c in eligible if c["val_balanced"] >= best - 0.002]
+        chosen = min(close, key=lambda c: c["whole_ft"])["method"]
+    return {"grid_ft": grid_mean, "candidates": table, "chosen": chosen}
+
+
+def claim(
+    rows: dict[str, dict[str, dict[str, Any]]],
+    comparisons: list[dict[str, Any]],
+    datasets: list[str],
+    method: str,
+) -> dict[str, Any] | None:
+    """Issue 13's three conditions for ``method``, or None until every method is complete."""
+    if any(m not in rows[d] for d in datasets for m in (*BASELINES, method)):
+        return None
+    mine = {c["dataset"]: c for c in comparisons if c["method"] == method}
+    gain = sum(mine[d]["vs_full"]["mean"] for d in datasets) / len(datasets)
+    cost = {d: (rows[d][method]["whole_ft"], rows[d]["full"]["whole_ft"]) for d in datasets}
+    mean_cost = [sum(c[i] for c in cost.values()) / len(cost) for i in (0, 1)]
+    checks = {
+        "not_worse_than_best": all(mine[d]["vs_best"]["high"] >= 0 for d in datasets),
+        "gain_over_full_2_points": gain >= 2.0,
+        "cheaper_than_full_grid": mean_cost[0] < mean_cost[1],
+    }
+    return {
+        "method": method,
+        "mean_gain_over_full": gain,
+        "whole_ft_by_dataset": cost,
+        "whole_ft_mean": mean_cost,
+        "checks": checks,
+        "holds": all(checks.values()),
+    }
 
 
 def _stat(values: list[float]) -> tuple[float, float]:
@@ -491,6 +577,9 @@ def report(records: Path, out: Path, datasets: list[str], wall: dict[str, Any]) 
                 entry["best_baseline"] = best
                 entry["vs_best"] = paired(methods[m]["runs"], methods[best]["runs"], "test_top1")
             comparisons.append(entry)
+    rule = choose_default(rows, datasets)
+    verdicts = [claim(rows, comparisons, datasets, m) for m in SEARCHES]
+    progress = count_records(records, datasets)
     machine = machine_description()
     date = time.strftime("%Y-%m-%d %H:%M")
     result = {
@@ -501,10 +590,14 @@ def report(records: Path, out: Path, datasets: list[str], wall: dict[str, Any]) 
         "wall": wall,
         "rows": table,
         "comparisons": comparisons,
+        "default_rule": rule,
+        "claim": [v for v in verdicts if v is not None],
+        "progress": progress,
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "accuracy.json").write_text(json.dumps(result, indent=2) + "\n")
     md = markdown(table, comparisons, datasets, date, machine, wall)
+    md += rule_markdown(rule, [v for v in verdicts if v is not None], progress)
     (out / "accuracy.md").write_text(md)
     plots(table, datasets, out)
     return md
@@ -589,6 +682,69 @@ def markdown(
     for r in table:
         if r["plans"]:
             lines.append(f"\n{r['dataset']} {r['label']} plans: " + "; ".join(r["plans"]))
+    return "\n".join(lines) + "\n"
+
+
+def count_records(records: Path, datasets: list[str]) -> dict[str, dict[str, str]]:
+    """Per method and dataset, how much is recorded: seed runs (and searches) done."""
+    out: dict[str, dict[str, str]] = {}
+    for m in ORDER:
+        out[m] = {}
+        for d in datasets:
+            folder = records / d / m
+            runs = len(list(folder.glob("lr*.json")))
+            searches = len(list(folder.glob("search-seed*.json")))
+            out[m][d] = f"{runs} runs" + (f", {searches} searches" if m in SEARCHES else "")
+    return out
+
+
+def rule_markdown(
+    rule: dict[str, Any], verdicts: list[dict[str, Any]], progress: dict[str, dict[str, str]]
+) -> str:
+    """The default's choice (validation only) and the claim's three conditions."""
+    grid = f"{rule['grid_ft']:.2f}" if rule["grid_ft"] is not None else "pending"
+    lines = [
+        "",
+        "## Choosing the default (the README's rule; validation scores only)",
+        "",
+        f"Full fine-tuning's five-point grid costs {grid} FT-eq on average over the datasets.",
+        "",
+        "| candidate | mean val balanced % | whole search FT-eq (mean) | under the grid's cost |",
+        "|---|---|---|---|",
+    ]
+    for c in rule["candidates"]:
+        if not c["complete"]:
+            lines.append(f"| {LABELS[c['method']]} | pending | pending | pending |")
+            continue
+        lines.append(
+            f"| {LABELS[c['method']]} | {100 * c['val_balanced']:.2f} | {c['whole_ft']:.2f} | "
+            f"{'yes' if c['eligible'] else 'no'} |"
+        )
+    chosen = LABELS[rule["chosen"]] if rule["chosen"] else "pending (or none eligible)"
+    lines += ["", f"Chosen: **{chosen}**.", ""]
+    if verdicts:
+        lines += [
+            "## The claim (issue 13)",
+            "",
+            "| method | not worse than the best baseline anywhere | mean gain over full FT "
+            "| whole search FT-eq vs full FT grid | holds |",
+            "|---|---|---|---|---|",
+        ]
+        for v in verdicts:
+            c = v["checks"]
+            lines.append(
+                f"| {LABELS[v['method']]} | {'yes' if c['not_worse_than_best'] else 'no'} | "
+                f"{v['mean_gain_over_full']:+.2f} points "
+                f"({'>=' if c['gain_over_full_2_points'] else '<'} +2.0) | "
+                f"{v['whole_ft_mean'][0]:.2f} vs {v['whole_ft_mean'][1]:.2f} | "
+                f"{'**yes**' if v['holds'] else '**no**'} |"
+            )
+        lines.append("")
+    lines += ["## Records so far", "", "| method | " + " | ".join(next(iter(progress.values())))]
+    lines[-1] += " |"
+    lines.append("|---|" + "---|" * len(next(iter(progress.values()))))
+    for m, by in progress.items():
+        lines.append(f"| {LABELS[m]} | " + " | ".join(by.values()) + " |")
     return "\n".join(lines) + "\n"
 
 
