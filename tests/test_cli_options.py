@@ -64,6 +64,14 @@ def test_data_fraction_one_over_k_gives_k_folds(text, folds):
     assert config.protocol.data_fraction == pytest.approx(1 / folds)
 
 
+def test_rerank_option_reaches_the_configuration_and_a_negative_one_is_refused(tmp_path, capsys):
+    assert search_config(_parse("search", "--rerank", "2"), preset("default")).rerank == 2
+    assert search_config(_parse("search"), preset("default")).rerank == preset("default").rerank
+    code, err = _run(["search", "--run-dir", str(tmp_path / "run"), "--rerank", "-1"], capsys)
+    _assert_one_line_error(code, err, "rerank", "-1")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("text", ["0.7", "0.9", "0.4", "0.3"])
 def test_data_fraction_that_is_not_one_over_k_is_refused(text, tmp_path, capsys):
     code, err = _run(

@@ -118,7 +118,15 @@ class SearchConfig:
     seed: int = option(0, flag="--seed", help="seed of the evolution and the folds")
     # Re-rank the best k distinct plans of the last generation with the final recipe and choose
     # on validation (``runner.rerank``); 0 or 1: the search's best plan as it is.
-    rerank: int = 0
+    rerank: int = option(
+        0,
+        flag="--rerank",
+        type="int",
+        metavar="K",
+        help="train the K best distinct plans of the last generation with the final recipe "
+        "(seed: the first final seed) and keep the best on validation; the winner's run is "
+        "that seed's final run (0 or 1: the search's best plan as it is)",
+    )
     # Budgets and the Pareto trade-off's settings (``core.budget``); the defaults change nothing.
     budget: BudgetConfig = field(default_factory=BudgetConfig)
 
