@@ -257,7 +257,8 @@ class Dataset:
                 "evaluations": result.cost["evaluations"],
                 "ft_equivalents": result.cost["work_flops"] / self.ft_work,
                 "search_ft_equivalents": result.cost["ft_equivalents"],
-                "seconds": _search_seconds(run_dir) if derived else time.perf_counter() - start,
+                # a resumed or derived search's earlier sittings are in its sessions
+                "seconds": _search_seconds(run_dir) if resume else time.perf_counter() - start,
                 "derived_from": DERIVED[method] if derived else None,
                 "base_lr": config.protocol.train.base_lr,
                 "config_sha1": fingerprint,
