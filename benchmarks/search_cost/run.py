@@ -22,6 +22,8 @@ Writes results/search_cost.{json,md} (search_cost-quick.* with --quick, search_c
 the date, the machine and the exact command. Run directories go to runs/search_cost/; a rerun
 with the same settings resumes an unfinished search, and reuses a side that finished (search and
 final runs) with the times measured when it ran, its date in the report (``--redo`` runs it again).
+A side finished in one piece is also kept as a small record in records/ (committed), so a fresh
+machine reuses it; ``--sides paper`` runs the paper sides alone.
 """
 
 from __future__ import annotations
@@ -154,6 +156,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="run both sides again even where a finished record exists",
     )
     p.add_argument("--out", type=Path, default=HERE / "results")
+    p.add_argument(
+        "--records",
+        type=Path,
+        default=HERE / "records",
+        help="finished sides, one small JSON each (committed; reused like the run directories)",
+    )
+    p.add_argument(
+        "--sides",
+        default="paper,default",
+        help="which sides to run: paper,default (both, then the report), or one of them "
+        "(its records only, e.g. the paper sides while the default is still being chosen)",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.train_size, args.val_size, args.test_size = 80, 40, 200
@@ -200,10 +214,12 @@ def run_side(name: str, config: SearchConfig, args: argparse.Namespace, unit_epo
     """One search, then its plan's final training; wall times measured here, in this process."""
     run_dir = _run_dir(args.runs, name, config)
     finished = run_dir / "benchmark_side.json"
-    if finished.exists() and not args.redo:
-        side = json.loads(finished.read_text())
-        print(f"{name}: reusing the side finished on {side['date']} ({finished})", flush=True)
-        return side
+    record = args.records / f"{run_dir.name}.json"  # committed: survives a fresh machine
+    for path in (record, finished):
+        if path.exists() and not args.redo:
+            side = json.loads(path.read_text())
+            print(f"{name}: reusing the side finished on {side['date']} ({path})", flush=True)
+            return side
     resume = (run_dir / "config.json").exists()
     bench = prepare(config.data)
     search = Search(config, run_dir, bench=bench, executor=args.executor, workers=args.workers)
@@ -247,6 +263,8 @@ def run_side(name: str, config: SearchConfig, args: argparse.Namespace, unit_epo
     }
     if not resume:  # only a side measured in one piece is worth reusing
         write_json_atomic(finished, side)
+        args.records.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(record, side)
     return side
 
 
@@ -391,10 +409,17 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.search_seeds:
         search: dict[str, Any] = {"seed": seed}
         for name, config in configs(args, seed).items():
+            if name not in args.sides.split(","):
+                continue
             label = f"{name}-{args.variant}" if name == "default" and args.variant else name
             search[name] = run_side(label, config, args, args.epochs)
+        if "paper" not in search or "default" not in search:
+            continue
         search["ratios"] = compare_sides(search["paper"], search["default"])
         report["searches"].append(search)
+    if not report["searches"]:
+        print(f"sides recorded in {args.records}; the report needs both sides", flush=True)
+        return 0
     searches = report["searches"]
 
     def ft(side: str) -> float:
