@@ -24,7 +24,6 @@ from biotune.callbacks import emit
 from biotune.core.evolution import BioTuneEvolution, Candidate
 from biotune.core.plan import FineTunePlan, decode_genome
 from biotune.core.records import Evaluation, Role, Status
-from biotune.data import subset
 from biotune.errors import BioTuneError
 from biotune.runner.executors import Executor, Task
 from biotune.runner.fitness import Evaluator
@@ -51,7 +50,7 @@ def optimize(
     search._clock = time.perf_counter()
     done = {r["candidate"]: r for r in records}
     if search.executor == "inprocess":
-        _replay_cache(evaluator, records)
+        evaluator.replay_cache(records)
     emit(search.callbacks, "on_search_start", search.config.evolution.total_evaluations, len(done))
     try:
         while not evo.done:
@@ -177,21 +176,3 @@ def _tick(search: Search) -> None:
     """Store this invocation's search time so far: resumed wall time sums the invocations."""
     search._sessions[-1]["seconds"] = time.perf_counter() - search._clock
     search._write(SESSIONS, search._sessions)
-
-
-def _replay_cache(evaluator: Evaluator, records: list[dict[str, Any]]) -> None:
-    """Rebuild the feature cache of the interrupted invocation by replaying its evaluations'
-    requests in order: the evaluations still to come then build (and count) what they would
-    have without the interruption, so a resumed search costs what an uninterrupted one does."""
-    if evaluator.cache is None:
-        return
-    with evaluator._pinned_threads():  # cached features depend on the thread count
-        for rec in records:
-            if rec.get("reused_from") is not None or rec["status"] in (
-                Status.INVALID,
-                Status.OVER_BUDGET,
-            ):
-                continue
-            plan = decode_genome(rec["genes"], evaluator.partition.names)
-            train = subset(evaluator.splits.train, evaluator.folds[rec["fold"]])
-            evaluator._cached(rec["fold"], train, plan.frozen_prefix)

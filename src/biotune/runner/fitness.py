@@ -373,6 +373,23 @@ class Evaluator:
             cache_images=sum(built),
         )
 
+    def replay_cache(self, records: list[dict[str, Any]]) -> None:
+        """Rebuild the feature cache of an interrupted invocation by replaying its evaluations'
+        requests in order: the evaluations still to come then build (and count) what they would
+        have without the interruption, so a resumed search costs what an uninterrupted one does."""
+        if self.cache is None:
+            return
+        with self._pinned_threads():  # cached features depend on the thread count
+            for rec in records:
+                if rec.get("reused_from") is not None or rec["status"] in (
+                    Status.INVALID,
+                    Status.OVER_BUDGET,
+                ):
+                    continue
+                plan = decode_genome(rec["genes"], self.partition.names)
+                train = subset(self.splits.train, self.folds[rec["fold"]])
+                self._cached(rec["fold"], train, plan.frozen_prefix)
+
     def _cache_images(self) -> list[int]:
         """Images the feature cache has pushed through each block so far (its own work)."""
         return list(self.cache.stage_images) if self.cache else [0] * len(self.flops)
