@@ -52,6 +52,7 @@ SEARCHES = {
     "biotune": ("default", None),
     "biotune-rerank": ("default", {"rerank": 3}),
     "biotune-rerank2": ("default", {"rerank": 2}),
+    "biotune-winners2": ("default", {"rerank": 2, "rerank_from": "winners"}),
     "biotune-paper": (
         "paper",
         {"population_size": 8, "generations": 3, "elite": 2, "seeds": (0,), "epochs": 4},
@@ -62,9 +63,13 @@ SEARCHES = {
 #: "biotune-rerank" equal those of "biotune" fitness for fitness), keeping the re-ranking runs
 #: of the first k ranks, so only its missing re-ranking runs are trained. Its seconds: the
 #: evolution's sessions plus its re-ranking runs, as a from-scratch search would spend them.
-DERIVED = {"biotune-rerank": "biotune", "biotune-rerank2": "biotune-rerank"}
+DERIVED = {
+    "biotune-rerank": "biotune",
+    "biotune-rerank2": "biotune-rerank",
+    "biotune-winners2": "biotune",
+}
 #: The candidate defaults the README's rule chooses from.
-CANDIDATES = ("biotune", "biotune-rerank", "biotune-rerank2")
+CANDIDATES = ("biotune", "biotune-rerank", "biotune-rerank2", "biotune-winners2")
 #: The order in which a dataset's methods run: the cheap and decisive ones first.
 ORDER = (
     "full",
@@ -72,6 +77,7 @@ ORDER = (
     "biotune",
     "biotune-rerank",
     "biotune-rerank2",
+    "biotune-winners2",
     "l2sp",
     "l1sp",
     "lora",
@@ -88,6 +94,7 @@ LABELS = {
     "biotune": "BioTune (default search, 2026-11-30)",
     "biotune-rerank": "BioTune (default + re-rank 3 plans)",
     "biotune-rerank2": "BioTune (default + re-rank 2 plans)",
+    "biotune-winners2": "BioTune (default + re-rank 2 generation winners)",
     "biotune-paper": "BioTune (paper protocol, scaled)",
 }
 
@@ -350,6 +357,8 @@ def search_config(method: str, data: Any, seed: int) -> Any:
     changes = dict(changes or {})
     if "rerank" in changes:
         config = replace(config, rerank=changes.pop("rerank"))
+    if "rerank_from" in changes:
+        config = replace(config, rerank_from=changes.pop("rerank_from"))
     if changes:
         evo = replace(
             config.evolution,

@@ -6,15 +6,16 @@ import json
 from dataclasses import replace
 
 import numpy as np
+import pytest
 from conftest import make_tiny_cnn, make_tiny_data
 
 from biotune.blocks import partition_blocks
 from biotune.core.evolution import Candidate, EvolutionConfig
-from biotune.core.plan import FineTunePlan, encode_plan
+from biotune.core.plan import BlockSetting, FineTunePlan, encode_plan
 from biotune.data import DatasetSplits
 from biotune.models import LoadedModel
 from biotune.presets import default
-from biotune.runner.rerank import candidates, choose
+from biotune.runner.rerank import candidates, choose, generation_winners
 from biotune.runner.search import Search
 from biotune.runner.workbench import Workbench
 from biotune.training import TrainConfig
@@ -54,19 +55,55 @@ def test_candidates_are_the_first_distinct_plans_of_the_generation():
     assert choose(records)["candidate"] == 2
 
 
-def test_a_search_with_rerank_chooses_on_validation_and_reuses_the_winning_run(tmp_path):
+def test_generation_winners_go_back_through_the_generations_one_per_structure():
+    names = ("a", "b", "c", "head")
+
+    def plan(**mults: float) -> np.ndarray:
+        return encode_plan(
+            FineTunePlan(tuple(BlockSetting(n, n in mults, mults.get(n, 1.0)) for n in names))
+        )
+
+    top, top_faster = plan(c=1.0, head=1.0), plan(c=2.0, head=1.0)
+    head, head_faster = plan(head=1.0), plan(head=5.0)
+    full = encode_plan(FineTunePlan.full(names))
+    evaluations = [
+        {"candidate": i, "genes": list(g), "generation": gen, "role": "child", "fitness": f}
+        for i, (g, gen, f) in enumerate(
+            [
+                (top, 0, 0.4),
+                (full, 0, 0.5),
+                (top_faster, 1, 0.3),
+                (head, 2, 0.2),
+                (head_faster, 2, 0.25),
+            ]
+        )
+    ]
+    history = [{"best_id": 0}, {"best_id": 2}, {"best_id": 3}]
+    last = [(Candidate(3, head, 2, "child"), 0.2), (Candidate(4, head_faster, 2, "child"), 0.25)]
+    # Newest first; generation 1's winner trains the same blocks as generation 0's: skipped.
+    picked = generation_winners(history, evaluations, last, names, 2)
+    assert [c.id for c, _, _ in picked] == [3, 2]
+    assert [f for _, f, _ in picked] == [0.2, 0.3]  # each scored on its own generation's fold
+    # Fewer structures than k: topped up with the last generation's best distinct plans.
+    picked = generation_winners(history[2:], evaluations, last, names, 2)
+    assert [c.id for c, _, _ in picked] == [3, 4]
+
+
+@pytest.mark.parametrize(("k", "source"), [(3, "last"), (2, "winners")])
+def test_a_search_with_rerank_chooses_on_validation_and_reuses_the_winning_run(tmp_path, k, source):
     config = replace(
         default(),
         evolution=EvolutionConfig(population_size=4, generations=1, elite=1),
         protocol=replace(default().protocol, seeds=(0,), train=replace(TINY, epochs=1)),
         final=TINY,
         final_seeds=(0, 1),
-        rerank=3,
+        rerank=k,
+        rerank_from=source,
     )
     result = Search(config, tmp_path / "run", bench=_bench()).run_search()
     run = tmp_path / "run"
     reranked = [json.loads(x) for x in (run / "rerank.jsonl").read_text().splitlines()]
-    assert 1 <= len(reranked) <= 3
+    assert 1 <= len(reranked) <= k
     assert len({json.dumps(r["plan"], sort_keys=True) for r in reranked}) == len(reranked)
     winner = choose(reranked)
     assert result.best_plan == FineTunePlan.from_dict(winner["plan"])

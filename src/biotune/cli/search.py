@@ -74,7 +74,7 @@ def add_search_parser(sub: Any) -> argparse.ArgumentParser:
         "there (--preset is refused; other options must match it; --run-dir, if "
         "given, must be RUN_DIR)",
     )
-    add_field_options(s, SearchConfig, ("seed", "rerank"), presets)
+    add_field_options(s, SearchConfig, ("seed", "rerank", "rerank_from"), presets)
     s.add_argument(
         "--no-final",
         action="store_true",

@@ -35,10 +35,12 @@ def choose(
     plans after the final recipe; written to ``best_plan.json`` with where it came from."""
     assert search.bench is not None
     best, best_fitness = evo.best
-    reranked = rerank.rerank_plans(search, evo, evaluator) if search.config.rerank > 1 else []
+    reranked, picks = (
+        rerank.rerank_plans(search, evo, evaluator) if search.config.rerank > 1 else ([], [])
+    )
     if reranked:
         chosen = rerank.choose(reranked)
-        best, best_fitness = next((c, f) for c, f in evo.population if c.id == chosen["candidate"])
+        best, best_fitness = next((c, f) for c, f, _ in picks if c.id == chosen["candidate"])
     plan = decode_genome(best.genes, search.bench.partition.names)
     search.run.write(
         BEST_PLAN,

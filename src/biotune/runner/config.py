@@ -16,6 +16,7 @@ from biotune.runner.fitness import SearchProtocol
 from biotune.training import TrainConfig
 
 BAD_IMAGES = ("skip", "error")
+RERANK_FROM = ("last", "winners")
 
 
 @dataclass(frozen=True)
@@ -127,12 +128,24 @@ class SearchConfig:
         "(seed: the first final seed) and keep the best on validation; the winner's run is "
         "that seed's final run (0 or 1: the search's best plan as it is)",
     )
+    rerank_from: str = option(
+        "last",
+        flag="--rerank-from",
+        choices=RERANK_FROM,
+        help="where --rerank takes its plans: 'last', the best distinct plans of the last "
+        "generation; 'winners', each generation's winner on its own fold, newest first, one "
+        "per set of trained blocks",
+    )
     # Budgets and the Pareto trade-off's settings (``core.budget``); the defaults change nothing.
     budget: BudgetConfig = field(default_factory=BudgetConfig)
 
     def __post_init__(self) -> None:
         if not isinstance(self.rerank, int) or self.rerank < 0:
             raise BioTuneError(f"rerank must be a whole number >= 0 (got {self.rerank!r})")
+        if self.rerank_from not in RERANK_FROM:
+            raise BioTuneError(
+                f"rerank_from must be 'last' or 'winners' (got {self.rerank_from!r})"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -144,6 +157,7 @@ class SearchConfig:
             "seed": self.seed,
             # Written only when on, so configurations from before it existed compare equal.
             **({"rerank": self.rerank} if self.rerank else {}),
+            **({"rerank_from": self.rerank_from} if self.rerank_from != "last" else {}),
             **({"budget": self.budget.to_dict()} if self.budget != BudgetConfig() else {}),
         }
 
@@ -157,5 +171,6 @@ class SearchConfig:
             final_seeds=tuple(d["final_seeds"]),
             seed=d["seed"],
             rerank=d.get("rerank", 0),
+            rerank_from=d.get("rerank_from", "last"),
             budget=BudgetConfig.from_dict(d.get("budget")),
         )

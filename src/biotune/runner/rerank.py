@@ -16,9 +16,12 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from biotune.core.cost import run_work
-from biotune.core.evolution import BioTuneEvolution
+from biotune.core.evolution import BioTuneEvolution, Candidate
 from biotune.core.plan import FineTunePlan, decode_genome
+from biotune.core.records import Role
 from biotune.runner.final import final_training_run, save_model
 from biotune.runner.fitness import Evaluator
 
@@ -45,6 +48,52 @@ def candidates(
     return out
 
 
+def generation_winners(
+    history: Sequence[dict[str, Any]],
+    evaluations: Sequence[dict[str, Any]],
+    population: Sequence[tuple[Any, float]],
+    names: Sequence[str],
+    k: int,
+) -> list[tuple[Any, float, FineTunePlan]]:
+    """Each generation's winner, newest first, one plan per set of trained blocks, topped up
+    with the last generation's best distinct plans.
+
+    A winner is the best of its generation on that generation's fold, so no two fitness values
+    from different folds are compared; the final-recipe training decides between them. Going
+    back through the generations keeps a structure the search preferred earlier and left later
+    on one fold's noise (the last generation may hold variants of one plan only, e.g. linear
+    probes at three learning rates)."""
+    by_id = {r["candidate"]: r for r in evaluations}
+    out: list[tuple[Any, float, FineTunePlan]] = []
+    structures: set[tuple[str, ...]] = set()
+    seen: set[tuple] = set()
+    for summary in reversed(history):
+        record = by_id.get(summary.get("best_id"))
+        if record is None:
+            continue
+        plan = decode_genome(record["genes"], names)
+        if not plan.trained or plan.trained in structures:
+            continue
+        structures.add(plan.trained)
+        seen.add(plan.key())
+        candidate = Candidate(
+            record["candidate"],
+            np.asarray(record["genes"], dtype=float),
+            record["generation"],
+            Role(record["role"]),
+        )
+        out.append((candidate, float(record["fitness"]), plan))
+        if len(out) == k:
+            return out
+    for candidate, fitness, plan in candidates(population, names, len(population)):
+        if len(out) == k:
+            break
+        if plan.key() not in seen:
+            seen.add(plan.key())
+            out.append((candidate, fitness, plan))
+    return out
+
+
 def choose(records: Sequence[dict[str, Any]], metric: str = "val_balanced") -> dict[str, Any]:
     """The record with the best validation score; ties go to the better search rank."""
     return max(records, key=lambda r: (r[metric], -r["rank"]))
@@ -52,7 +101,7 @@ def choose(records: Sequence[dict[str, Any]], metric: str = "val_balanced") -> d
 
 def rerank_plans(
     search: Search, evo: BioTuneEvolution, evaluator: Evaluator
-) -> list[dict[str, Any]]:
+) -> tuple[list[dict[str, Any]], list[tuple[Any, float, FineTunePlan]]]:
     """The best distinct plans of the last generation trained with the final recipe (seed
     ``final_seeds[0]``, resumable); the best on validation becomes that seed's final run
     and the run's saved model."""
@@ -60,7 +109,11 @@ def rerank_plans(
     bench, config, seed = search.bench, search.config.final, search.config.final_seeds[0]
     done = search.run.rerank_runs()
     best_model = None
-    picks = candidates(evo.population, bench.partition.names, search.config.rerank)
+    names, k = bench.partition.names, search.config.rerank
+    if search.config.rerank_from == "winners":
+        picks = generation_winners(evo.history, search.run.evaluations(), evo.population, names, k)
+    else:
+        picks = candidates(evo.population, names, k)
     for rank, (candidate, fitness, plan) in enumerate(picks):
         if candidate.id in done:
             continue
@@ -93,10 +146,12 @@ def rerank_plans(
         if best_model is None or rec["val_balanced"] > best_model[1]["val_balanced"]:
             best_model = (model, rec, plan, run)
     records = [done[c.id] for c, _, _ in picks]
+    if not records:
+        return [], picks
     chosen = choose(records)
     finals = search.run.final_runs()
     if best_model is not None and best_model[1] is chosen and seed not in finals:
         model, rec, plan, run = best_model
         save_model(search.run.path, model, bench, search.config.data, plan, config, run)
         search.run.append_final_run(run)
-    return records
+    return records, picks
