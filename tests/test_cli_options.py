@@ -218,6 +218,30 @@ def test_search_reports_the_winners_validation_accuracy_not_its_fitness(
     assert "fitness" not in out
 
 
+def test_a_reranked_search_reports_the_winners_final_recipe_score(tmp_path, capsys, monkeypatch):
+    from biotune.core.plan import FineTunePlan
+    from biotune.runner.search import Search, SearchResult
+
+    def finished(self, resume=False, final=True):
+        self.run.path.mkdir(parents=True)
+        cost = {"evaluations": 9, "seconds": 3.0, "ft_equivalents": 2.5, "rerank": {"plans": 2}}
+        (self.run.path / "search_summary.json").write_text(json.dumps({"cost": cost}))
+        runs = [(3, 0, 0.71), (5, 1, 0.82)]  # (candidate, rank, val balanced)
+        (self.run.path / "rerank.jsonl").write_text(
+            "".join(
+                json.dumps({"candidate": c, "rank": r, "val_balanced": v}) + "\n"
+                for c, r, v in runs
+            )
+        )
+        return SearchResult(self.run.path, FineTunePlan.full(["stem", "head"]), 0.3467, [], None)
+
+    monkeypatch.setattr(Search, "run_search", finished)
+    assert main(["search", "--run-dir", str(tmp_path / "run"), "--quiet", "--no-final"]) == 0
+    out = capsys.readouterr().out
+    assert "re-ranked among 2: validation balanced accuracy 0.8200 after the final recipe" in out
+    assert "0.6533 in the search" in out and "2 re-ranking runs included" in out
+
+
 def test_a_search_configuration_file_in_config_json_schema(tmp_path):
     """--config takes a run's config.json (whole or its "search" part); options change it."""
     import json

@@ -347,15 +347,30 @@ def cmd_search(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         _interrupted(run_dir, created)
         return EXIT_INTERRUPTED
-    print(
-        f"best plan (validation {score_name(metric)} {1 - result.best_fitness:.4f} on the last "
-        f"generation's fold): {result.best_plan.describe()}"
-    )
     summary = json.loads((run_dir / "search_summary.json").read_text())
     cost = summary["cost"]
+    from biotune.runner.rundir import RunDirectory
+
+    reranked = RunDirectory(run_dir).rerank_runs()
+    if "rerank" in cost and reranked:
+        from biotune.runner.rerank import choose
+
+        won = choose(list(reranked.values()))
+        print(
+            f"best plan (re-ranked among {len(reranked)}: validation balanced accuracy "
+            f"{won['val_balanced']:.4f} after the final recipe; {score_name(metric)} "
+            f"{1 - result.best_fitness:.4f} in the search): {result.best_plan.describe()}"
+        )
+    else:
+        print(
+            f"best plan (validation {score_name(metric)} {1 - result.best_fitness:.4f} on the "
+            f"last generation's fold): {result.best_plan.describe()}"
+        )
+    rerank = cost.get("rerank")
+    rerank_note = f", {rerank['plans']} re-ranking runs included" if rerank else ""
     print(
         f"search: {cost['evaluations']} evaluations, {cost['seconds']:.0f}s of training, "
-        f"{cost['ft_equivalents']:.2f} FT-equivalents"
+        f"{cost['ft_equivalents']:.2f} FT-equivalents{rerank_note}"
     )
     if result.final:
         print_final(result.final)

@@ -154,4 +154,12 @@ def rerank_plans(
         model, rec, plan, run = best_model
         save_model(search.run.path, model, bench, search.config.data, plan, config, run)
         search.run.append_final_run(run)
+        _log.info(
+            "final training seed %d: the re-ranking's winning run (re-rank %d/%d), not trained "
+            "again: test top-1 %s",
+            seed,
+            rec["rank"] + 1,
+            len(picks),
+            "n/a" if run.test_top1 is None else f"{run.test_top1:.4f}",
+        )
     return records, picks
