@@ -48,10 +48,12 @@ BASELINES = ("full", "linear", "autorgn", "lora", "l2sp", "l1sp")
 #: BioTune methods: the preset searched, and what is changed (None: the preset as it is).
 #: "biotune-rerank" is the first candidate default tried after the 2026-11-30 default: the same
 #: search, its 3 best distinct plans re-ranked with the final recipe on validation.
+#: Each candidate's re-ranking is spelled out, so the preset's own (which became
+#: "biotune-winners2"'s on 2026-11-30) changes none of them.
 SEARCHES = {
-    "biotune": ("default", None),
-    "biotune-rerank": ("default", {"rerank": 3}),
-    "biotune-rerank2": ("default", {"rerank": 2}),
+    "biotune": ("default", {"rerank": 0, "rerank_from": "last"}),
+    "biotune-rerank": ("default", {"rerank": 3, "rerank_from": "last"}),
+    "biotune-rerank2": ("default", {"rerank": 2, "rerank_from": "last"}),
     "biotune-winners2": ("default", {"rerank": 2, "rerank_from": "winners"}),
     "biotune-paper": (
         "paper",
