@@ -117,6 +117,14 @@ def rerank_plans(
     for rank, (candidate, fitness, plan) in enumerate(picks):
         if candidate.id in done:
             continue
+        _log.info(
+            "re-rank %d/%d: training %s with the final recipe (seed %d, up to %d epochs)",
+            rank + 1,
+            len(picks),
+            plan.describe(),
+            seed,
+            config.epochs,
+        )
         model, run = final_training_run(bench, plan, config, seed, keep_model=True)
         work = run_work(
             evaluator.flops,
