@@ -40,6 +40,8 @@ SEARCH = [
 #: A value to give each field's flag that no preset holds: (text on the command line, value).
 SAMPLES = {
     "seed": ("5", 5),
+    "rerank": ("3", 3),
+    "rerank_from": ("last", "last"),
     "model": ("resnet18", "resnet18"),
     "dataset": ("digits", "digits"),
     "data_root": ("somewhere", "somewhere"),

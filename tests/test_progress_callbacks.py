@@ -377,6 +377,8 @@ def test_command_line_logs_one_line_per_evaluation_and_final_epoch(tmp_path, cap
             "2",
             "--final-seeds",
             "0",
+            "--rerank",
+            "0",  # seed 0's final run trained on its own, with its epochs logged
             "--device",
             "cpu",
             "--precision",
