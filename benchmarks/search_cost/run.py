@@ -229,6 +229,7 @@ def run_side(name: str, config: SearchConfig, args: argparse.Namespace, unit_epo
     flops = block_flops(bench.model, bench.partition, bench.splits.val[0][0])
     unit = cost.ft_work(flops, len(bench.splits.train), len(bench.splits.val), unit_epochs)
     summary = cost.search_cost(result.evaluations, unit, search_wall)
+    add_rerank(summary, result.cost.get("rerank"))
     if resume:
         summary["note"] = "resumed: wall time covers only the part run this time"
     start = time.perf_counter()
@@ -266,6 +267,16 @@ def run_side(name: str, config: SearchConfig, args: argparse.Namespace, unit_epo
         args.records.mkdir(parents=True, exist_ok=True)
         write_json_atomic(record, side)
     return side
+
+
+def add_rerank(summary: dict[str, Any], rerank: dict[str, Any] | None) -> None:
+    """Count a re-ranking's runs in the search's cost (all of them, the winner's too, though it
+    is then seed 0's final run: the conservative count)."""
+    if not rerank or "rerank" in summary:
+        return
+    summary["rerank"] = rerank
+    summary["work_flops"] += rerank["work_flops"]
+    summary["ft_equivalents"] = summary["work_flops"] / summary["ft_work_flops"]
 
 
 def _ratio(a: float, b: float) -> float:
