@@ -124,7 +124,7 @@ class SearchConfig:
         flag="--rerank",
         type="int",
         metavar="K",
-        help="train the K best distinct plans of the last generation with the final recipe "
+        help="train K of the search's plans (--rerank-from says which) with the final recipe "
         "(seed: the first final seed) and keep the best on validation; the winner's run is "
         "that seed's final run (0 or 1: the search's best plan as it is)",
     )
