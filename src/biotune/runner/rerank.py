@@ -102,9 +102,9 @@ def choose(records: Sequence[dict[str, Any]], metric: str = "val_balanced") -> d
 def rerank_plans(
     search: Search, evo: BioTuneEvolution, evaluator: Evaluator
 ) -> tuple[list[dict[str, Any]], list[tuple[Any, float, FineTunePlan]]]:
-    """The best distinct plans of the last generation trained with the final recipe (seed
-    ``final_seeds[0]``, resumable); the best on validation becomes that seed's final run
-    and the run's saved model."""
+    """The plans ``rerank_from`` picks (``candidates`` or ``generation_winners``) trained with
+    the final recipe (seed ``final_seeds[0]``, resumable); the best on validation becomes that
+    seed's final run and the run's saved model. Returns the runs' records and the picks."""
     assert search.bench is not None
     bench, config, seed = search.bench, search.config.final, search.config.final_seeds[0]
     done = search.run.rerank_runs()
