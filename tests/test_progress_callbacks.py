@@ -4,6 +4,7 @@ loggers built on it."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import logging
 import re
@@ -63,6 +64,15 @@ class Recorder(Callback):
 
     def on_search_end(self, finished):  # noqa: ANN001, ANN201
         self.events.append(("search_end", finished))
+
+    def on_rerank_start(self, rank, total, plan, epochs):  # noqa: ANN001, ANN201
+        self.events.append(("rerank_start", rank, total, plan, epochs))
+
+    def on_rerank_epoch(self, rank, epoch):  # noqa: ANN001, ANN201
+        self.events.append(("rerank_epoch", rank, epoch))
+
+    def on_rerank_run(self, record):  # noqa: ANN001, ANN201
+        self.events.append(("rerank_run", record))
 
     def on_final_start(self, seed, epochs):  # noqa: ANN001, ANN201
         self.events.append(("final_start", seed, epochs))
@@ -130,6 +140,43 @@ def test_callbacks_hear_every_event_of_a_search_in_order(searched):
     assert kinds[-1] == "close"
     epoch = next(e[2] for e in events if e[0] == "final_epoch")
     assert {"epoch", "train_loss", "val_balanced", "seconds"} <= set(epoch)
+
+
+def test_reranking_runs_are_heard_by_epoch_and_the_winners_run_as_seed_0s_final(tmp_path, caplog):
+    caplog.set_level(logging.DEBUG, logger="biotune")
+    config = dataclasses.replace(CONFIG, rerank=2, rerank_from="winners")
+    recorder = Recorder()
+    run_dir = tmp_path / "run"
+    Search(
+        config,
+        run_dir,
+        bench=make_bench(),
+        callbacks=[recorder, CSVLogger(run_dir / "logs")],
+        progress=SearchProgress(metric="balanced", bars=False),
+    ).run_search()
+    events = recorder.events
+    kinds = [e[0] for e in events]
+    after = kinds[kinds.index("search_end") + 1 : -1]
+    reruns = [e[1] for e in events if e[0] == "rerank_run"]
+    assert [r["rank"] for r in reruns] == [0, 1]
+    expected = []
+    for run in reruns:
+        expected += ["rerank_start"] + ["rerank_epoch"] * run["epochs_run"] + ["rerank_run"]
+    # The winner's run is seed 0's final run: announced once, not trained again.
+    expected += ["final_run", "final_start"]
+    assert after[: len(expected)] == expected
+    finals = [e[1] for e in events if e[0] == "final_run"]
+    assert [r["seed"] for r in finals] == [0, 1]
+    winner = max(reruns, key=lambda r: (r["val_balanced"], -r["rank"]))
+    assert finals[0]["val_balanced"] == winner["val_balanced"]
+    assert [e[2] for e in events if e[0] == "rerank_start"] == [2, 2]
+    logs = run_dir / "logs"
+    assert [int(r["rank"]) for r in _rows(logs / "rerank_runs.csv")] == [0, 1]
+    assert len(_rows(logs / "rerank_epochs.csv")) == sum(r["epochs_run"] for r in reruns)
+    assert [int(r["seed"]) for r in _rows(logs / "final_runs.csv")] == [0, 1]
+    lines = [r.getMessage() for r in caplog.records if r.name == "biotune.progress"]
+    epochs = [x for x in lines if re.match(r"re-rank [12]/2: epoch \d/2, train loss", x)]
+    assert len(epochs) == sum(r["epochs_run"] for r in reruns)
 
 
 def test_a_callback_needs_only_the_methods_it_uses():

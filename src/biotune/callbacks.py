@@ -8,6 +8,9 @@ driver process, in this order::
     on_evaluation(record)              after each evaluation is recorded       (many)
     on_generation(summary)             after each generation                   (one per generation)
     on_search_end(finished)            the loop stopped: finished, or interrupted (resumable)
+    on_rerank_start(rank, total, plan, epochs)   per re-ranked plan (``--rerank K``, K > 1):
+    on_rerank_epoch(rank, epoch)           after each epoch's validation
+    on_rerank_run(record)                  trained and scored on validation
     on_final_start(seed, epochs)       per final training seed:
     on_final_epoch(seed, epoch)            after each epoch's validation
     on_final_run(record)                   trained and tested
@@ -57,6 +60,18 @@ class Callback:
     def on_search_end(self, finished: bool) -> None:
         """The search loop stopped; ``finished`` False means interrupted or failed."""
 
+    def on_rerank_start(self, rank: int, total: int, plan: dict[str, Any], epochs: int) -> None:
+        """Re-ranking trains plan ``rank`` (from 0, the search's order) of ``total`` with the
+        final recipe (seed ``final_seeds[0]``, at most ``epochs`` epochs). The winner's run
+        becomes that seed's final run: it gets ``on_final_run`` but no ``on_final_start``."""
+
+    def on_rerank_epoch(self, rank: int, epoch: dict[str, float]) -> None:
+        """One epoch of a re-ranking run (the fields of ``on_final_epoch``)."""
+
+    def on_rerank_run(self, record: dict[str, Any]) -> None:
+        """A re-ranking run ended: a line of rerank.jsonl (``rank``, ``candidate``, ``plan``,
+        ``fitness``: its search score, ``val_balanced``, ``test_top1``, ...)."""
+
     def on_final_start(self, seed: int, epochs: int) -> None:
         """A final training starts: ``seed``, at most ``epochs`` epochs (early stopping)."""
 
@@ -102,7 +117,8 @@ def multipliers(plan: dict[str, Any]) -> dict[str, float]:
 
 class CSVLogger(Callback):
     """Spreadsheet-ready logs in ``folder``: evaluations.csv, generations.csv (with the best
-    plan's multiplier per block, 0 = frozen), final_epochs.csv and final_runs.csv.
+    plan's multiplier per block, 0 = frozen), rerank_epochs.csv and rerank_runs.csv (when
+    plans are re-ranked), final_epochs.csv and final_runs.csv.
 
     Each row is appended (and the file closed) at once, so the files survive a kill; a resumed
     search appends its new rows to them. Nothing is created before the first event.
@@ -161,6 +177,13 @@ class CSVLogger(Callback):
             },
         )
 
+    def on_rerank_epoch(self, rank: int, epoch: dict[str, float]) -> None:
+        self._append("rerank_epochs.csv", {"rank": rank, **epoch})
+
+    def on_rerank_run(self, record: dict[str, Any]) -> None:
+        row = {k: v for k, v in record.items() if k not in ("plan", "history", "work")}
+        self._append("rerank_runs.csv", {**row, "plan": plan_text(record.get("plan") or {})})
+
     def on_final_epoch(self, seed: int, epoch: dict[str, float]) -> None:
         self._append("final_epochs.csv", {"seed": seed, **epoch})
 
@@ -174,7 +197,8 @@ class CSVLogger(Callback):
 class TensorBoardLogger(Callback):
     """TensorBoard event files in ``folder`` (``tensorboard --logdir FOLDER``): search/fitness per
     evaluation, search/best and search/mean per generation, best_plan/BLOCK (its learning-rate
-    multiplier, 0 = frozen) per generation, final/seed_S/... per epoch and final/test_* per seed.
+    multiplier, 0 = frozen) per generation, rerank/rank_R/... per epoch and rerank/val_balanced
+    per re-ranked plan, final/seed_S/... per epoch and final/test_* per seed.
 
     Needs the ``tensorboard`` package (``pip install 'biotune[tensorboard]'``), checked here so
     that a search does not start only to fail at its first record.
@@ -212,6 +236,17 @@ class TensorBoardLogger(Callback):
         for name, mult in multipliers(plan).items():
             self.writer.add_scalar(f"best_plan/{name}", mult, step)
         self.writer.add_text("best_plan", plan_text(plan), step)
+        self.writer.flush()
+
+    def on_rerank_epoch(self, rank: int, epoch: dict[str, float]) -> None:
+        step = int(epoch["epoch"])
+        for key, value in epoch.items():
+            if key != "epoch":
+                self.writer.add_scalar(f"rerank/rank_{rank}/{key}", value, step)
+
+    def on_rerank_run(self, record: dict[str, Any]) -> None:
+        self.writer.add_scalar("rerank/val_balanced", record["val_balanced"], record["rank"])
+        self.writer.add_text("rerank/plan", plan_text(record.get("plan") or {}), record["rank"])
         self.writer.flush()
 
     def on_final_epoch(self, seed: int, epoch: dict[str, float]) -> None:

@@ -192,54 +192,56 @@ class TrainingProgress(_Reporter):
         self.metric = metric
         self.label = label
         self._val = f"val {score_name(metric)}"
-        self._seed_task: dict[int, Any] = {}
-        self._epochs: dict[int, int] = {}
-        self._started: dict[int, float] = {}
-        self._best: dict[int, float] = {}
+        # One entry per training run, keyed by its name ("final training seed 0").
+        self._task: dict[str, Any] = {}
+        self._epochs: dict[str, int] = {}
+        self._started: dict[str, float] = {}
+        self._best: dict[str, float] = {}
 
-    def on_final_start(self, seed: int, epochs: int) -> None:
-        self._epochs[seed] = epochs
-        self._started[seed] = time.perf_counter()
-        self._best[seed] = -1.0
+    def _run_start(self, key: str, epochs: int, line: bool = True) -> None:
+        self._epochs[key] = epochs
+        self._started[key] = time.perf_counter()
+        self._best[key] = -1.0
         if self.bars:
-            self._seed_task[seed] = self._add(f"{self.label} seed {seed}", epochs)
-        self._say(f"{self.label} seed {seed}: up to {epochs} epochs")
+            self._task[key] = self._add(key, epochs)
+        if line:
+            self._say(f"{key}: up to {epochs} epochs")
 
-    def on_final_epoch(self, seed: int, epoch: dict[str, float]) -> None:
-        n, total = int(epoch["epoch"]), self._epochs.get(seed, 0)
+    def _run_epoch(self, key: str, epoch: dict[str, float]) -> None:
+        n, total = int(epoch["epoch"]), self._epochs.get(key, 0)
         score = epoch.get(f"val_{self.metric}", float("nan"))
-        self._best[seed] = max(self._best.get(seed, -1.0), score)
+        self._best[key] = max(self._best.get(key, -1.0), score)
         text = (
             f"train loss {epoch['train_loss']:.4f}, {self._val} {score:.4f} "
-            f"(best {self._best[seed]:.4f})"
+            f"(best {self._best[key]:.4f})"
         )
-        self._update(self._seed_task.get(seed), advance=1, status=text)
-        elapsed = time.perf_counter() - self._started.get(seed, time.perf_counter())
+        self._update(self._task.get(key), advance=1, status=text)
+        elapsed = time.perf_counter() - self._started.get(key, time.perf_counter())
         later = eta(elapsed, n, total)
         self._say(
-            f"{self.label} seed {seed}: epoch {n}/{total}, {text}, "
+            f"{key}: epoch {n}/{total}, {text}, "
             f"{epoch['seconds']:.1f}s" + (f" | {later} at most" if later else "")
         )
 
+    def _run_end(self, key: str, epochs_run: int, status: str) -> None:
+        self._update(self._task.get(key), total=epochs_run, completed=epochs_run, status=status)
+
+    def on_final_start(self, seed: int, epochs: int) -> None:
+        self._run_start(f"{self.label} seed {seed}", epochs)
+
+    def on_final_epoch(self, seed: int, epoch: dict[str, float]) -> None:
+        self._run_epoch(f"{self.label} seed {seed}", epoch)
+
     def on_final_run(self, record: dict[str, Any]) -> None:
-        seed = record["seed"]
+        key = f"{self.label} seed {record['seed']}"
         tested = (
             f"test top-1 {record['test_top1']:.4f}, balanced {record['test_balanced']:.4f}"
             if record.get("test_top1") is not None
             else "no test split"
         )
         stopped = f"best epoch {record['best_epoch']} of {record['epochs_run']}"
-        task = self._seed_task.get(seed)
-        self._update(
-            task,
-            total=record["epochs_run"],
-            completed=record["epochs_run"],
-            status=f"{tested} ({stopped})",
-        )
-        self._say(
-            f"{self.label} seed {seed} done in {duration(record['seconds'])}: {tested} ({stopped})",
-            always=True,
-        )
+        self._run_end(key, record["epochs_run"], f"{tested} ({stopped})")
+        self._say(f"{key} done in {duration(record['seconds'])}: {tested} ({stopped})", always=True)
 
 
 class SearchProgress(TrainingProgress):
@@ -264,6 +266,7 @@ class SearchProgress(TrainingProgress):
         self._start = time.perf_counter()
         self._generation: dict[str, Any] | None = None
         self._last = ""
+        self._reranks = 0
 
     def best_text(self) -> str:
         """'best val balanced accuracy 0.653 (gen 3)', or '' before a generation finished."""
@@ -313,6 +316,22 @@ class SearchProgress(TrainingProgress):
             + (f"; best plan {plan}" if plan else ""),
             always=True,
         )
+
+    def _rerank_key(self, rank: int) -> str:
+        return f"re-rank {rank + 1}/{self._reranks}"
+
+    def on_rerank_start(self, rank: int, total: int, plan: dict[str, Any], epochs: int) -> None:
+        # The search logs which plan each re-ranking run trains; the display adds its epochs.
+        self._reranks = total
+        self._run_start(self._rerank_key(rank), epochs, line=False)
+
+    def on_rerank_epoch(self, rank: int, epoch: dict[str, float]) -> None:
+        self._run_epoch(self._rerank_key(rank), epoch)
+
+    def on_rerank_run(self, record: dict[str, Any]) -> None:
+        score = record.get(f"val_{self.metric}", record["val_balanced"])
+        status = f"{self._val} {score:.4f} (best epoch {record['best_epoch']})"
+        self._run_end(self._rerank_key(record["rank"]), record["epochs_run"], status)
 
     def on_search_end(self, finished: bool) -> None:
         best = self.best_text()

@@ -193,16 +193,17 @@ class TrainHooks:
         """After each epoch's validation: ``record`` is its history entry plus its seconds."""
 
 
-class FinalEpochs(TrainHooks):
-    """Tells ``callbacks`` (``biotune.callbacks``) of each epoch of a final training, as
-    ``on_final_epoch(seed, epoch)``."""
+class EpochEvents(TrainHooks):
+    """Tells ``callbacks`` (``biotune.callbacks``) of each epoch of a training run, as
+    ``event(key, epoch)``: ``on_final_epoch(seed, ...)``, ``on_rerank_epoch(rank, ...)``."""
 
-    def __init__(self, callbacks: Sequence[Any], seed: int) -> None:
+    def __init__(self, callbacks: Sequence[Any], event: str, key: int) -> None:
         self.callbacks = list(callbacks)
-        self.seed = seed
+        self.event = event
+        self.key = key
 
     def on_epoch_end(self, epoch: int, record: dict[str, float]) -> None:
-        emit(self.callbacks, "on_final_epoch", self.seed, record)
+        emit(self.callbacks, self.event, self.key, record)
 
 
 def resolve_device(spec: str | torch.device | None = None) -> torch.device:

@@ -24,7 +24,14 @@ from biotune.data import is_offline
 from biotune.runner.config import DataConfig
 from biotune.runner.rundir import FINAL
 from biotune.runner.workbench import Workbench, partition_record
-from biotune.training import FinalEpochs, TrainConfig, count_parameters, default_device, evaluate
+from biotune.training import (
+    EpochEvents,
+    TrainConfig,
+    TrainHooks,
+    count_parameters,
+    default_device,
+    evaluate,
+)
 
 if TYPE_CHECKING:
     from biotune.runner.search import Search
@@ -77,22 +84,20 @@ def final_training_run(
     seed: int,
     keep_model: bool = False,
     callbacks: Sequence[Any] = (),
+    hooks: TrainHooks | None = None,
 ) -> Any:
     """Fine-tune under ``plan`` on the whole training split; early stopping on val; test once.
 
     A plan that freezes the first blocks trains on their cached features (as the search does).
     Returns the ``FinalRun``, or (trained model, ``FinalRun``) with ``keep_model``. Without a
     test split the test scores are None. ``callbacks`` hear ``on_final_start``,
-    ``on_final_epoch`` and ``on_final_run`` (``biotune.callbacks``; the record as a dict).
+    ``on_final_epoch`` and ``on_final_run`` (``biotune.callbacks``; the record as a dict);
+    a run that is not a final one (re-ranking) passes its own epoch ``hooks`` instead.
     """
     emit(callbacks, "on_final_start", seed, config.epochs)
-    model, result, cached = bench.train(
-        plan,
-        config,
-        seed,
-        default_device(),
-        hooks=FinalEpochs(callbacks, seed) if callbacks else None,
-    )
+    if hooks is None and callbacks:
+        hooks = EpochEvents(callbacks, "on_final_epoch", seed)
+    model, result, cached = bench.train(plan, config, seed, default_device(), hooks=hooks)
     test = (
         evaluate(
             model,

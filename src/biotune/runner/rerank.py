@@ -2,12 +2,14 @@
 
 The search scores plans with a short training on one fold: cheap, but a noisy proxy for what
 the final training will make of a plan (``benchmarks/search_cost/README.md``: short evaluations
-over-rate plans that train the new head at a high rate). So the few best distinct plans of the
-last generation (all scored on one fold, so their order is fair) are trained with the final
-recipe on the whole training split, seed ``final_seeds[0]``, and the plan with the best
-validation score wins. The winning run is that seed's final run, so the winner is not trained
-twice. This is the same selection the baselines get from their learning-rate grid: a few
-full-recipe runs compared on validation. Each run is recorded in ``rerank.jsonl``.
+over-rate plans that train the new head at a high rate). So a few plans (``rerank_from``: the
+last generation's best distinct plans, or each generation's winner; never two fitness values
+from different folds compared) are trained with the final recipe on the whole training split,
+seed ``final_seeds[0]``, and the plan with the best validation score wins. The winning run is
+that seed's final run, so the winner is not trained twice. This is the same selection the
+baselines get from their learning-rate grid: a few full-recipe runs compared on validation.
+Each run is recorded in ``rerank.jsonl``; callbacks hear ``on_rerank_start``,
+``on_rerank_epoch`` and ``on_rerank_run``, and ``on_final_run`` for the winning run.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from biotune.callbacks import emit
 from biotune.core.cost import run_work
 from biotune.core.evolution import BioTuneEvolution, Candidate
 from biotune.core.plan import FineTunePlan, decode_genome
 from biotune.core.records import Role
 from biotune.runner.final import final_training_run, save_model
 from biotune.runner.fitness import Evaluator
+from biotune.training import EpochEvents
 
 if TYPE_CHECKING:
     from biotune.runner.search import Search
@@ -125,7 +129,15 @@ def rerank_plans(
             seed,
             config.epochs,
         )
-        model, run = final_training_run(bench, plan, config, seed, keep_model=True)
+        emit(search.callbacks, "on_rerank_start", rank, len(picks), plan.to_dict(), config.epochs)
+        model, run = final_training_run(
+            bench,
+            plan,
+            config,
+            seed,
+            keep_model=True,
+            hooks=EpochEvents(search.callbacks, "on_rerank_epoch", rank),
+        )
         work = run_work(
             evaluator.flops,
             run.cached_prefix,
@@ -143,6 +155,7 @@ def rerank_plans(
         }
         search.run.append_rerank(rec)
         done[candidate.id] = rec
+        emit(search.callbacks, "on_rerank_run", rec)
         _log.info(
             "re-rank %d/%d: %s: val balanced accuracy %.4f (search fitness %.4f)",
             rank + 1,
@@ -164,10 +177,10 @@ def rerank_plans(
         search.run.append_final_run(run)
         _log.info(
             "final training seed %d: the re-ranking's winning run (re-rank %d/%d), not trained "
-            "again: test top-1 %s",
+            "again",
             seed,
             rec["rank"] + 1,
             len(picks),
-            "n/a" if run.test_top1 is None else f"{run.test_top1:.4f}",
         )
+        emit(search.callbacks, "on_final_run", run.to_dict())
     return records, picks
