@@ -49,6 +49,25 @@ def make_tiny_cnn(classes: int = 3) -> nn.Module:
     )
 
 
+def tiny_search_args(
+    population: int = 4,
+    generations: int = 1,
+    final_epochs: int = 1,
+    final_seeds: str = "1",
+    train_size: int = 40,
+) -> list[str]:
+    """``biotune search`` options for a search of seconds on the offline default data (Animal-
+    Shape, 32 px): ``population`` x ``generations`` one-epoch evaluations, then the final runs."""
+    val = max(train_size // 2, 10)
+    return [
+        *("--image-size", "32", "--train-size", str(train_size)),
+        *("--val-size", str(val), "--test-size", str(val)),
+        *("--population", str(population), "--generations", str(generations)),
+        *("--elite", "1", "--seeds", "1", "--epochs", "1"),
+        *("--final-epochs", str(final_epochs), "--final-seeds", final_seeds),
+    ]
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tiny models run fastest on one thread, and do not stall when other work shares the CPU."""

@@ -11,7 +11,7 @@ import re
 
 import numpy as np
 import pytest
-from conftest import make_tiny_cnn, make_tiny_data
+from conftest import make_tiny_cnn, make_tiny_data, tiny_search_args
 from rich.console import Console
 
 from biotune.callbacks import Callback, CSVLogger, TensorBoardLogger, emit
@@ -408,22 +408,7 @@ def test_command_line_logs_one_line_per_evaluation_and_final_epoch(tmp_path, cap
             "search",
             "--run-dir",
             str(tmp_path / "run"),
-            "--train-size",
-            "40",
-            "--val-size",
-            "20",
-            "--test-size",
-            "20",
-            "--population",
-            "3",
-            "--generations",
-            "1",
-            "--elite",
-            "1",
-            "--final-epochs",
-            "2",
-            "--final-seeds",
-            "0",
+            *tiny_search_args(population=3, final_epochs=2, final_seeds="0"),
             "--rerank",
             "0",  # seed 0's final run trained on its own, with its epochs logged
             "--device",
@@ -455,18 +440,7 @@ def test_quiet_command_line_prints_no_progress(tmp_path, capsys):
             "search",
             "--run-dir",
             str(tmp_path / "run"),
-            "--train-size",
-            "40",
-            "--val-size",
-            "20",
-            "--test-size",
-            "20",
-            "--population",
-            "3",
-            "--generations",
-            "1",
-            "--elite",
-            "1",
+            *tiny_search_args(population=3),
             "--no-final",
             "--quiet",
         ]

@@ -14,6 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+from conftest import tiny_search_args
 
 from biotune.core.evolution import EvolutionConfig
 from biotune.core.records import MEASURED_FIELDS
@@ -115,33 +116,8 @@ def test_ray_missing_gives_an_install_hint(monkeypatch):
 # ------------------------------------------------------------------- workers of a dead driver
 
 PROCESS_SEARCH = [
-    "--image-size",
-    "32",
-    "--train-size",
-    "40",
-    "--val-size",
-    "20",
-    "--test-size",
-    "20",
-    "--population",
-    "4",
-    "--generations",
-    "3",
-    "--elite",
-    "1",
-    "--seeds",
-    "1",
-    "--epochs",
-    "1",
-    "--final-epochs",
-    "1",
-    "--final-seeds",
-    "1",
-    "--executor",
-    "process",
-    "--workers",
-    "2",
-    "--quiet",
+    *tiny_search_args(generations=3),
+    *("--executor", "process", "--workers", "2", "--quiet"),
 ]
 
 

@@ -11,32 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import tiny_search_args
 
-TINY = [
-    "--image-size",
-    "32",
-    "--train-size",
-    "40",
-    "--val-size",
-    "20",
-    "--test-size",
-    "20",
-    "--population",
-    "4",
-    "--generations",
-    "1",
-    "--elite",
-    "1",
-    "--seeds",
-    "1",
-    "--epochs",
-    "1",
-    "--final-epochs",
-    "1",
-    "--final-seeds",
-    "1",
-    "--quiet",
-]
+TINY = [*tiny_search_args(), "--quiet"]
 TIMING_KEYS = {"seconds", "cache_work", "cache_images"}
 
 
