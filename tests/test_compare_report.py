@@ -321,6 +321,27 @@ def test_compare_help_quotes_the_recipe_it_uses(monkeypatch, capsys):
     assert "before stopping (default 5)" in text and "(default 96)" in text  # batch size
 
 
+def test_compare_options_are_the_methods_keywords_and_quote_the_presets(capsys):
+    """Baseline options come from ``BaselineOptions``, whose fields must be exactly the keyword
+    options the methods take; the scaling options quote each preset's own values."""
+    import dataclasses
+
+    from biotune.baselines import METHODS, BaselineOptions, method_options
+
+    taken = {o for m in METHODS for o in method_options(m) if o != "plan"}
+    assert {f.name for f in dataclasses.fields(BaselineOptions)} == taken
+    parser = argparse.ArgumentParser(prog="biotune")
+    add_compare_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["compare", "--sp-beta", "0.1", "--rgn-batches", "2"])
+    assert options_from_args(args) == {"sp_beta": 0.1, "rgn_batches": 2}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["compare", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--paper-epochs PAPER_EPOCHS epochs per evaluation (default 30)" in text
+    assert "--biotune-population BIOTUNE_POPULATION population size (default 6)" in text
+    assert "L1-SP pull toward the pretrained weights (default 0.0001)" in text
+
+
 def _history_with_a_better_old_fold(path: Path) -> None:
     """A search still running: no best_plan.json; generation 0 holds the lowest fitness of all
     (0.40 on its fold) but the latest finished generation's best is candidate 7 (0.45)."""

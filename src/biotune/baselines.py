@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from biotune.blocks import BlockPartition
+from biotune.core.fields import option
 from biotune.core.plan import FineTunePlan
 from biotune.errors import BioTuneError
 from biotune.freezing import apply_plan
@@ -49,19 +50,39 @@ from biotune.training import (
     train_plan,
 )
 
-#: L2-SP / L1-SP strengths (Li et al. choose them on validation). Sums over elements, as in the
-#: paper. L2-SP: alpha = beta = 0.01, the usual setting. L1-SP's pull has the same size alpha on
-#: every weight however close to its start, so with Adam alpha = 0.01 pins the backbone (it then
-#: trains like a linear probe); 1e-4 pulls about as hard as L2-SP's 0.01 at the displacements of
-#: a fine-tuning run (1e-3 to 1e-2).
-L2SP_ALPHA = 0.01
-L1SP_ALPHA = 1e-4
-SP_BETA = 0.01
-#: LoRA rank and scaling numerator (scaling = alpha / rank), the common defaults.
-LORA_RANK = 8
-LORA_ALPHA = 16
-#: Mini-batches AutoRGN averages its gradient norms over, each epoch.
-RGN_BATCHES = 3
+
+@dataclass(frozen=True)
+class BaselineOptions:
+    """The baselines' own settings, each with its command-line flag (``biotune compare``).
+
+    L2-SP / L1-SP strengths (Li et al. choose them on validation) sum over elements, as in the
+    paper. L2-SP: alpha = beta = 0.01, the usual setting. L1-SP's pull has the same size alpha on
+    every weight however close to its start, so with Adam alpha = 0.01 pins the backbone (it
+    then trains like a linear probe); 1e-4 pulls about as hard as L2-SP's 0.01 at the
+    displacements of a fine-tuning run (1e-3 to 1e-2). LoRA: the common rank and scaling.
+    """
+
+    lora_rank: int = option(8, flag="--lora-rank", type="positive_int", help="LoRA rank")
+    lora_alpha: float = option(
+        16.0, flag="--lora-alpha", help="LoRA alpha; its scaling is alpha/rank"
+    )
+    l2sp_alpha: float = option(
+        0.01, flag="--l2sp-alpha", help="L2-SP pull toward the pretrained weights"
+    )
+    l1sp_alpha: float = option(
+        1e-4, flag="--l1sp-alpha", help="L1-SP pull toward the pretrained weights"
+    )
+    sp_beta: float = option(0.01, flag="--sp-beta", help="L2-SP/L1-SP weight decay of the head")
+    rgn_batches: int = option(
+        3,
+        flag="--rgn-batches",
+        type="positive_int",
+        help="AutoRGN: training mini-batches its gradient norms average over, each epoch",
+    )
+
+
+#: The defaults every method's keyword options take.
+DEFAULTS = BaselineOptions()
 
 
 @dataclass
@@ -166,7 +187,7 @@ class AutoRGNHooks(TrainHooks):
     ``history`` keeps, per epoch, the measured RGN, the ratios and the learning rates set.
     """
 
-    def __init__(self, config: TrainConfig, batches: int = RGN_BATCHES) -> None:
+    def __init__(self, config: TrainConfig, batches: int = DEFAULTS.rgn_batches) -> None:
         if batches < 1:
             raise BioTuneError(f"AutoRGN needs at least one mini-batch to measure (got {batches})")
         self.config = config
@@ -252,7 +273,7 @@ def run_autorgn(
     seed: int = 0,
     device: torch.device | None = None,
     *,
-    rgn_batches: int = RGN_BATCHES,
+    rgn_batches: int = DEFAULTS.rgn_batches,
 ) -> BaselineRun:
     """AutoRGN: full fine-tuning with per-tensor learning rates from relative gradient norms."""
     model = copy.deepcopy(bench.model)
@@ -299,8 +320,8 @@ class SPRegularizer(TrainHooks):
         self,
         pretrained: Sequence[nn.Parameter],
         head: Sequence[nn.Parameter],
-        alpha: float = L2SP_ALPHA,
-        beta: float = SP_BETA,
+        alpha: float = DEFAULTS.l2sp_alpha,
+        beta: float = DEFAULTS.sp_beta,
         norm: int = 2,
     ) -> None:
         if norm not in (1, 2):
@@ -319,8 +340,8 @@ class SPRegularizer(TrainHooks):
         cls,
         model: nn.Module,
         partition: BlockPartition,
-        alpha: float = L2SP_ALPHA,
-        beta: float = SP_BETA,
+        alpha: float = DEFAULTS.l2sp_alpha,
+        beta: float = DEFAULTS.sp_beta,
         norm: int = 2,
     ) -> SPRegularizer:
         """Anchor every non-head tensor of ``model`` at its current (pretrained) value."""
@@ -371,8 +392,8 @@ def run_l2sp(
     seed: int = 0,
     device: torch.device | None = None,
     *,
-    l2sp_alpha: float = L2SP_ALPHA,
-    sp_beta: float = SP_BETA,
+    l2sp_alpha: float = DEFAULTS.l2sp_alpha,
+    sp_beta: float = DEFAULTS.sp_beta,
 ) -> BaselineRun:
     """L2-SP: full fine-tuning pulled back toward the pretrained weights by a squared distance."""
     return _run_sp(bench, config, seed, device, l2sp_alpha, sp_beta, 2)
@@ -384,8 +405,8 @@ def run_l1sp(
     seed: int = 0,
     device: torch.device | None = None,
     *,
-    l1sp_alpha: float = L1SP_ALPHA,
-    sp_beta: float = SP_BETA,
+    l1sp_alpha: float = DEFAULTS.l1sp_alpha,
+    sp_beta: float = DEFAULTS.sp_beta,
 ) -> BaselineRun:
     """L1-SP: like L2-SP with an absolute distance, which lets most weights stay exactly put."""
     return _run_sp(bench, config, seed, device, l1sp_alpha, sp_beta, 1)
@@ -423,8 +444,8 @@ def run_lora(
     seed: int = 0,
     device: torch.device | None = None,
     *,
-    lora_rank: int = LORA_RANK,
-    lora_alpha: float = LORA_ALPHA,
+    lora_rank: int = DEFAULTS.lora_rank,
+    lora_alpha: float = DEFAULTS.lora_alpha,
 ) -> BaselineRun:
     """LoRA on the convolutions and linear layers (PEFT), the new head trained fully.
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from biotune import baselines
+from biotune.core.fields import option
 from biotune.errors import BioTuneError
 
 if TYPE_CHECKING:
@@ -57,11 +58,26 @@ ROWS = "rows"
 class SearchScale:
     """Overrides that shrink a preset search to a budget (None keeps the preset's value)."""
 
-    population: int | None = None
-    generations: int | None = None
-    elite: int | None = None
-    seeds: tuple[int, ...] | None = None
-    epochs: int | None = None
+    population: int | None = option(
+        None, flag="--population", type="positive_int", help="population size"
+    )
+    generations: int | None = option(None, flag="--generations", type="int", help="generations")
+    elite: int | None = option(None, flag="--elite", type="int", help="elites")
+    seeds: tuple[int, ...] | None = None  # --PREFIX-seeds / --PREFIX-num-seeds (a pair)
+    epochs: int | None = option(
+        None, flag="--epochs", type="positive_int", help="epochs per evaluation"
+    )
+
+    @classmethod
+    def of(cls, config: SearchConfig) -> SearchScale:
+        """The values ``config`` (a preset) has, to quote as the defaults."""
+        return cls(
+            config.evolution.population_size,
+            config.evolution.generations,
+            config.evolution.elite,
+            config.protocol.seeds,
+            config.protocol.train.epochs,
+        )
 
     def apply(self, config: SearchConfig) -> SearchConfig:
         evo = config.evolution

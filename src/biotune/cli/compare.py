@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from biotune import baselines
-from biotune.cli._fields import positive_int
+from biotune import baselines, presets
+from biotune.cli._fields import add_field_options, cli_fields, field_changes
 from biotune.cli._options import (
     add_data_options,
     add_machine_options,
@@ -109,54 +109,29 @@ def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     add_machine_options(p, augment="every method's training runs (not the BioTune searches)")
     g = p.add_argument_group("baseline options")
-    g.add_argument(
-        "--lora-rank", type=positive_int, help=f"LoRA rank (default {baselines.LORA_RANK})"
-    )
-    g.add_argument(
-        "--lora-alpha",
-        type=float,
-        help=f"LoRA alpha; scaling = alpha/rank (default {baselines.LORA_ALPHA:g})",
-    )
-    g.add_argument(
-        "--l2sp-alpha",
-        type=float,
-        help=f"L2-SP pull toward the pretrained weights (default {baselines.L2SP_ALPHA:g})",
-    )
-    g.add_argument(
-        "--l1sp-alpha",
-        type=float,
-        help=f"L1-SP pull toward the pretrained weights (default {baselines.L1SP_ALPHA:g})",
-    )
-    g.add_argument(
-        "--sp-beta",
-        type=float,
-        help=f"L2-SP/L1-SP weight decay of the head (default {baselines.SP_BETA:g})",
-    )
-    g.add_argument(
-        "--rgn-batches",
-        type=positive_int,
-        help="AutoRGN: mini-batches its gradient norms average over "
-        f"(default {baselines.RGN_BATCHES})",
+    add_field_options(
+        g,
+        baselines.BaselineOptions,
+        cli_fields(baselines.BaselineOptions),
+        {"": baselines.DEFAULTS},
     )
     for method, flag in SCALE_FLAGS.items():
-        preset_name = BIOTUNE_PRESETS[method]
-        g = p.add_argument_group(f"scaling of the '{preset_name}' search ({method})")
-        g.add_argument(f"--{flag}-population", type=positive_int, help="population size")
-        g.add_argument(f"--{flag}-generations", type=int, help="generations")
-        g.add_argument(f"--{flag}-elite", type=int, help="elites")
-        add_seed_options(g, f"{flag}-", "seeds per evaluation")
-        g.add_argument(f"--{flag}-epochs", type=positive_int, help="epochs per evaluation")
+        name = BIOTUNE_PRESETS[method]
+        preset = SearchScale.of(presets.preset(name))
+        g = p.add_argument_group(f"scaling of the '{name}' search ({method})")
+        add_field_options(g, SearchScale, cli_fields(SearchScale), {"": preset}, f"{flag}-")
+        add_seed_options(g, f"{flag}-", "seeds per evaluation", seeds_text({"": preset.seeds}))
     p.set_defaults(func=cmd_compare)
     return p
 
 
 def scales_from_args(args: argparse.Namespace) -> dict[str, SearchScale]:
+    """The scaling options given for each BioTune method (``compare.SearchScale`` fields)."""
     scales = {}
     for method, flag in SCALE_FLAGS.items():
         scale = SearchScale(
-            *(getattr(args, f"{flag}_{k}", None) for k in ("population", "generations", "elite")),
+            **field_changes(args, SearchScale, prefix=f"{flag}-"),
             seeds=seeds_from(args, f"{flag}-"),
-            epochs=getattr(args, f"{flag}_epochs", None),
         )
         if scale.describe():
             scales[method] = scale
@@ -164,8 +139,8 @@ def scales_from_args(args: argparse.Namespace) -> dict[str, SearchScale]:
 
 
 def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    names = ("lora_rank", "lora_alpha", "l2sp_alpha", "l1sp_alpha", "sp_beta", "rgn_batches")
-    return {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    """The baseline options given on the command line (``baselines.BaselineOptions`` fields)."""
+    return field_changes(args, baselines.BaselineOptions)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
