@@ -147,11 +147,14 @@ def test_reranking_runs_are_heard_by_epoch_and_the_winners_run_as_seed_0s_final(
     config = dataclasses.replace(CONFIG, rerank=2, rerank_from="winners")
     recorder = Recorder()
     run_dir = tmp_path / "run"
+    loggers = [CSVLogger(run_dir / "logs")]
+    if TensorBoardLogger.available():
+        loggers.append(TensorBoardLogger(run_dir / "logs" / "tensorboard"))
     Search(
         config,
         run_dir,
         bench=make_bench(),
-        callbacks=[recorder, CSVLogger(run_dir / "logs")],
+        callbacks=[recorder, *loggers],
         progress=SearchProgress(metric="balanced", bars=False),
     ).run_search()
     events = recorder.events
@@ -177,6 +180,16 @@ def test_reranking_runs_are_heard_by_epoch_and_the_winners_run_as_seed_0s_final(
     lines = [r.getMessage() for r in caplog.records if r.name == "biotune.progress"]
     epochs = [x for x in lines if re.match(r"re-rank [12]/2: epoch \d/2, train loss", x)]
     assert len(epochs) == sum(r["epochs_run"] for r in reruns)
+    if TensorBoardLogger.available():
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        reader = EventAccumulator(str(logs / "tensorboard"))
+        reader.Reload()
+        scores = reader.Scalars("rerank/val_balanced")
+        assert [s.value for s in scores] == pytest.approx([r["val_balanced"] for r in reruns])
+        assert {"rerank/rank_0/train_loss", "rerank/rank_1/val_balanced"} <= set(
+            reader.Tags()["scalars"]
+        )
 
 
 def test_a_callback_needs_only_the_methods_it_uses():

@@ -238,11 +238,15 @@ class TensorBoardLogger(Callback):
         self.writer.add_text("best_plan", plan_text(plan), step)
         self.writer.flush()
 
-    def on_rerank_epoch(self, rank: int, epoch: dict[str, float]) -> None:
+    def _curves(self, prefix: str, epoch: dict[str, float]) -> None:
+        """One point per epoch on each of a training run's curves (``prefix/train_loss``, ...)."""
         step = int(epoch["epoch"])
         for key, value in epoch.items():
             if key != "epoch":
-                self.writer.add_scalar(f"rerank/rank_{rank}/{key}", value, step)
+                self.writer.add_scalar(f"{prefix}/{key}", value, step)
+
+    def on_rerank_epoch(self, rank: int, epoch: dict[str, float]) -> None:
+        self._curves(f"rerank/rank_{rank}", epoch)
 
     def on_rerank_run(self, record: dict[str, Any]) -> None:
         self.writer.add_scalar("rerank/val_balanced", record["val_balanced"], record["rank"])
@@ -250,10 +254,7 @@ class TensorBoardLogger(Callback):
         self.writer.flush()
 
     def on_final_epoch(self, seed: int, epoch: dict[str, float]) -> None:
-        step = int(epoch["epoch"])
-        for key, value in epoch.items():
-            if key != "epoch":
-                self.writer.add_scalar(f"final/seed_{seed}/{key}", value, step)
+        self._curves(f"final/seed_{seed}", epoch)
 
     def on_final_run(self, record: dict[str, Any]) -> None:
         for key in ("test_top1", "test_balanced"):
