@@ -130,6 +130,64 @@ def _write(path: Path, data: dict[str, Any]) -> None:
     write_json_atomic(path, data)
 
 
+class Sitting:
+    """This sitting's wall time in ``wall.json``, rewritten every minute while it runs, so a
+    sitting cut short (a session's end kills it) still counts, to its last beat."""
+
+    BEAT_SECONDS = 60.0
+
+    def __init__(
+        self, path: Path, wall: dict[str, Any], jobs: int, datasets: list[str], methods: list[str]
+    ) -> None:
+        import threading
+
+        self.path, self.wall = path, wall
+        self.start = time.perf_counter()
+        self.entry: dict[str, Any] = {
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "last_beat": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "seconds": 0.0,
+            "ended": None,
+            "jobs": jobs,
+            "datasets": datasets,
+            "methods": methods,
+        }
+        wall["sessions"].append(self.entry)
+        self._stop = threading.Event()
+        self.beat()
+        self._thread = threading.Thread(target=self._beats, daemon=True)
+        self._thread.start()
+
+    def beat(self) -> None:
+        self.entry["seconds"] = time.perf_counter() - self.start
+        self.entry["last_beat"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        _write(self.path, self.wall)
+
+    def _beats(self) -> None:
+        while not self._stop.wait(self.BEAT_SECONDS):
+            self.beat()
+
+    def end(self) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.entry["ended"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        self.beat()
+
+
+def wall_text(wall: dict[str, Any], records: Path) -> str:
+    """The benchmark's wall time over its sittings, and the work its records sum to."""
+    sittings = wall["sessions"]
+    total = sum(s["seconds"] for s in sittings)
+    cut = sum(1 for s in sittings if not s.get("ended"))
+    work = sum(r.get("seconds", 0.0) for r in map(_read, records.glob("*/*/*.json")) if r)
+    jobs = "/".join(str(j) for j in sorted({s["jobs"] for s in sittings})) or "2"
+    return (
+        f"{total / 3600:.2f} h of wall time over {len(sittings)} sittings ({cut} cut short by a "
+        f"session's end, counted to their last record or beat; {jobs} processes at a time, 1 "
+        f"torch thread each); {work / 3600:.2f} h of training and search summed over the records"
+    )
+
+
 def _run_name(lr: float, seed: int) -> str:
     return f"lr{lr:g}-seed{seed}"
 
@@ -861,7 +919,7 @@ def main(argv: list[str] | None = None) -> int:
             if m in methods
             for d in datasets
         ]
-        start = time.perf_counter()
+        sitting = Sitting(wall_file, wall, args.jobs, datasets, methods)
         try:
             if args.jobs == 1:
                 for t in tasks:
@@ -872,24 +930,8 @@ def main(argv: list[str] | None = None) -> int:
                     for done in pool.map(run_piece, tasks):
                         print(f"finished {done}", file=sys.stderr, flush=True)
         finally:
-            wall["sessions"].append(
-                {
-                    "ended": time.strftime("%Y-%m-%d %H:%M"),
-                    "seconds": time.perf_counter() - start,
-                    "jobs": args.jobs,
-                    "datasets": datasets,
-                    "methods": methods,
-                }
-            )
-            _write(wall_file, wall)
-    total = sum(s["seconds"] for s in wall["sessions"])
-    # A sitting cut short (a session's end) records no wall time; every record has its seconds.
-    work = sum(r.get("seconds", 0.0) for r in map(_read, records.glob("*/*/*.json")) if r)
-    wall["text"] = (
-        f"{work / 3600:.2f} h of training and search summed over the records (2 processes at a "
-        f"time, 1 torch thread each); sittings that ended normally: {len(wall['sessions'])}, "
-        f"{total / 3600:.2f} h"
-    )
+            sitting.end()
+    wall["text"] = wall_text(wall, records)
     print(report(records, Path(args.out), datasets, wall))
     return 0
 
