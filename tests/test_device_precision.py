@@ -160,8 +160,45 @@ def test_bf16_runs_on_the_cpu_and_fp16_is_refused_there():
     assert autocast_dtype(CPU, "bf16") is torch.bfloat16
     _, result = _train(TrainConfig(**{**TRAIN.to_dict(), "precision": "bf16"}))
     assert result.status == "ok"
-    with pytest.raises(BioTuneError, match="fp16 needs a GPU"):
+    with pytest.raises(BioTuneError, match="fp16 needs a CUDA GPU; on the CPU"):
         autocast_dtype(CPU, "fp16")
+    # MPS has no loss scaling here either: refused rather than silently underflowing.
+    with pytest.raises(BioTuneError, match="fp16 needs a CUDA GPU; on mps"):
+        autocast_dtype(torch.device("mps"), "fp16")
+
+
+def test_worker_gpus_follow_the_chosen_device_and_the_visible_list(monkeypatch):
+    """Process-pool workers spread over GPUs only when the device is CUDA; ``cuda:N`` is one
+    GPU; ids are read through the driver's own CUDA_VISIBLE_DEVICES."""
+    from biotune.runner.executors import _gpu_ids
+    from biotune.training import DEVICE_ENV
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setenv(DEVICE_ENV, "cpu")
+    assert _gpu_ids() == []
+    monkeypatch.setenv(DEVICE_ENV, "auto")
+    assert _gpu_ids() == ["0", "1"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert _gpu_ids() == ["2", "3"]
+    monkeypatch.setenv(DEVICE_ENV, "cuda:1")
+    assert _gpu_ids() == ["3"]
+
+
+def test_reinit_head_draws_one_head_per_seed_and_leaves_the_generator_alone():
+    from biotune.training import reinit_head
+
+    model = make_tiny_cnn()
+    partition = partition_blocks(model)
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    reinit_head(model, partition, seed=7)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    torch.manual_seed(7)
+    expected = torch.nn.Linear(16, 3)  # the tiny CNN's head, drawn the way reset draws it
+    head = model[-1]
+    assert torch.equal(head.weight, expected.weight) and torch.equal(head.bias, expected.bias)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

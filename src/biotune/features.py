@@ -42,6 +42,7 @@ from biotune.training import (
     TrainResult,
     _autocast,
     batches,
+    device_of,
     fine_tune,
     reinit_head,
     seed_everything,
@@ -90,6 +91,7 @@ def _stage_fn(chain: _Chain, i: int) -> Stage:
 def _chain_matches(model: nn.Module, chain: _Chain, sample: torch.Tensor) -> bool:
     was_training = model.training
     model.eval()
+    sample = sample.to(device_of(model))
     try:
         with torch.no_grad():
             expected = model(sample)
@@ -324,13 +326,15 @@ class FeatureCache:
 
     @contextlib.contextmanager
     def _eval(self) -> Iterator[None]:
-        """The pretrained model in eval mode on the cache's device, as frozen blocks run."""
+        """The pretrained model in eval mode on the cache's device, as frozen blocks run; put
+        back where it was afterwards (it is the workbench's model, which others copy from)."""
         was_training = self.model.training
+        home = device_of(self.model)
         self.model.to(self.device).eval()
         try:
             yield
         finally:
-            self.model.train(was_training)
+            self.model.to(home).train(was_training)
 
 
 def _nbytes(t: torch.Tensor) -> int:

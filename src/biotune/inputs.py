@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 from biotune.data import DatasetSplits, split_dataset, with_targets
 from biotune.errors import BioTuneError
 from biotune.models import LoadedModel
+from biotune.training import device_of
 
 
 def fingerprint(data: Any) -> str:
@@ -101,7 +102,7 @@ def user_model(
     model.eval()
     try:
         with torch.no_grad():
-            out = model(sample.unsqueeze(0))
+            out = model(sample.unsqueeze(0).to(device_of(model)))
     except Exception as exc:  # noqa: BLE001 - any failure of the user's forward: one line
         raise BioTuneError(
             f"{type(model).__name__} cannot run on a {tuple(sample.shape)} "

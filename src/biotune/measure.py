@@ -25,6 +25,7 @@ from biotune.blocks import BlockPartition
 from biotune.core.cost import image_work
 from biotune.core.plan import BlockSetting, FineTunePlan, trained_mask
 from biotune.errors import BioTuneError
+from biotune.training import device_of
 
 
 def block_flops(model: nn.Module, partition: BlockPartition, sample: torch.Tensor) -> list[float]:
@@ -60,7 +61,7 @@ def _flop_counts(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
     model.eval()
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(x.to(next(model.parameters()).device))
+            model(x.to(device_of(model)))
     finally:
         model.train(was_training)
     inclusive: dict[str, float] = {}

@@ -206,6 +206,11 @@ class EpochEvents(TrainHooks):
         emit(self.callbacks, self.event, self.key, record)
 
 
+def device_of(model: nn.Module) -> torch.device:
+    """Where ``model``'s parameters live (the CPU for a model without any)."""
+    return next(model.parameters(), torch.empty(0)).device
+
+
 def resolve_device(spec: str | torch.device | None = None) -> torch.device:
     """``auto`` (a CUDA GPU if there is one, else the CPU), ``cpu``, ``cuda``, ``cuda:N`` or
     ``mps`` as a device; one that this machine lacks is a one-line error."""
@@ -244,7 +249,7 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
 
     "auto" picks bfloat16 only on a GPU that computes it natively (compute capability 8.0 and
     up; ``is_bf16_supported()`` also counts emulation, which is slow), float16 on older GPUs,
-    float32 elsewhere. float16 on the CPU is refused: it has no loss scaling there and is slow.
+    float32 elsewhere. float16 off CUDA is refused: it has no loss scaling there.
     """
     if precision not in PRECISIONS:
         raise BioTuneError(f"precision must be one of {', '.join(PRECISIONS)} (got {precision!r})")
@@ -258,8 +263,10 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
             if torch.cuda.get_device_capability(device) >= (8, 0)
             else (torch.float16)
         )
-    if precision == "fp16" and device.type == "cpu":
-        raise BioTuneError("precision fp16 needs a GPU; on the CPU use bf16 or 32")
+    if precision == "fp16" and device.type != "cuda":
+        # Loss scaling (GradScaler) runs on CUDA here; without it fp16 gradients underflow.
+        where = "the CPU" if device.type == "cpu" else device.type
+        raise BioTuneError(f"precision fp16 needs a CUDA GPU; on {where} use bf16 or 32")
     return torch.bfloat16 if precision == "bf16" else torch.float16
 
 
@@ -358,7 +365,7 @@ def predict(
     channels_last: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Predicted classes, true labels and mean cross-entropy over a dataset (eval mode)."""
-    device = device or next(model.parameters()).device
+    device = device or device_of(model)
     was_training = model.training
     model.eval()
     preds, labels, loss_sum = [], [], 0.0
@@ -536,13 +543,17 @@ def fine_tune(
 
 
 def reinit_head(model: nn.Module, partition: BlockPartition, seed: int) -> None:
-    """Re-draw the new head from ``seed``: seeds vary the head as well as the data order."""
-    gen_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    for module in partition.modules(model, partition.names[-1]):
-        if hasattr(module, "reset_parameters"):
-            module.reset_parameters()
-    torch.random.set_rng_state(gen_state)
+    """Re-draw the new head from ``seed``: seeds vary the head as well as the data order.
+
+    Drawn from the CPU's generator wherever the model sits (a CUDA tensor would draw from the
+    GPU's), so one seed gives one head on every device; no generator's state changes."""
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(seed)
+        for module in partition.modules(model, partition.names[-1]):
+            if hasattr(module, "reset_parameters"):
+                home = device_of(module)
+                module.to("cpu").reset_parameters()
+                module.to(home)
 
 
 def train_plan(

@@ -29,6 +29,7 @@ from typing import Any, Protocol
 from biotune.core.records import Evaluation
 from biotune.errors import BioTuneError
 from biotune.runner.fitness import Evaluator
+from biotune.training import DEVICE_ENV, default_device
 
 EXECUTORS = ("inprocess", "process", "ray")
 RAY_MISSING = "--executor ray needs ray: pip install 'biotune[ray]'"
@@ -79,13 +80,22 @@ class InProcessExecutor:
 _WORKER_EVALUATOR: Evaluator | None = None
 
 
-def _cuda_devices() -> int:
+def _gpu_ids() -> list[str]:
+    """The GPUs worker processes spread over, as ``CUDA_VISIBLE_DEVICES`` entries: none unless
+    the chosen device (``--device``, ``BIOTUNE_DEVICE``) is CUDA; the one it names, else every
+    visible one (numbered as the driver's own ``CUDA_VISIBLE_DEVICES`` lists them)."""
     try:
         import torch
 
-        return torch.cuda.device_count()
+        device = default_device()
+        if device.type != "cuda":
+            return []
+        ids = [device.index] if device.index is not None else range(torch.cuda.device_count())
     except Exception:  # no usable CUDA: CPU workers
-        return 0
+        return []
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")]
+    visible = [v for v in visible if v]
+    return [visible[i] if i < len(visible) else str(i) for i in ids]
 
 
 def threads_per_worker(workers: int) -> int:
@@ -126,7 +136,10 @@ def _init_worker(
     _exit_with_parent(parent)
     with lock:
         if not devices.empty():
-            os.environ["CUDA_VISIBLE_DEVICES"] = str(devices.get())
+            os.environ["CUDA_VISIBLE_DEVICES"] = devices.get()
+            # The one GPU this worker sees is cuda:0, whichever the driver named.
+            if os.environ.get(DEVICE_ENV, "").startswith("cuda"):
+                os.environ[DEVICE_ENV] = "cuda"
     import torch
 
     torch.set_num_threads(threads)
@@ -149,12 +162,12 @@ class ProcessPoolExecutor:
     name = "process"
 
     def __init__(self, factory: Callable[[], Evaluator], workers: int = 2) -> None:
-        gpus = _cuda_devices()
-        self.workers = max(1, min(workers, gpus) if gpus else workers)
+        gpus = _gpu_ids()
+        self.workers = max(1, min(workers, len(gpus)) if gpus else workers)
         ctx = mp.get_context("spawn")
         devices = ctx.Queue()
-        for i in range(gpus if gpus else 0):
-            devices.put(i)
+        for gpu in gpus:
+            devices.put(gpu)
         self._pool = cf.ProcessPoolExecutor(
             max_workers=self.workers,
             mp_context=ctx,
@@ -276,7 +289,10 @@ class RayExecutor:
                 ) from None
             self._started = True
         resources = ray.cluster_resources()
-        gpus = int(resources.get("GPU", 0))
+        # The cluster's GPUs, unless the device asked for is not CUDA (--device cpu): the
+        # driver itself may have none, so "auto" uses whatever the workers have.
+        asked = os.environ.get(DEVICE_ENV, "auto").strip().lower()
+        gpus = int(resources.get("GPU", 0)) if asked == "auto" or asked.startswith("cuda") else 0
         cpus = max(1, int(resources.get("CPU", 1)))
         # More actors than GPUs (or CPUs) would wait forever for resources: cap them.
         self.workers = max(1, min(workers, gpus or cpus))
