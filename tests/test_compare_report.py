@@ -169,6 +169,10 @@ def test_compare_refuses_a_stored_row_made_with_other_settings(tmp_path, monkeyp
         ({"options": {"lora_rnak": 4}}, "unknown method option"),
         ({"scales": {"full": SearchScale(population=2)}}, "applies to"),
         (
+            {"scales": {"biotune-paper": SearchScale(population=2)}},
+            "given for 'biotune-paper', which is not among the methods compared",
+        ),
+        (
             {
                 "methods": ["full", "biotune"],
                 "scales": {"biotune": SearchScale(population=2, elite=2)},

@@ -332,6 +332,11 @@ def compare(
     for m in scales:
         if m not in BIOTUNE_PRESETS:
             raise BioTuneError(f"a search scale applies to {', '.join(BIOTUNE_PRESETS)}, not {m!r}")
+        if m not in methods:
+            raise BioTuneError(
+                f"a search scale is given for {m!r}, which is not among the methods compared "
+                f"({', '.join(methods)})"
+            )
     searches = {
         m: search_config(m, data, scales.get(m), config) for m in methods if m in BIOTUNE_PRESETS
     }
