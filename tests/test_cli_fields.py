@@ -66,7 +66,7 @@ SAMPLES = {
     "pareto_cost": ("memory", "memory"),
     "pareto_final": ("3", 3),
     "epochs": ("4", 4),
-    "patience": ("1", 1),
+    "patience": ("4", 4),
     "batch_size": ("16", 16),
     "base_lr": ("0.02", 0.02),
     "optimizer": ("sgd", "sgd"),
@@ -137,6 +137,7 @@ def test_search_help_quotes_each_presets_default(cls, prefix, where, field):
 def test_parsing_a_search_flag_sets_its_field(cls, prefix, where, field):
     base = PRESETS["default preset"]
     owner = where(base) if where(base) is not None else cls()
+    assert _expected(field, owner) != getattr(owner, field.name)  # else the test cannot fail
     args = build_parser().parse_args(["search", *_argv(field, prefix, owner)])
     config = search_config(args, base)
     assert getattr(where(config), field.name) == pytest.approx(_expected(field, owner))

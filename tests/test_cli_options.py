@@ -65,7 +65,8 @@ def test_data_fraction_one_over_k_gives_k_folds(text, folds):
 
 
 def test_rerank_option_reaches_the_configuration_and_a_negative_one_is_refused(tmp_path, capsys):
-    assert search_config(_parse("search", "--rerank", "2"), preset("default")).rerank == 2
+    assert preset("default").rerank != 3
+    assert search_config(_parse("search", "--rerank", "3"), preset("default")).rerank == 3
     assert search_config(_parse("search"), preset("default")).rerank == preset("default").rerank
     code, err = _run(["search", "--run-dir", str(tmp_path / "run"), "--rerank", "-1"], capsys)
     _assert_one_line_error(code, err, "rerank", "-1")

@@ -240,3 +240,4 @@ def test_sizes_used_by_the_search_tests_warn_but_load(recwarn: pytest.WarningsRe
     assert [len(s.train), len(s.val), len(s.test)] == [40, 20, 20]
     assert all(np.bincount(s.train.targets, minlength=10) > 0)
     assert torch.is_tensor(s.train[0][0])
+    assert any("fewer than 5 images" in str(w.message) for w in recwarn)

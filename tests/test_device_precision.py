@@ -222,8 +222,12 @@ def test_fp16_on_a_gpu_trains_with_loss_scaling():
 
 
 def test_channels_last_trains_close_to_the_default_but_is_opt_in():
-    _, default_run = _train(TRAIN)
-    _, last = _train(TrainConfig(**{**TRAIN.to_dict(), "channels_last": True}))
+    plain, default_run = _train(TRAIN)
+    model, last = _train(TrainConfig(**{**TRAIN.to_dict(), "channels_last": True}))
+    # The option is applied: the convolutions trained in channels-last memory, and only then.
+    conv = model[1][0].weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    assert plain[1][0].weight.is_contiguous()
     assert [h["val_top1"] for h in last.history] == pytest.approx(
         [h["val_top1"] for h in default_run.history], abs=0.1
     )

@@ -236,4 +236,6 @@ def test_a_pareto_search_within_a_budget_keeps_its_front_and_anchors_within_it(t
     assert all(a["final"] is None for a in over)  # never trained, not even at the end
     names = [a["name"] for a in pareto["anchors"] if a["final"] is not None]
     assert names == ["linear probing"]
-    assert FineTunePlan.from_dict(json.loads((tmp_path / "run" / "best_plan.json").read_text()))
+    best = FineTunePlan.from_dict(json.loads((tmp_path / "run" / "best_plan.json").read_text()))
+    assert best == result.best_plan  # the plan the search returned, within the budget
+    assert best.key() in {FineTunePlan.from_dict(e["plan"]).key() for e in pareto["front"]}

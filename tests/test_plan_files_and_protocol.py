@@ -76,4 +76,5 @@ def test_a_well_typed_plan_file_reads_back_exactly(tmp_path):
     path = tmp_path / "plan.json"
     path.write_text(json.dumps({**plan.to_dict(), "fitness": 0.3}))
     assert FineTunePlan.load(path) == plan
-    assert FineTunePlan.from_dict({"blocks": [{"name": "head", "train": True, "lr_mult": 2}]})
+    whole = FineTunePlan.from_dict({"blocks": [{"name": "head", "train": True, "lr_mult": 2}]})
+    assert whole.blocks == (BlockSetting("head", True, 2.0),)  # an integer multiplier reads too

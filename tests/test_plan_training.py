@@ -178,17 +178,29 @@ def test_training_is_deterministic_and_learns(tiny_cnn, tiny_data):
     assert [h["train_loss"] for h in r3.history] != [h["train_loss"] for h in r1.history]
 
 
-def test_early_stopping_restores_the_best_epoch(tiny_cnn, tiny_data):
+def test_early_stopping_restores_the_best_epoch(monkeypatch, tiny_cnn, tiny_data):
+    """Validation peaks at epoch 2 and the later epochs are strictly worse: the returned model
+    holds epoch 2's weights, not the last epoch's."""
+    import biotune.training as training
+
+    scores = iter([0.5, 0.9, 0.6, 0.7])
+    weights: list[dict[str, torch.Tensor]] = []
+
+    def scripted(model, *args, **kwargs):
+        weights.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        value = next(scores)
+        return training.Metrics(value, value)
+
+    monkeypatch.setattr(training, "evaluate", scripted)
     partition = _partition(tiny_cnn)
-    config = TrainConfig(epochs=8, patience=0, batch_size=16, base_lr=0.5, optimizer="sgd")
+    config = TrainConfig(epochs=4, patience=2, batch_size=16, base_lr=0.1, optimizer="sgd")
     model, result = train_plan(
         tiny_cnn, partition, FineTunePlan.full(partition.names), tiny_data, tiny_data, config
     )
-    best = max(h["val_balanced"] for h in result.history)
-    assert result.val.balanced == best
-    from biotune.training import evaluate
-
-    assert evaluate(model, tiny_data).balanced == pytest.approx(best)
+    assert result.best_epoch == 2 and result.epochs_run == 4 and result.val.balanced == 0.9
+    restored = model.state_dict()
+    assert all(torch.equal(restored[k], weights[1][k]) for k in restored)
+    assert not all(torch.equal(restored[k], weights[-1][k]) for k in restored)
 
 
 def test_likelihood_metric_selects_the_epoch_of_lowest_validation_loss(tiny_cnn, tiny_data):

@@ -88,10 +88,21 @@ def test_results_arrive_in_the_driver_as_they_finish(tmp_path):
     evaluator = build_evaluator(CONFIG)
     tasks = [Task(i, tuple([0.9] * 10 + [0.5]), 0, "initial") for i in range(2)]
     executor = make_executor("inprocess", evaluator, functools.partial(build_evaluator, CONFIG))
-    seen: list[int] = []
-    executor.run(tasks, lambda ev: seen.append(ev.candidate))
+    started = 0
+    evaluate = evaluator.evaluate
+
+    def counting(*args, **kwargs):  # noqa: ANN202
+        nonlocal started
+        started += 1
+        return evaluate(*args, **kwargs)
+
+    evaluator.evaluate = counting  # type: ignore[method-assign]
+    seen: list[tuple[int, int]] = []
+    executor.run(tasks, lambda ev: seen.append((ev.candidate, started)))
     executor.close()
-    assert seen == [0, 1]
+    evaluator.evaluate = evaluate  # type: ignore[method-assign]
+    # Each result reaches the driver before the next evaluation starts, not all at the end.
+    assert seen == [(0, 1), (1, 2)]
     assert run_task(evaluator, tasks[0]).scores == run_task(evaluator, tasks[1]).scores
 
 
