@@ -926,7 +926,15 @@ def main(argv: list[str] | None = None) -> int:
                     run_piece(t)
             else:
                 context = multiprocessing.get_context("spawn")
-                with ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
+                from biotune.runner.executors import exit_with_parent
+
+                # Workers end with this process (a session's end kills only the parent).
+                with ProcessPoolExecutor(
+                    args.jobs,
+                    mp_context=context,
+                    initializer=exit_with_parent,
+                    initargs=(os.getpid(),),
+                ) as pool:
                     for done in pool.map(run_piece, tasks):
                         print(f"finished {done}", file=sys.stderr, flush=True)
         finally:

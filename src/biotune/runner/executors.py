@@ -107,7 +107,7 @@ def threads_per_worker(workers: int) -> int:
 ORPHAN_POLL_SECONDS = 0.5
 
 
-def _exit_with_parent(parent: int) -> None:
+def exit_with_parent(parent: int) -> None:
     """End this worker as soon as ``parent`` is gone (``kill -9`` of the driver, say).
 
     A daemon thread watches the parent's id: an orphan is re-parented, so ``getppid`` changes.
@@ -133,7 +133,7 @@ def _init_worker(
     the worker exits when the driver dies.
     """
     global _WORKER_EVALUATOR
-    _exit_with_parent(parent)
+    exit_with_parent(parent)
     with lock:
         if not devices.empty():
             os.environ["CUDA_VISIBLE_DEVICES"] = devices.get()
