@@ -22,8 +22,9 @@ Writes results/search_cost.{json,md} (search_cost-quick.* with --quick, search_c
 the date, the machine and the exact command. Run directories go to runs/search_cost/; a rerun
 with the same settings resumes an unfinished search, and reuses a side that finished (search and
 final runs) with the times measured when it ran, its date in the report (``--redo`` runs it again).
-A side finished in one piece is also kept as a small record in records/ (committed), so a fresh
-machine reuses it; ``--sides paper`` runs the paper sides alone.
+A finished side is also kept as a small record in records/ (committed), so a fresh machine
+reuses it; a side resumed over several sittings counts the search seconds of each (its
+sessions.json). ``--sides paper`` runs the paper sides alone.
 """
 
 from __future__ import annotations
@@ -231,7 +232,13 @@ def run_side(name: str, config: SearchConfig, args: argparse.Namespace, unit_epo
     summary = cost.search_cost(result.evaluations, unit, search_wall)
     add_rerank(summary, result.cost.get("rerank"))
     if resume:
-        summary["note"] = "resumed: wall time covers only the part run this time"
+        # The search's sessions.json holds every sitting's search time up to its last
+        # evaluation (a sitting killed mid-evaluation loses only that evaluation's time).
+        search_wall = _sittings_seconds(run_dir)
+        summary["wall_seconds"] = search_wall
+        summary["note"] = (
+            "resumed: wall time summed over the search's sittings (sessions.json and rerank runs)"
+        )
     start = time.perf_counter()
     plan = result.best_plan
     runs = [final_training_run(bench, plan, config.final, s) for s in config.final_seeds]
@@ -262,11 +269,20 @@ def run_side(name: str, config: SearchConfig, args: argparse.Namespace, unit_epo
         },
         "block_flops": flops,
     }
-    if not resume:  # only a side measured in one piece is worth reusing
-        write_json_atomic(finished, side)
-        args.records.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(record, side)
+    write_json_atomic(finished, side)
+    args.records.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(record, side)
     return side
+
+
+def _sittings_seconds(run_dir: Path) -> float:
+    """A resumed search's wall time: its sittings' search seconds plus its re-ranking runs."""
+    sessions = json.loads((run_dir / "sessions.json").read_text())
+    rerank = run_dir / "rerank.jsonl"
+    lines = rerank.read_text().splitlines() if rerank.exists() else []
+    return sum(float(x.get("seconds", 0.0)) for x in sessions) + sum(
+        float(json.loads(line).get("seconds", 0.0)) for line in lines if line.strip()
+    )
 
 
 def add_rerank(summary: dict[str, Any], rerank: dict[str, Any] | None) -> None:
