@@ -325,7 +325,7 @@ class Dataset:
                 "ft_equivalents": result.cost["work_flops"] / self.ft_work,
                 "search_ft_equivalents": result.cost["ft_equivalents"],
                 # a resumed or derived search's earlier sittings are in its sessions
-                "seconds": _search_seconds(run_dir) if resume else time.perf_counter() - start,
+                "seconds": result.search_seconds if resume else time.perf_counter() - start,
                 "derived_from": DERIVED[method] if derived else None,
                 "base_lr": config.protocol.train.base_lr,
                 "config_sha1": fingerprint,
@@ -383,16 +383,6 @@ class Dataset:
         plan = FineTunePlan.from_dict(done["plan"])
         for seed in SEEDS[1:]:
             self.run(method, done["base_lr"], seed, plan=plan)
-
-
-def _search_seconds(run_dir: Path) -> float:
-    """The evolution's session seconds plus the re-ranking runs' seconds of a run directory."""
-    sessions = json.loads((run_dir / "sessions.json").read_text())
-    rerank = run_dir / "rerank.jsonl"
-    lines = rerank.read_text().splitlines() if rerank.exists() else []
-    return sum(s["seconds"] for s in sessions) + sum(
-        json.loads(line)["seconds"] for line in lines if line.strip()
-    )
 
 
 def _first_trained(method: str, plan: Any, blocks: int) -> int:

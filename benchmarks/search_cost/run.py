@@ -227,15 +227,14 @@ def run_side(name: str, config: SearchConfig, args: argparse.Namespace, unit_epo
     start = time.perf_counter()
     result = search.run_search(resume=resume, final=False)
     search_wall = time.perf_counter() - start
+    if resume:
+        # Every sitting's search time (sessions.json, to its last evaluation) and re-ranking.
+        search_wall = result.search_seconds
     flops = block_flops(bench.model, bench.partition, bench.splits.val[0][0])
     unit = cost.ft_work(flops, len(bench.splits.train), len(bench.splits.val), unit_epochs)
     summary = cost.search_cost(result.evaluations, unit, search_wall)
     add_rerank(summary, result.cost.get("rerank"))
     if resume:
-        # The search's sessions.json holds every sitting's search time up to its last
-        # evaluation (a sitting killed mid-evaluation loses only that evaluation's time).
-        search_wall = _sittings_seconds(run_dir)
-        summary["wall_seconds"] = search_wall
         summary["note"] = (
             "resumed: wall time summed over the search's sittings (sessions.json and rerank runs)"
         )
@@ -273,16 +272,6 @@ def run_side(name: str, config: SearchConfig, args: argparse.Namespace, unit_epo
     args.records.mkdir(parents=True, exist_ok=True)
     write_json_atomic(record, side)
     return side
-
-
-def _sittings_seconds(run_dir: Path) -> float:
-    """A resumed search's wall time: its sittings' search seconds plus its re-ranking runs."""
-    sessions = json.loads((run_dir / "sessions.json").read_text())
-    rerank = run_dir / "rerank.jsonl"
-    lines = rerank.read_text().splitlines() if rerank.exists() else []
-    return sum(float(x.get("seconds", 0.0)) for x in sessions) + sum(
-        float(json.loads(line).get("seconds", 0.0)) for line in lines if line.strip()
-    )
 
 
 def add_rerank(summary: dict[str, Any], rerank: dict[str, Any] | None) -> None:

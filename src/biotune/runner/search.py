@@ -40,6 +40,13 @@ class SearchResult:
     cost: dict[str, Any] = field(default_factory=dict)
     pareto: dict[str, Any] | None = None  # the objective "pareto": what pareto.json holds
 
+    @property
+    def search_seconds(self) -> float:
+        """Wall time of the search over all its sittings (each counted to its last evaluation)
+        plus its re-ranking runs: what a resumed search cost, not only its last sitting."""
+        rerank = self.cost.get("rerank") or {}
+        return float(self.cost.get("wall_seconds", 0.0)) + float(rerank.get("seconds", 0.0))
+
 
 class Search:
     """A search bound to a run directory: start it, or resume it after any interruption."""
