@@ -149,6 +149,37 @@ def test_cached_training_is_bit_identical_to_uncached(build, frozen):
 
 @pytest.mark.parametrize(
     "build, frozen",
+    [(lambda: torchvision.models.resnet18(num_classes=3), 3)],
+    ids=["tv-resnet-3"],
+)
+def test_cached_channels_last_training_is_bit_identical_to_uncached(build, frozen):
+    """channels_last rounds convolutions differently: the cache runs the frozen prefix in the
+    trainings' memory format, and puts the shared pretrained model back as it was."""
+    torch.manual_seed(0)
+    model = build()
+    partition = partition_blocks(model)
+    train, val = make_tiny_data(40, size=16), make_tiny_data(27, size=16, seed=1)
+    config = TrainConfig(
+        epochs=2, patience=5, batch_size=16, eval_batch_size=10, base_lr=1e-2, channels_last=True
+    )
+    plan = _plan(partition.names, frozen)
+    stages = block_chain(model, partition, val.images[:2])
+    assert stages is not None
+    cache = FeatureCache(model, stages, 10**9, batch_size=10, channels_last=True)
+    train_f = cache.features("train", train, frozen, batch_sizes_for(len(train), 16))
+    val_f = cache.features("val", val, frozen)
+    assert all(p.is_contiguous() for p in model.parameters())
+    m_plain, plain = train_plan(model, partition, plan, train, val, config, seed=1)
+    m_cached, cached = train_plan_cached(model, partition, plan, train_f, val_f, config, seed=1)
+    assert [h["train_loss"] for h in cached.history] == [h["train_loss"] for h in plain.history]
+    for (name, a), b in zip(
+        m_plain.state_dict().items(), m_cached.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize(
+    "build, frozen",
     [
         (lambda: torchvision.models.mobilenet_v3_small(num_classes=3), 3),
         (lambda: timm.create_model("tf_efficientnet_lite0", num_classes=3), 6),

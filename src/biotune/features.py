@@ -226,7 +226,8 @@ class FeatureCache:
     Entries are keyed (dataset key, k, batch sizes). A request for k starts from the deepest
     cached j < k of the same dataset and batch sizes (or from the images), so a deeper prefix
     costs only the blocks in between. ``stage_images[i]`` counts images pushed through block i
-    (the cache's own forward work).
+    (the cache's own forward work). ``precision`` and ``channels_last`` are those of the trainings
+    it serves: the frozen blocks run as they would in those trainings, so caching stays exact.
     """
 
     def __init__(
@@ -237,6 +238,7 @@ class FeatureCache:
         batch_size: int = 256,
         device: torch.device | None = None,
         precision: str = "auto",
+        channels_last: bool = False,
     ) -> None:
         self.model = model
         self.stages = list(stages)
@@ -244,6 +246,7 @@ class FeatureCache:
         self.batch_size = batch_size
         self.device = device or torch.device("cpu")
         self.precision = precision
+        self.channels_last = channels_last
         self._store: OrderedDict[tuple[Hashable, int, tuple[int, ...]], FeatureDataset] = (
             OrderedDict()
         )
@@ -320,20 +323,27 @@ class FeatureCache:
     def _run(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         with _autocast(self.device, self.precision):
             x = x.to(self.device)
+            if self.channels_last and x.ndim == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
             for stage in self.stages[start:stop]:
                 x = stage(x)
         return x
 
     @contextlib.contextmanager
     def _eval(self) -> Iterator[None]:
-        """The pretrained model in eval mode on the cache's device, as frozen blocks run; put
-        back where it was afterwards (it is the workbench's model, which others copy from)."""
+        """The pretrained model in eval mode on the cache's device (and memory format), as
+        frozen blocks run in the training they stand in for; put back as it was afterwards (it is
+        the workbench's model, which others copy from)."""
         was_training = self.model.training
         home = device_of(self.model)
         self.model.to(self.device).eval()
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
         try:
             yield
         finally:
+            if self.channels_last:
+                self.model.to(memory_format=torch.contiguous_format)
             self.model.to(home).train(was_training)
 
 

@@ -244,7 +244,13 @@ class Evaluator:
         budget = int(self.protocol.cache_budget_mb * 2**20)
         train = self.protocol.train
         return FeatureCache(
-            self.model, stages, budget, train.eval_batch_size, self.device, train.precision
+            self.model,
+            stages,
+            budget,
+            train.eval_batch_size,
+            self.device,
+            train.precision,
+            train.channels_last,
         ), "on"
 
     @property

@@ -44,7 +44,7 @@ class Workbench:
         """One feature cache of the pretrained model for every training on the whole splits, so
         several seeds, methods and plans share the frozen prefixes; None if the model cannot run
         block by block."""
-        key = (config.eval_batch_size, config.precision)
+        key = (config.eval_batch_size, config.precision, config.channels_last)
         if key not in self._caches:
             sample, _ = next(batches(self.splits.val, 2))
             stages = block_chain(self.model, self.partition, sample)
@@ -58,6 +58,7 @@ class Workbench:
                     config.eval_batch_size,
                     default_device(),
                     config.precision,
+                    config.channels_last,
                 )
             )
         return self._caches[key]
