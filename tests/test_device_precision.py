@@ -133,6 +133,45 @@ def test_the_loader_uses_workers_and_pinned_memory_only_on_a_gpu():
     assert gpu["pin_memory"] is True and gpu["workers"] >= 1
 
 
+class _Lazy(torch.utils.data.Dataset):
+    """The same images read one at a time, as a folder of files is (no ``images`` tensor)."""
+
+    def __init__(self, data) -> None:  # noqa: ANN001
+        self.data, self.targets = data, data.targets
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int):  # noqa: ANN204
+        return self.data.images[i], int(self.targets[i])
+
+
+def test_loader_workers_serve_every_epoch_and_train_as_in_memory(monkeypatch):
+    """With workers (a GPU's ``loader_options``), one loader per split lives for the whole
+    training instead of starting its worker processes every epoch, and the batches are the
+    in-memory ones."""
+    built = []
+
+    class Counting(torch.utils.data.DataLoader):
+        def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+            built.append(kwargs["persistent_workers"])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(training, "DataLoader", Counting)
+    monkeypatch.setattr(training, "loader_options", lambda device: {"workers": 1})
+    config = TrainConfig(**{**TRAIN.to_dict(), "epochs": 3})
+    partition = partition_blocks(make_tiny_cnn())
+    runs = []
+    for wrap in (lambda d: d, _Lazy):
+        torch.manual_seed(0)
+        model = make_tiny_cnn()
+        train, val = wrap(make_tiny_data(40)), wrap(make_tiny_data(24, seed=1))
+        plan = FineTunePlan.full(partition.names)
+        runs.append(train_plan(model, partition, plan, train, val, config, seed=2)[1])
+    assert runs[1].epochs_run == 3 and built == [True, True]  # train and val, not one per epoch
+    assert runs[1].history == runs[0].history
+
+
 # ----------------------------------------------------------------------------------- precision
 
 

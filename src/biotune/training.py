@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from biotune.blocks import BlockPartition
 from biotune.callbacks import emit
@@ -296,6 +296,79 @@ def accuracy(preds: np.ndarray, targets: np.ndarray) -> tuple[float, float]:
     return top1, float(np.mean(recalls))
 
 
+class _Order(Sampler[int]):
+    """The order of a loader's next pass, set before each pass (as ``DistributedSampler.set_epoch``
+    does), so one loader and its worker processes serve every epoch."""
+
+    def __init__(self, n: int) -> None:
+        self.order: list[int] = list(range(n))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.order)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
+class BatchReader:
+    """Mini-batches of (images, labels); in-memory tensor datasets are sliced directly (fast).
+
+    Both paths visit the items in the same order for a seed and leave the global RNG alone, so a
+    dataset read lazily and the same data in memory (or cached features) train identically. A
+    dataset with ``by_batch_size`` tables (cached features) serves each batch from the table
+    computed at that batch's size. ``workers`` and ``pin_memory`` apply to datasets read lazily
+    (``loader_options`` gives them for a device); one reader keeps one loader per dataset and
+    batch size, whose workers live until ``close``, rather than starting anew every epoch.
+    """
+
+    def __init__(self, workers: int = 0, pin_memory: bool = False) -> None:
+        self.workers = workers
+        self.pin_memory = pin_memory
+        self._loaders: dict[tuple[int, int], tuple[DataLoader, _Order]] = {}
+
+    def __call__(
+        self, dataset: Dataset, batch_size: int, shuffle: bool = False, seed: int = 0
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        images = getattr(dataset, "images", None)
+        n = len(dataset)  # type: ignore[arg-type]
+        order = (
+            torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+            if shuffle
+            else torch.arange(n)
+        )
+        if isinstance(images, torch.Tensor):
+            labels = torch.as_tensor(np.asarray(dataset.targets), dtype=torch.long)
+            tables = getattr(dataset, "by_batch_size", None) or {}
+            for start in range(0, n, batch_size):
+                idx = order[start : start + batch_size]
+                yield tables.get(len(idx), images)[idx], labels[idx]
+            return
+        loader, sampler = self._loader(dataset, batch_size)
+        sampler.order = order.tolist()
+        for x, y in loader:
+            yield x, torch.as_tensor(y, dtype=torch.long)
+
+    def _loader(self, dataset: Dataset, batch_size: int) -> tuple[DataLoader, _Order]:
+        key = (id(dataset), batch_size)
+        if key not in self._loaders:
+            sampler = _Order(len(dataset))  # type: ignore[arg-type]
+            loader = DataLoader(
+                dataset,
+                batch_size=batch_size,
+                sampler=sampler,
+                generator=torch.Generator(),
+                num_workers=self.workers,
+                pin_memory=self.pin_memory,
+                persistent_workers=self.workers > 0,
+            )
+            self._loaders[key] = (loader, sampler)
+        return self._loaders[key]
+
+    def close(self) -> None:
+        """Drop the loaders: their worker processes end with them."""
+        self._loaders.clear()
+
+
 def batches(
     dataset: Dataset,
     batch_size: int,
@@ -305,38 +378,12 @@ def batches(
     workers: int = 0,
     pin_memory: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Mini-batches of (images, labels); in-memory tensor datasets are sliced directly (fast).
-
-    Both paths visit the items in the same order for a seed and leave the global RNG alone, so a
-    dataset read lazily and the same data in memory (or cached features) train identically. A
-    dataset with ``by_batch_size`` tables (cached features) serves each batch from the table
-    computed at that batch's size. ``workers`` and ``pin_memory`` apply to datasets read lazily
-    (``loader_options`` gives them for a device).
-    """
-    images = getattr(dataset, "images", None)
-    n = len(dataset)  # type: ignore[arg-type]
-    order = (
-        torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-        if shuffle
-        else torch.arange(n)
-    )
-    if isinstance(images, torch.Tensor):
-        labels = torch.as_tensor(np.asarray(dataset.targets), dtype=torch.long)
-        tables = getattr(dataset, "by_batch_size", None) or {}
-        for start in range(0, n, batch_size):
-            idx = order[start : start + batch_size]
-            yield tables.get(len(idx), images)[idx], labels[idx]
-        return
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=order.tolist(),
-        generator=torch.Generator(),
-        num_workers=workers,
-        pin_memory=pin_memory,
-    )
-    for x, y in loader:
-        yield x, torch.as_tensor(y, dtype=torch.long)
+    """One pass of mini-batches over ``dataset`` (``BatchReader``, for a single pass)."""
+    reader = BatchReader(workers, pin_memory)
+    try:
+        yield from reader(dataset, batch_size, shuffle, seed)
+    finally:
+        reader.close()
 
 
 def _autocast(device: torch.device, precision: str = "auto"):
@@ -363,13 +410,16 @@ def predict(
     device: torch.device | None = None,
     precision: str = "auto",
     channels_last: bool = False,
+    read: BatchReader | None = None,
 ) -> tuple[np.ndarray, np.ndarray, float]:
-    """Predicted classes, true labels and mean cross-entropy over a dataset (eval mode)."""
+    """Predicted classes, true labels and mean cross-entropy over a dataset (eval mode);
+    ``read``: the training's reader, whose loaders stay up between epochs."""
     device = device or device_of(model)
     was_training = model.training
     model.eval()
     preds, labels, loss_sum = [], [], 0.0
-    for x, y in batches(dataset, batch_size, **loader_options(device)):
+    read = read or BatchReader(**loader_options(device))
+    for x, y in read(dataset, batch_size):
         with _autocast(device, precision):
             out = model(_to(x, device, channels_last))
         y_dev = y.to(device)
@@ -388,8 +438,11 @@ def evaluate(
     device: torch.device | None = None,
     precision: str = "auto",
     channels_last: bool = False,
+    read: BatchReader | None = None,
 ) -> Metrics:
-    preds, targets, loss = predict(model, dataset, batch_size, device, precision, channels_last)
+    preds, targets, loss = predict(
+        model, dataset, batch_size, device, precision, channels_last, read
+    )
     top1, balanced = accuracy(preds, targets)
     return Metrics(top1, balanced, loss)
 
@@ -438,7 +491,7 @@ def fine_tune(
     dtype = autocast_dtype(device, config.precision)
     # float16 needs loss scaling (its small gradients underflow); disabled, the scaler is a no-op.
     scaler = torch.amp.GradScaler("cuda", enabled=dtype is torch.float16 and device.type == "cuda")
-    loading = loader_options(device)
+    read = BatchReader(**loader_options(device))
     optimizer = make_optimizer(param_groups, config)
     for g in optimizer.param_groups:
         g.setdefault("initial_lr", g["lr"])
@@ -463,9 +516,7 @@ def fine_tune(
             epoch_seed = seed * 1000 + epoch
             # Its own stream, apart from the shuffling's: the crops never move the batch order.
             crops = torch.Generator().manual_seed(epoch_seed + 2**32) if config.augment else None
-            for x, y in batches(
-                train_data, config.batch_size, shuffle=True, seed=epoch_seed, **loading
-            ):
+            for x, y in read(train_data, config.batch_size, shuffle=True, seed=epoch_seed):
                 x, y = _to(x, device, config.channels_last), y.to(device, non_blocking=True)
                 if crops is not None:
                     x = random_resized_crop_flip(x, crops)
@@ -496,6 +547,7 @@ def fine_tune(
                 device,
                 config.precision,
                 config.channels_last,
+                read,
             )
             eval_images += len(val_data)  # type: ignore[arg-type]
             metric = val.get(config.metric)
@@ -526,6 +578,8 @@ def fine_tune(
         if "out of memory" in str(exc).lower():
             raise BioTuneError(_oom_message(config)) from None
         raise
+    finally:
+        read.close()
     if best_state is not None:
         model.load_state_dict(best_state)
     if status == "diverged":
