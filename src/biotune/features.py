@@ -41,6 +41,7 @@ from biotune.training import (
     TrainHooks,
     TrainResult,
     _autocast,
+    _to,
     batches,
     device_of,
     fine_tune,
@@ -322,9 +323,7 @@ class FeatureCache:
 
     def _run(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         with _autocast(self.device, self.precision):
-            x = x.to(self.device)
-            if self.channels_last and x.ndim == 4:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = _to(x, self.device, self.channels_last)
             for stage in self.stages[start:stop]:
                 x = stage(x)
         return x

@@ -418,8 +418,9 @@ def predict(
     was_training = model.training
     model.eval()
     preds, labels, loss_sum = [], [], 0.0
-    read = read or BatchReader(**loader_options(device))
-    for x, y in read(dataset, batch_size):
+    loading = loader_options(device)
+    passes = read(dataset, batch_size) if read else batches(dataset, batch_size, **loading)
+    for x, y in passes:
         with _autocast(device, precision):
             out = model(_to(x, device, channels_last))
         y_dev = y.to(device)
