@@ -46,6 +46,7 @@ import torch
 from biotune import presets
 from biotune.core import cost
 from biotune.measure import block_flops
+from biotune.progress import SearchProgress, setup_logging
 from biotune.runner.config import DataConfig, SearchConfig
 from biotune.runner.final import final_training_run, machine_description, summarize_final
 from biotune.runner.rundir import write_json_atomic
@@ -223,7 +224,14 @@ def run_side(name: str, config: SearchConfig, args: argparse.Namespace, unit_epo
             return side
     resume = (run_dir / "config.json").exists()
     bench = prepare(config.data)
-    search = Search(config, run_dir, bench=bench, executor=args.executor, workers=args.workers)
+    search = Search(
+        config,
+        run_dir,
+        bench=bench,
+        progress=SearchProgress(metric=config.protocol.train.metric),
+        executor=args.executor,
+        workers=args.workers,
+    )
     start = time.perf_counter()
     result = search.run_search(resume=resume, final=False)
     search_wall = time.perf_counter() - start
@@ -408,6 +416,7 @@ def results_stem(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    setup_logging()  # a search's progress, one line per evaluation when not on a terminal
     torch.set_num_threads(args.threads)
     report: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M"),

@@ -157,12 +157,12 @@ def rerank_plans(
         done[candidate.id] = rec
         emit(search.callbacks, "on_rerank_run", rec)
         _log.info(
-            "re-rank %d/%d: %s: val balanced accuracy %.4f (search fitness %.4f)",
+            "re-rank %d/%d: %s: val balanced accuracy %.4f (its search score %.4f)",
             rank + 1,
             len(picks),
             plan.describe(),
             rec["val_balanced"],
-            fitness,
+            1 - fitness,  # fitness is a loss: 1 - the protocol's score
         )
         if best_model is None or rec["val_balanced"] > best_model[1]["val_balanced"]:
             best_model = (model, rec, plan, run)
