@@ -278,3 +278,49 @@ def test_predict_skips_an_unreadable_image_with_a_warning(tmp_path):
         text=True,
     )
     assert done.returncode == 2 and "none of the 1 image file(s) could be read" in done.stderr
+
+
+def test_predict_reads_a_batch_at_a_time_and_gives_the_same_classes(tmp_path, monkeypatch):
+    """A folder larger than one batch is read and classified batch by batch (memory stays
+    bounded), with an unreadable file in the middle skipped, and the same rows as one batch."""
+    from biotune.finetuned import FineTuned, image_files, load_finetuned, predict_files
+
+    _save_lite0(tmp_path)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(5):
+        Image.new("L", (8, 8), 40 * i).save(folder / f"{i}.png")
+    (folder / "2b.png").write_bytes(b"\x89PNG not really")
+    finetuned = load_finetuned(tmp_path / "lite0")
+    files = image_files([folder])
+    with pytest.warns(UserWarning, match="2b.png"):
+        whole = predict_files(finetuned, files, batch_size=64)
+    sizes: list[int] = []
+    original = FineTuned.probabilities
+
+    def spy(self, images, batch_size=64, prepared=False):
+        sizes.append(len(images))
+        return original(self, images, batch_size, prepared)
+
+    monkeypatch.setattr(FineTuned, "probabilities", spy)
+    with pytest.warns(UserWarning, match="2b.png"):
+        batched = predict_files(finetuned, files, batch_size=2)
+    assert max(sizes) <= 2 and sum(sizes) == 5
+    assert [r["file"] for r in batched] == [r["file"] for r in whole]
+    assert [r["index"] for r in batched] == [r["index"] for r in whole]
+    assert [r["probability"] for r in batched] == pytest.approx([r["probability"] for r in whole])
+
+
+def test_predict_device_and_batch_size_options(tmp_path, capsys):
+    from biotune.cli import main
+
+    _save_lite0(tmp_path)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("L", (8, 8), 128).save(folder / "a.png")
+    model = str(tmp_path / "lite0")
+    assert main(["predict", model, str(folder), "--device", "cpu", "--batch-size", "1"]) == 0
+    assert capsys.readouterr().out.startswith(str(folder / "a.png"))
+    assert main(["predict", model, str(folder), "--device", "gpu9"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown device 'gpu9'" in err[0]

@@ -230,29 +230,37 @@ def image_files(paths: Iterable[str | Path]) -> list[Path]:
     return found
 
 
-def predict_files(finetuned: FineTuned, files: Sequence[Path]) -> list[dict[str, Any]]:
-    """Per file: the predicted class (name and index) and its probability. A file that cannot
-    be read is skipped with a warning naming it; if none can be read, a one-line error."""
+def predict_files(
+    finetuned: FineTuned, files: Sequence[Path], batch_size: int = 64
+) -> list[dict[str, Any]]:
+    """Per file: the predicted class (name and index) and its probability. Files are read one
+    batch at a time, so a folder of any size fits in memory. A file that cannot be read is
+    skipped with a warning naming it; if none can be read, a one-line error."""
     if finetuned.preprocess is None:
         raise BioTuneError(_USER_TENSORS)
-    readable, images = [], []
-    for f in files:
-        try:
-            images.append(finetuned.preprocess(f))
-        except BioTuneError as exc:
-            warnings.warn(f"skipped {exc}", stacklevel=2)
+    rows: list[dict[str, Any]] = []
+    for start in range(0, len(files), batch_size):
+        readable, images = [], []
+        for f in files[start : start + batch_size]:
+            try:
+                images.append(finetuned.preprocess(f))
+            except BioTuneError as exc:
+                warnings.warn(f"skipped {exc}", stacklevel=2)
+                continue
+            readable.append(f)
+        if not readable:
             continue
-        readable.append(f)
-    if not readable:
+        probs = finetuned.probabilities(images, batch_size=batch_size, prepared=True)
+        best = probs.argmax(1)
+        rows += [
+            {
+                "file": str(f),
+                "class": finetuned.classes[int(i)],
+                "index": int(i),
+                "probability": float(probs[k, i]),
+            }
+            for k, (f, i) in enumerate(zip(readable, best, strict=True))
+        ]
+    if not rows:
         raise BioTuneError(f"none of the {len(files)} image file(s) could be read")
-    probs = finetuned.probabilities(images, prepared=True)
-    best = probs.argmax(1)
-    return [
-        {
-            "file": str(f),
-            "class": finetuned.classes[int(i)],
-            "index": int(i),
-            "probability": float(probs[k, i]),
-        }
-        for k, (f, i) in enumerate(zip(readable, best, strict=True))
-    ]
+    return rows

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from biotune.cli._fields import positive_int
 from biotune.cli._options import check_writable
 
 
@@ -22,18 +23,32 @@ def add_predict_parser(sub: Any) -> argparse.ArgumentParser:
     pr.add_argument("model_dir", help="run directory or folder holding finetuned.json")
     pr.add_argument("images", nargs="+", help="image files or folders")
     pr.add_argument("--csv", help="write file,class,index,probability rows here instead")
+    pr.add_argument(
+        "--device",
+        help="where to run the model: auto (default: a CUDA GPU if there is one, else the "
+        "CPU; or the BIOTUNE_DEVICE environment variable), cpu, cuda, cuda:N or mps",
+    )
+    pr.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=64,
+        help="images read and classified at a time (default: 64)",
+    )
     pr.set_defaults(func=cmd_predict)
     return pr
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     import csv
+    import os
 
     from biotune.finetuned import image_files, load_finetuned, predict_files
+    from biotune.training import DEVICE_ENV, resolve_device
 
-    finetuned = load_finetuned(args.model_dir)
+    device = resolve_device(args.device or os.environ.get(DEVICE_ENV))
     files = image_files(args.images)
-    rows = predict_files(finetuned, files)
+    finetuned = load_finetuned(args.model_dir, device=device)
+    rows = predict_files(finetuned, files, batch_size=args.batch_size)
     if args.csv:
         out = Path(args.csv)
         check_writable(out, "--csv")
