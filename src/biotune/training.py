@@ -418,8 +418,10 @@ def predict(
     was_training = model.training
     model.eval()
     preds, labels, loss_sum = [], [], 0.0
-    loading = loader_options(device)
-    passes = read(dataset, batch_size) if read else batches(dataset, batch_size, **loading)
+    if read is None:
+        passes = batches(dataset, batch_size, **loader_options(device))
+    else:
+        passes = read(dataset, batch_size)
     for x, y in passes:
         with _autocast(device, precision):
             out = model(_to(x, device, channels_last))

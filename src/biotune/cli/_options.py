@@ -161,15 +161,10 @@ def train_config(args: argparse.Namespace, prefix: str, base: Any) -> Any:
 def add_machine_options(p: argparse.ArgumentParser, augment: str | None) -> None:
     """--device, --precision, --threads, --channels-last and (where ``augment`` says what it
     augments) --augment: the same switches for every command that trains."""
-    from biotune.training import DEVICES, TrainConfig
+    from biotune.training import TrainConfig
 
     g = p.add_argument_group("device and precision")
-    g.add_argument(
-        "--device",
-        metavar="{" + ",".join(DEVICES) + "}",
-        help="where to train (default auto: a CUDA GPU if there is one, else the CPU; "
-        "or the BIOTUNE_DEVICE environment variable)",
-    )
+    add_device_option(g, "train")
     add_field_options(g, TrainConfig, ("precision",), {"default": TrainConfig()})
     g.add_argument(
         "--threads",
@@ -186,6 +181,18 @@ def add_machine_options(p: argparse.ArgumentParser, augment: str | None) -> None
             help="random resized crops and flips, the torchvision/timm standard, "
             f"for {augment}; the feature cache is off for it",
         )
+
+
+def add_device_option(p: Any, what: str) -> None:
+    """--device, for every command that runs a model (``what``: train, classify, ...)."""
+    from biotune.training import DEVICES
+
+    p.add_argument(
+        "--device",
+        metavar="{" + ",".join(DEVICES) + "}",
+        help=f"where to {what} (default auto: a CUDA GPU if there is one, else the CPU; "
+        "or the BIOTUNE_DEVICE environment variable)",
+    )
 
 
 def use_machine(args: argparse.Namespace) -> None:

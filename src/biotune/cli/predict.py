@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from biotune.cli._fields import positive_int
-from biotune.cli._options import check_writable
+from biotune.cli._options import add_device_option, check_writable
 
 
 def add_predict_parser(sub: Any) -> argparse.ArgumentParser:
@@ -23,11 +23,7 @@ def add_predict_parser(sub: Any) -> argparse.ArgumentParser:
     pr.add_argument("model_dir", help="run directory or folder holding finetuned.json")
     pr.add_argument("images", nargs="+", help="image files or folders")
     pr.add_argument("--csv", help="write file,class,index,probability rows here instead")
-    pr.add_argument(
-        "--device",
-        help="where to run the model: auto (default: a CUDA GPU if there is one, else the "
-        "CPU; or the BIOTUNE_DEVICE environment variable), cpu, cuda, cuda:N or mps",
-    )
+    add_device_option(pr, "classify")
     pr.add_argument(
         "--batch-size",
         type=positive_int,
@@ -40,12 +36,11 @@ def add_predict_parser(sub: Any) -> argparse.ArgumentParser:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     import csv
-    import os
 
     from biotune.finetuned import image_files, load_finetuned, predict_files
-    from biotune.training import DEVICE_ENV, resolve_device
+    from biotune.training import default_device, resolve_device
 
-    device = resolve_device(args.device or os.environ.get(DEVICE_ENV))
+    device = resolve_device(args.device) if args.device else default_device()
     files = image_files(args.images)
     finetuned = load_finetuned(args.model_dir, device=device)
     rows = predict_files(finetuned, files, batch_size=args.batch_size)
