@@ -84,8 +84,9 @@ def _changed(before: nn.Module, after: nn.Module) -> dict[str, bool]:
     return {n: not torch.equal(p.detach(), ref[n].detach()) for n, p in after.named_parameters()}
 
 
-def test_registry_names_every_baseline_of_the_paper():
+def test_registry_names_every_baseline_of_the_paper_and_the_practitioners_recipes():
     assert {"full", "linear", "autorgn", "lora", "l2sp", "l1sp", "plan"} <= set(METHODS)
+    assert {"llrd", "lpft"} <= set(METHODS)
 
 
 def test_linear_probing_changes_only_the_head(bench):
@@ -300,10 +301,12 @@ def test_lora_without_grouped_convolutions_skips_nothing(bench):
 def test_select_lr_chooses_by_validation_and_records_every_grid_value(bench):
     grid = (1e-6, 3e-2, 1e-1)
     selection = select_lr("full", bench, CONFIG, grid=grid, seed=0)
-    assert set(selection.val) == set(grid)
-    assert selection.lr == max(grid, key=lambda lr: (selection.val[lr], -grid.index(lr)))
-    assert selection.lr != 1e-6 and selection.val[selection.lr] > selection.val[1e-6]
-    assert selection.best.result.val.balanced == selection.val[selection.lr]
+    val = {float(k): v for k, v in selection.val.items()}
+    assert set(val) == set(grid)
+    assert selection.lr == max(grid, key=lambda lr: (val[lr], -grid.index(lr)))
+    assert selection.lr != 1e-6 and val[selection.lr] > val[1e-6]
+    assert selection.best.result.val.balanced == val[selection.lr]
+    assert selection.options == {} and selection.runs == len(grid)
 
 
 def test_a_plan_trains_like_a_baseline(bench):
@@ -320,3 +323,86 @@ def test_unknown_method_or_option_is_a_clear_error(bench):
         run_baseline("adapterfusion", bench, CONFIG)
     with pytest.raises(BioTuneError, match="takes no option lora_rank"):
         run_baseline("full", bench, CONFIG, lora_rank=4)
+
+
+# --------------------------------------------------------------------------------------------
+# layer-wise lr decay and LP-FT
+
+
+def test_llrd_gives_each_block_base_times_decay_to_its_depth_from_the_head(bench):
+    names = bench.partition.names
+    plan = FineTunePlan.layer_decay(names, 0.5)
+    model = copy.deepcopy(bench.model)
+    groups = apply_plan(model, bench.partition, plan, 1e-2)
+    with_params = [n for n in names if bench.partition.parameters(model, n)]
+    assert [g["name"] for g in groups] == with_params
+    last = len(names) - 1
+    for g in groups:
+        assert g["lr"] == 1e-2 * 0.5 ** (last - names.index(g["name"])), g["name"]
+    assert groups[-1]["lr"] == 1e-2  # the head at the base lr
+    run = run_baseline("llrd", bench, CONFIG, seed=0, llrd_decay=0.5)
+    assert run.info["plan"] == plan.to_dict()
+    assert all(_changed(bench.model, run.model).values())  # every block trains
+
+
+def test_llrd_decay_is_tuned_jointly_with_the_lr(bench):
+    selection = select_lr("llrd", bench, CONFIG, grid=(1e-3, 3e-2), seed=0, llrd_decays=(0.3, 0.9))
+    assert selection.runs == 4
+    assert set(selection.val) == {
+        "0.001, llrd_decay 0.3",
+        "0.03, llrd_decay 0.3",
+        "0.001, llrd_decay 0.9",
+        "0.03, llrd_decay 0.9",
+    }
+    best = max(selection.val.values())
+    label = next(k for k, v in selection.val.items() if v == best)
+    assert label.startswith(f"{selection.lr:g}, llrd_decay {selection.options['llrd_decay']:g}")
+    with pytest.raises(BioTuneError, match="tuning grid"):
+        run_baseline("llrd", bench, CONFIG, llrd_decays=(0.5,))
+    with pytest.raises(BioTuneError, match=r"must lie in \(0, 1\]"):
+        FineTunePlan.layer_decay(bench.partition.names, 1.5)
+
+
+def test_lpft_first_phase_changes_only_the_head_then_every_block(bench, monkeypatch):
+    import biotune.baselines as baselines_module
+
+    seen = {}
+    real = baselines_module.fine_tune
+
+    def second_phase(model, groups, *args, **kwargs):
+        seen["before"] = copy.deepcopy(model)
+        seen["groups"] = [g["name"] for g in groups]
+        return real(model, groups, *args, **kwargs)
+
+    monkeypatch.setattr(baselines_module, "fine_tune", second_phase)
+    config = replace(CONFIG, epochs=3, patience=3)
+    run = run_baseline("lpft", bench, config, seed=0, lpft_head_lr=5e-2, lpft_head_share=1 / 3)
+    head = _head_names(bench)
+    after_probe = _changed(bench.model, seen["before"])
+    assert all(after_probe[n] for n in head)
+    assert not any(v for n, v in after_probe.items() if n not in head)
+    for name, buf in bench.model.named_buffers():  # the frozen backbone's statistics too
+        assert torch.equal(buf, dict(seen["before"].named_buffers())[name]), name
+    assert seen["groups"] == [
+        n for n in bench.partition.names if bench.partition.parameters(bench.model, n)
+    ]
+    assert all(_changed(seen["before"], run.model).values())  # phase 2 trains every tensor
+    first, second = run.info["phases"]
+    assert (first["epochs"], second["epochs"]) == (1, 2) and first["lr"] == 5e-2
+    assert run.result.epochs_run == first["epochs_run"] + second["epochs_run"]
+    assert [h["epoch"] for h in run.result.history] == list(range(1, run.result.epochs_run + 1))
+    assert run.result.train_images == first["train_images"] + second["train_images"]
+
+
+def test_lpft_keeps_user_frozen_parameters_frozen(bench):
+    bench.model[2][0].bias.requires_grad_(False)
+    run = run_baseline("lpft", bench, replace(CONFIG, epochs=2), seed=0)
+    trained = dict(run.model.named_parameters())
+    assert torch.equal(trained["2.0.bias"], bench.model[2][0].bias)
+    assert not trained["2.0.bias"].requires_grad
+    assert not torch.equal(trained["2.0.weight"], bench.model[2][0].weight)
+
+
+def test_lpft_needs_an_epoch_per_phase(bench):
+    with pytest.raises(BioTuneError, match="at least 2 epochs"):
+        run_baseline("lpft", bench, replace(CONFIG, epochs=1), seed=0)

@@ -44,7 +44,9 @@ DATASETS = tuple(SIZES)
 SEEDS = (0, 1, 2, 3, 4)
 LR_GRID = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 EPOCHS, PATIENCE, BATCH, EVAL_BATCH = 15, 3, 64, 256
-BASELINES = ("full", "linear", "autorgn", "lora", "l2sp", "l1sp")
+BASELINES = ("full", "linear", "autorgn", "lora", "l2sp", "l1sp", "llrd", "lpft")
+#: LLRD's decays, each tried with every lr of the grid (15 runs, all counted in its cost).
+LLRD_DECAYS = (0.5, 0.65, 0.8)
 #: BioTune methods: the preset searched, and what is changed (None: the preset as it is).
 #: "biotune-rerank" is the first candidate default tried after the 2026-11-30 default: the same
 #: search, its 3 best distinct plans re-ranked with the final recipe on validation.
@@ -85,6 +87,8 @@ ORDER = (
     "lora",
     "autorgn",
     "biotune-paper",
+    "llrd",
+    "lpft",
 )
 LABELS = {
     "full": "Full fine-tuning",
@@ -93,6 +97,8 @@ LABELS = {
     "lora": "LoRA",
     "l2sp": "L2-SP",
     "l1sp": "L1-SP",
+    "llrd": "Layer-wise lr decay",
+    "lpft": "LP-FT",
     "biotune": "BioTune (default search, 2026-11-30)",
     "biotune-rerank": "BioTune (default + re-rank 3 plans)",
     "biotune-rerank2": "BioTune (default + re-rank 2 plans)",
@@ -188,8 +194,18 @@ def wall_text(wall: dict[str, Any], records: Path) -> str:
     )
 
 
-def _run_name(lr: float, seed: int) -> str:
-    return f"lr{lr:g}-seed{seed}"
+def _run_name(lr: float, seed: int, extra: dict[str, Any] | None = None) -> str:
+    """``lr0.003-seed0``, or with a tuned option ``lr0.003-decay0.65-seed0``."""
+    tuned = "".join(f"-decay{v:g}" for k, v in (extra or {}).items() if k == "llrd_decay")
+    return f"lr{lr:g}{tuned}-seed{seed}"
+
+
+def grid_points(method: str) -> list[tuple[float, dict[str, Any]]]:
+    """The (lr, options) points a baseline is tuned over with seed 0: the lr grid, and for LLRD
+    the lr grid times its decays (decay-major, so ties go to the smaller decay, then lr)."""
+    if method == "llrd":
+        return [(lr, {"llrd_decay": d}) for d in LLRD_DECAYS for lr in LR_GRID]
+    return [(lr, {}) for lr in LR_GRID]
 
 
 # ------------------------------------------------------------------------------------- pieces
@@ -222,32 +238,42 @@ class Dataset:
             self.flops, len(self.bench.splits.train), len(self.bench.splits.val), EPOCHS
         )
 
-    def run(self, method: str, lr: float, seed: int, plan: Any = None) -> dict[str, Any]:
-        """One training run with the shared recipe, recorded; read back if already recorded."""
+    def run(
+        self,
+        method: str,
+        lr: float,
+        seed: int,
+        plan: Any = None,
+        extra: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """One training run with the shared recipe, recorded; read back if already recorded.
+        ``extra``: the method's options (LLRD's decay, LP-FT's head lr)."""
         from biotune.baselines import run_baseline
-        from biotune.core import cost
         from biotune.training import count_parameters, evaluate
 
-        path = _record_path(self.records, self.name, method, _run_name(lr, seed))
+        extra = dict(extra or {})
+        path = _record_path(self.records, self.name, method, _run_name(lr, seed, extra))
         done = _read(path)
         if done is not None:
             return done
         config = replace(recipe(), base_lr=lr)
         start = time.perf_counter()
-        options = {"plan": plan} if plan is not None else {}
+        options = {"plan": plan} if plan is not None else extra
         run = run_baseline(
             "plan" if plan is not None else method, self.bench, config, seed, **options
         )
         test = evaluate(run.model, self.bench.splits.test, EVAL_BATCH)
         result = run.result
         cached = int(run.info.get("cached_prefix", 0))
-        first_trained = _first_trained(method, plan, len(self.bench.partition))
-        work = cost.run_work(
-            self.flops, cached, first_trained, result.train_images, result.eval_images
-        )
-        if cached:  # building the cached prefix once (train tables and validation)
-            n = len(self.bench.splits.train) * 2 + len(self.bench.splits.val)
-            work += n * sum(self.flops[:cached])
+        phases = run.info.get("phases") or [
+            {
+                "cached_prefix": cached,
+                "first_trained": _first_trained(method, plan, len(self.bench.partition)),
+                "train_images": result.train_images,
+                "eval_images": result.eval_images,
+            }
+        ]
+        work = sum(self._work(phase) for phase in phases)
         record = {
             "dataset": self.name,
             "method": method,
@@ -266,7 +292,9 @@ class Dataset:
             "cached_prefix": cached,
             "ft_equivalents": work / self.ft_work,
             "seconds": time.perf_counter() - start,
-            "plan": plan.to_dict() if plan is not None else None,
+            "plan": plan.to_dict() if plan is not None else run.info.get("plan"),
+            **({"options": extra} if extra else {}),
+            **({"phases": phases} if "phases" in run.info else {}),
         }
         _write(path, record)
         self.log(
@@ -276,12 +304,33 @@ class Dataset:
         )
         return record
 
+    def _work(self, phase: dict[str, Any]) -> float:
+        """A training phase's work; a cached prefix counts its building once (the training
+        split's tables for two batch sizes, and validation)."""
+        from biotune.core import cost
+
+        cached = phase["cached_prefix"]
+        work = cost.run_work(
+            self.flops, cached, phase["first_trained"], phase["train_images"], phase["eval_images"]
+        )
+        if cached:
+            n = len(self.bench.splits.train) * 2 + len(self.bench.splits.val)
+            work += n * sum(self.flops[:cached])
+        return work
+
     def baseline(self, method: str) -> None:
-        """The lr grid with the first seed, the choice on validation, the other seeds."""
-        grid = [self.run(method, lr, SEEDS[0]) for lr in LR_GRID]
-        chosen = choose_lr(grid)
+        """The grid with the first seed, the choice on validation, the other seeds. LP-FT's
+        head phase takes linear probing's lr, chosen on its own grid (run here if missing)."""
+        fixed: dict[str, Any] = {}
+        if method == "lpft":
+            probes = [self.run("linear", lr, SEEDS[0]) for lr in LR_GRID]
+            fixed["lpft_head_lr"] = choose(probes)["lr"]
+        grid = [
+            self.run(method, lr, SEEDS[0], extra={**fixed, **o}) for lr, o in grid_points(method)
+        ]
+        best = choose(grid)
         for seed in SEEDS[1:]:
-            self.run(method, chosen, seed)
+            self.run(method, best["lr"], seed, extra={**fixed, **best.get("options", {})})
 
     def search(self, method: str, seed: int) -> dict[str, Any]:
         """One BioTune search (its own seed), recorded; its plan is trained like a baseline."""
@@ -391,12 +440,13 @@ def _first_trained(method: str, plan: Any, blocks: int) -> int:
     return blocks - 1 if method == "linear" else 0
 
 
-def choose_lr(grid: list[dict[str, Any]]) -> float:
-    """The grid value with the best validation balanced accuracy (ties: the smaller lr)."""
-    best = max(
-        grid, key=lambda r: (r["val_balanced"] if r["status"] != "diverged" else -1.0, -r["lr"])
-    )
-    return float(best["lr"])
+def choose(grid: list[dict[str, Any]]) -> dict[str, Any]:
+    """The grid run with the best validation balanced accuracy (ties: the earlier grid point,
+    i.e. the smaller lr)."""
+    return max(
+        enumerate(grid),
+        key=lambda ir: (ir[1]["val_balanced"] if ir[1]["status"] != "diverged" else -1.0, -ir[0]),
+    )[1]
 
 
 def search_config(method: str, data: Any, seed: int) -> Any:
@@ -481,23 +531,46 @@ def load_rows(records: Path, datasets: list[str]) -> dict[str, dict[str, dict[st
                     / len(searches),
                 }
             else:
-                grid = [runs.get(_run_name(lr, SEEDS[0])) for lr in LR_GRID]
-                if any(g is None for g in grid):
+                grid = _grid_records(records / d, method, runs)
+                if grid is None:
                     continue
-                lr = choose_lr(grid)  # type: ignore[arg-type]
-                chosen = [runs.get(_run_name(lr, s)) for s in SEEDS]
+                best = choose(grid)
+                options = best.get("options", {})
+                chosen = [runs.get(_run_name(best["lr"], s, options)) for s in SEEDS]
                 if any(c is None for c in chosen):
                     continue
-                tuning_ft = sum(g["ft_equivalents"] for g in grid)  # type: ignore[index]
-                tuning_s = sum(g["seconds"] for g in grid)  # type: ignore[index]
-                extra_ft = {"whole_ft": tuning_ft}  # the grid's seed-0 winner is the final run
+                tuning = list(grid)
+                if method == "lpft":  # its head lr was tuned on linear probing's grid
+                    probes = _grid_records(records / d, "linear", None)
+                    if probes is None:
+                        continue
+                    tuning += probes
+                tuning_ft = sum(g["ft_equivalents"] for g in tuning)
+                tuning_s = sum(g["seconds"] for g in tuning)
                 extra = {
-                    "lr": lr,
-                    "val_by_lr": {f"{g['lr']:g}": g["val_balanced"] for g in grid},  # type: ignore[index]
-                    **extra_ft,
+                    "lr": best["lr"],
+                    "tuned": {k: v for k, v in options.items() if k == "llrd_decay"},
+                    "head_lr": options.get("lpft_head_lr"),
+                    "val_by_lr": {
+                        _run_name(g["lr"], 0, g.get("options")): g["val_balanced"] for g in grid
+                    },
+                    "whole_ft": tuning_ft,  # the grid's seed-0 winner is the final run
                 }
             out[d][method] = {"runs": chosen, "tuning_ft": tuning_ft, "tuning_s": tuning_s, **extra}
     return out
+
+
+def _grid_records(
+    folder: Path, method: str, runs: dict[str, Any] | None
+) -> list[dict[str, Any]] | None:
+    """A baseline's seed-0 grid runs in grid order, or None until all are recorded. LP-FT's
+    head lr is part of each name, read from the records themselves."""
+    if runs is None:
+        runs = {p.stem: _read(p) for p in (folder / method).glob("lr*.json")}
+    seed0 = [r for r in runs.values() if r is not None and r["seed"] == SEEDS[0]]
+    by_point = {(r["lr"], (r.get("options") or {}).get("llrd_decay")): r for r in seed0}
+    grid = [by_point.get((lr, o.get("llrd_decay"))) for lr, o in grid_points(method)]
+    return None if any(g is None for g in grid) else grid  # type: ignore[return-value]
 
 
 def whole_search_ft(method: str, search: dict[str, Any], runs: dict[int, dict[str, Any]]) -> float:

@@ -14,6 +14,11 @@ are the shared recipe, so a comparison measures the method and nothing else.
   head trained fully; grouped convolutions PEFT cannot adapt are skipped and reported.
 * ``l2sp`` / ``l1sp``: full fine-tuning plus ``alpha/2 * ||w - w0||^2`` (``alpha * |w - w0|_1``)
   on the pretrained weights and ``beta/2 * ||w_head||^2`` on the new head (Li et al. 2018).
+* ``llrd``: layer-wise learning-rate decay (BEiT, MAE, timm's ``layer_decay``): every block
+  trains, the head at the base lr and each block below at ``decay`` times the rate of the block
+  above: a plan of BioTune's own kind (:meth:`~biotune.core.plan.FineTunePlan.layer_decay`).
+* ``lpft``: LP-FT (Kumar et al. 2022): the new head alone first (linear probing), then every
+  block from that head; both phases share one run's epoch budget (:func:`lpft_phases`).
 * ``plan``: a given :class:`~biotune.core.plan.FineTunePlan` (BioTune's winner) under the same
   recipe.
 """
@@ -79,10 +84,54 @@ class BaselineOptions:
         type="positive_int",
         help="AutoRGN: training mini-batches its gradient norms average over, each epoch",
     )
+    llrd_decay: float = option(
+        0.65,
+        flag="--llrd-decay",
+        help="LLRD: each block's lr is this times the lr of the block above it (one run; "
+        "compare tunes it over --llrd-decays unless given)",
+    )
+    llrd_decays: tuple[float, ...] = option(
+        (0.5, 0.65, 0.8),
+        flag="--llrd-decays",
+        type="floats",
+        metavar="D,D,...",
+        help="LLRD: the decays compare tries, each with every lr of the grid",
+    )
+    lpft_head_lr: float | None = option(
+        None,
+        flag="--lpft-head-lr",
+        none="chosen on validation like linear probing's lr; 1e-2 for a single run",
+        help="LP-FT: the learning rate of its first phase (the head alone)",
+    )
+    lpft_head_share: float = option(
+        1 / 3,
+        flag="--lpft-head-share",
+        type="fraction",
+        help="LP-FT: the share of the epochs its first phase (the head alone) takes; the rest "
+        "fine-tune every block",
+    )
+
+    def __post_init__(self) -> None:
+        if not (0 < self.llrd_decay <= 1):
+            raise BioTuneError(f"--llrd-decay must lie in (0, 1] (got {self.llrd_decay:g})")
+        if not self.llrd_decays or any(not (0 < d <= 1) for d in self.llrd_decays):
+            raise BioTuneError(f"--llrd-decays must lie in (0, 1] (got {list(self.llrd_decays)})")
+        if self.lpft_head_lr is not None and not (
+            math.isfinite(self.lpft_head_lr) and self.lpft_head_lr > 0
+        ):
+            raise BioTuneError(f"--lpft-head-lr must be positive (got {self.lpft_head_lr:g})")
+        if not (0 < self.lpft_head_share < 1):
+            raise BioTuneError(
+                "--lpft-head-share must lie strictly between 0 and 1 "
+                f"(got {self.lpft_head_share:g})"
+            )
 
 
 #: The defaults every method's keyword options take.
 DEFAULTS = BaselineOptions()
+#: LP-FT's head-phase learning rate when none is given or tuned (a new linear head takes a rate
+#: well above a backbone's; compare and the accuracy benchmark choose it on validation instead).
+LPFT_HEAD_LR = 1e-2
 
 
 @dataclass
@@ -159,6 +208,121 @@ def run_given_plan(
     """A searched plan (BioTune's winner), trained exactly like the baselines."""
     plan.check_fits(bench.partition)
     return _run_plan(bench, plan, config, seed, device)
+
+
+# ---------------------------------------------------------------------------------------------
+# layer-wise learning-rate decay, LP-FT
+
+
+def run_llrd(
+    bench: Workbench,
+    config: TrainConfig,
+    seed: int = 0,
+    device: torch.device | None = None,
+    *,
+    llrd_decay: float = DEFAULTS.llrd_decay,
+) -> BaselineRun:
+    """Layer-wise lr decay: the head at the base lr, each block below ``llrd_decay`` times the
+    rate of the block above (over the blocks ``biotune blocks`` prints). timm's
+    ``param_groups_layer_decay`` counts layers from its own ``group_matcher``; we count our
+    partition's blocks, so the decay means the same thing for every model and for BioTune."""
+    plan = FineTunePlan.layer_decay(bench.partition.names, llrd_decay)
+    run = _run_plan(bench, plan, config, seed, device)
+    run.info.update({"decay": llrd_decay, "plan": plan.to_dict()})
+    return run
+
+
+def lpft_phases(
+    names: Sequence[str],
+    config: TrainConfig,
+    head_lr: float = LPFT_HEAD_LR,
+    head_share: float = DEFAULTS.lpft_head_share,
+) -> list[tuple[FineTunePlan, TrainConfig]]:
+    """LP-FT as a recipe a user can run in their own loop: (plan, training config) per phase.
+
+    Phase 1 trains the new head alone at ``head_lr`` for ``round(head_share * epochs)`` epochs
+    (at least 1); phase 2 fine-tunes every block at the base lr, starting from that head, for the
+    remaining epochs with its own cosine schedule. Each phase stops early on validation like any
+    run, so LP-FT never trains more epochs than one run of the recipe.
+    """
+    if config.epochs < 2:
+        raise BioTuneError(f"LP-FT needs at least 2 epochs, one per phase (got {config.epochs})")
+    head_epochs = min(max(1, round(head_share * config.epochs)), config.epochs - 1)
+    probe = replace(
+        config, base_lr=head_lr, epochs=head_epochs, patience=min(config.patience, head_epochs)
+    )
+    tune = replace(
+        config,
+        epochs=config.epochs - head_epochs,
+        patience=min(config.patience, config.epochs - head_epochs),
+    )
+    return [(FineTunePlan.head_only(names), probe), (FineTunePlan.full(names), tune)]
+
+
+def run_lpft(
+    bench: Workbench,
+    config: TrainConfig,
+    seed: int = 0,
+    device: torch.device | None = None,
+    *,
+    lpft_head_lr: float | None = DEFAULTS.lpft_head_lr,
+    lpft_head_share: float = DEFAULTS.lpft_head_share,
+) -> BaselineRun:
+    """LP-FT (Kumar et al. 2022): linear probing first, then full fine-tuning from that head, so
+    a random head never sends large gradients into the pretrained features.
+
+    The result is the second phase's (its best epoch restored); the history holds both phases'
+    epochs in order, and ``info["phases"]`` what each phase trained and saw (for its cost).
+    """
+    head_lr = LPFT_HEAD_LR if lpft_head_lr is None else lpft_head_lr
+    (probe_plan, probe), (tune_plan, tune) = lpft_phases(
+        bench.partition.names, config, head_lr, lpft_head_share
+    )
+    model, first, cached = bench.train(probe_plan, probe, seed, device)
+    seed_everything(seed)
+    groups = apply_plan(
+        model, bench.partition, tune_plan, tune.base_lr, frozen_eval=tune.frozen_eval
+    )
+    second = fine_tune(model, groups, bench.splits.train, bench.splits.val, tune, seed, device)
+    history = [
+        *first.history,
+        *({**h, "epoch": h["epoch"] + first.epochs_run} for h in second.history),
+    ]
+    result = replace(
+        second,
+        best_epoch=second.best_epoch + first.epochs_run,
+        epochs_run=first.epochs_run + second.epochs_run,
+        seconds=first.seconds + second.seconds,
+        train_images=first.train_images + second.train_images,
+        eval_images=first.eval_images + second.eval_images,
+        history=history,
+    )
+    phases = [
+        {
+            "name": "head",
+            "lr": head_lr,
+            "epochs": probe.epochs,
+            "epochs_run": first.epochs_run,
+            "val_balanced": first.val.balanced,
+            "cached_prefix": cached,
+            "first_trained": len(bench.partition) - 1,
+            "train_images": first.train_images,
+            "eval_images": first.eval_images,
+        },
+        {
+            "name": "all blocks",
+            "lr": tune.base_lr,
+            "epochs": tune.epochs,
+            "epochs_run": second.epochs_run,
+            "val_balanced": second.val.balanced,
+            "cached_prefix": 0,
+            "first_trained": 0,
+            "train_images": second.train_images,
+            "eval_images": second.eval_images,
+        },
+    ]
+    info = {"head_lr": head_lr, "head_share": lpft_head_share, "phases": phases}
+    return BaselineRun(model, result, count_parameters(model, trainable_only=True), info)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -513,6 +677,8 @@ METHODS: dict[str, Method] = {
     "lora": run_lora,
     "l2sp": run_l2sp,
     "l1sp": run_l1sp,
+    "llrd": run_llrd,
+    "lpft": run_lpft,
     "plan": run_given_plan,
 }
 
@@ -524,6 +690,8 @@ LABELS = {
     "lora": "LoRA",
     "l2sp": "L2-SP",
     "l1sp": "L1-SP",
+    "llrd": "Layer-wise lr decay",
+    "lpft": "LP-FT",
     "plan": "Plan",
 }
 
@@ -541,6 +709,13 @@ def run_baseline(
         method = METHODS[name]
     except KeyError:
         raise BioTuneError(f"unknown method {name!r}; choose from {', '.join(METHODS)}") from None
+    grids = set(options) & {grid for _, grid in TUNED.values()}
+    if grids:
+        singles = ", ".join(o for o, _ in TUNED.values())
+        raise BioTuneError(
+            f"{', '.join(sorted(grids))} is a tuning grid: give it to select_lr (biotune "
+            f"compare), or give one run its single value ({singles})"
+        )
     unknown = set(options) - set(method_options(name))
     if unknown:
         raise BioTuneError(
@@ -551,19 +726,49 @@ def run_baseline(
 
 
 def method_options(name: str) -> tuple[str, ...]:
-    """The keyword options a method takes (e.g. ``lora_rank``), so callers can route options."""
+    """The keyword options one run of a method takes (e.g. ``lora_rank``)."""
     params = inspect.signature(METHODS[name]).parameters.values()
     return tuple(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
 
 
+def tuning_options(name: str) -> tuple[str, ...]:
+    """What ``select_lr`` takes for method ``name``: its options plus the grid it tunes over."""
+    grid = (TUNED[name][1],) if name in TUNED else ()
+    return (*method_options(name), *grid)
+
+
 @dataclass
 class LrSelection:
-    """The base learning rate chosen on validation, every grid value's score, the winning run."""
+    """The setting chosen on validation (base lr, plus the method's tuned option if it has one,
+    e.g. LLRD's decay), every grid point's score by its label, the winning run."""
 
     lr: float
-    val: dict[float, float]
+    val: dict[str, float]
     best: BaselineRun
     seconds: float
+    options: dict[str, Any] = field(default_factory=dict)
+    runs: int = 0
+
+
+#: Options a method tunes jointly with the lr (the option, and the one that lists its grid).
+TUNED = {"llrd": ("llrd_decay", "llrd_decays")}
+
+
+def tuning_grid(
+    name: str, lr_grid: Sequence[float], options: dict[str, Any]
+) -> list[tuple[float, dict[str, Any]]]:
+    """The (lr, options) points a method is tuned over: the lr grid, times the grid of the option
+    it tunes (LLRD's decays) unless that option is given."""
+    if name not in TUNED or TUNED[name][0] in options:
+        return [(float(lr), {}) for lr in lr_grid]
+    option_name, grid_name = TUNED[name]
+    values = options.get(grid_name, getattr(DEFAULTS, grid_name))
+    return [(float(lr), {option_name: v}) for v in values for lr in lr_grid]
+
+
+def setting_label(lr: float, extra: dict[str, Any]) -> str:
+    """'0.003' or '0.003, llrd_decay 0.65': a grid point as reports show it."""
+    return ", ".join([f"{lr:g}", *(f"{k} {v:g}" for k, v in extra.items())])
 
 
 def select_lr(
@@ -576,25 +781,29 @@ def select_lr(
     on_run: Callable[[BaselineRun], None] | None = None,
     **options: Any,
 ) -> LrSelection:
-    """Pick the base learning rate from ``grid`` by the validation metric (never the test split).
+    """Pick the base learning rate from ``grid`` (jointly with the option the method tunes, see
+    ``tuning_grid``) by the validation metric, never the test split.
 
-    One run per grid value with ``seed``; ties go to the earlier grid value. The winning run is
+    One run per grid point with ``seed``; ties go to the earlier point. The winning run is
     returned so that it can serve as that seed's final run (same recipe, same seed).
     ``on_run`` is called after each run (progress).
     """
     if not grid:
         raise BioTuneError("the learning-rate grid is empty")
-    val: dict[float, float] = {}
+    grid_name = TUNED.get(name, ("", ""))[1]
+    fixed = {k: v for k, v in options.items() if k != grid_name}
+    points = tuning_grid(name, grid, options)
+    val: dict[str, float] = {}
     best: BaselineRun | None = None
-    best_lr, best_score, seconds = grid[0], -math.inf, 0.0
-    for lr in grid:
-        run = run_baseline(name, bench, replace(config, base_lr=float(lr)), seed, device, **options)
+    best_lr, best_extra, best_score, seconds = points[0][0], points[0][1], -math.inf, 0.0
+    for lr, extra in points:
+        run = run_baseline(name, bench, replace(config, base_lr=lr), seed, device, **fixed, **extra)
         if on_run is not None:
             on_run(run)
         score = run.result.val.get(config.metric) if run.result.status != "diverged" else 0.0
-        val[float(lr)] = score
+        val[setting_label(lr, extra)] = score
         seconds += run.result.seconds
         if score > best_score:
-            best_lr, best_score, best = float(lr), score, run
+            best_lr, best_extra, best_score, best = lr, extra, score, run
     assert best is not None
-    return LrSelection(best_lr, val, best, seconds)
+    return LrSelection(best_lr, val, best, seconds, best_extra, len(points))

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from biotune.runner.workbench import Workbench
     from biotune.training import TrainConfig
 
-BASELINES = ("full", "linear", "autorgn", "lora", "l2sp", "l1sp")
+BASELINES = ("full", "linear", "autorgn", "lora", "l2sp", "l1sp", "llrd", "lpft")
 #: BioTune methods and the preset each one searches with.
 BIOTUNE_PRESETS = {"biotune": "default", "biotune-paper": "paper"}
 ALL_METHODS = (*BASELINES, *BIOTUNE_PRESETS)
@@ -206,17 +206,33 @@ def compare_method(
     progress: CompareProgress | None = None,
 ) -> dict[str, Any]:
     """One row: choose the base lr on validation, train every seed, test each run once."""
-    from biotune.baselines import method_options, run_baseline, select_lr
+    from biotune.baselines import run_baseline, select_lr, tuning_grid, tuning_options
     from biotune.training import count_parameters, default_device, evaluate
 
     name = "plan" if plan is not None else method
-    opts = {k: v for k, v in (options or {}).items() if k in method_options(name)}
+    opts = {k: v for k, v in (options or {}).items() if k in tuning_options(name)}
     if plan is not None:
         opts["plan"] = plan
     device = default_device()
     start = time.perf_counter()
+    head = method == "lpft" and opts.get("lpft_head_lr") is None
     if progress is not None:
-        progress.method_start(method, len(lr_grid) + len(seeds) - 1)
+        runs_planned = len(tuning_grid(name, lr_grid, opts)) + len(seeds) - 1
+        progress.method_start(method, runs_planned + (len(lr_grid) if head else 0))
+    extra_info: dict[str, Any] = {}
+    if head:  # LP-FT's head phase gets its lr the way linear probing does: on validation
+        probe = select_lr(
+            "linear",
+            bench,
+            config,
+            lr_grid,
+            seeds[0],
+            device,
+            on_run=(lambda run: progress.run_done()) if progress else None,
+        )
+        opts["lpft_head_lr"] = probe.lr
+        extra_info["head_val_by_lr"] = probe.val
+        log(f"[{method}] head lr {probe.lr:g} chosen on validation (linear probing's grid)")
     selection = select_lr(
         name,
         bench,
@@ -228,11 +244,13 @@ def compare_method(
         **opts,
     )
     log(
-        f"[{method}] lr {selection.lr:g} chosen on validation "
-        f"({', '.join(f'{lr:g}: {v:.3f}' for lr, v in selection.val.items())})"
+        f"[{method}] {baselines.setting_label(selection.lr, selection.options)} chosen on "
+        f"validation ({'; '.join(f'{k}: {v:.3f}' for k, v in selection.val.items())})"
     )
     chosen = replace(config, base_lr=selection.lr)
-    runs, info = [], selection.best.info
+    grid_name = baselines.TUNED.get(name, ("", ""))[1]
+    opts = {k: v for k, v in opts.items() if k != grid_name} | selection.options
+    runs, info = [], {**selection.best.info, **extra_info}
     for seed in seeds:
         if seed == seeds[0]:
             run = selection.best
@@ -276,7 +294,8 @@ def compare_method(
         "dataset": bench.splits.name,
         "model": bench.loaded.name,
         "lr": selection.lr,
-        "val_by_lr": {f"{lr:g}": v for lr, v in selection.val.items()},
+        "val_by_lr": dict(selection.val),
+        "tuned": dict(selection.options),
         "seeds": list(seeds),
         "test_top1": _stat([r["test_top1"] for r in runs]),
         "test_balanced": _stat([r["test_balanced"] for r in runs]),
@@ -404,6 +423,19 @@ def compare(
                 f"{info['adapted']} conv/linear layers; {len(info['skipped'])} grouped "
                 "convolutions skipped (PEFT needs the rank to be a multiple of their groups)."
             )
+        elif row["method"] == "llrd":
+            notes.append(
+                f"Layer-wise lr decay: block i of B at lr x decay^(B-1-i) (the head at the lr), "
+                f"the decay chosen jointly with the lr on validation: {row['tuned']}."
+            )
+        elif row["method"] == "lpft":
+            head, tune = row["info"]["phases"]
+            notes.append(
+                f"LP-FT: the head alone for the first {head['epochs']} epochs at lr "
+                f"{head['lr']:g} (chosen on validation like linear probing's unless given), "
+                f"then every block for up to {tune['epochs']} epochs from that head, each phase "
+                "with its own cosine schedule and early stopping."
+            )
     write_outputs(
         rows,
         out,
@@ -429,9 +461,9 @@ def _row_settings(
     search: SearchConfig | None,
 ) -> dict[str, Any]:
     """Everything a method's row depends on, as stored in JSON (a rerun must match it)."""
-    from biotune.baselines import method_options
+    from biotune.baselines import tuning_options
 
-    taken = method_options("plan" if method in BIOTUNE_PRESETS else method)
+    taken = tuning_options("plan" if method in BIOTUNE_PRESETS else method)
     settings = {
         "method": method,
         "data": asdict(data),
@@ -491,14 +523,15 @@ def _keep_row(path: Path, settings: dict[str, Any], row: dict[str, Any]) -> None
 
 
 def _check_options(options: Mapping[str, Any] | None) -> None:
-    from biotune.baselines import METHODS, method_options
+    from biotune.baselines import METHODS, BaselineOptions, tuning_options
 
-    known = {o for m in METHODS if m != "plan" for o in method_options(m)}
+    known = {o for m in METHODS if m != "plan" for o in tuning_options(m)}
     unknown = sorted(set(options or {}) - known)
     if unknown:
         raise BioTuneError(
             f"unknown method option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
         )
+    BaselineOptions(**dict(options or {}))  # its checks, before any run
 
 
 def comparison_notes(
@@ -568,7 +601,7 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], with_dataset: bool = False
             _pct(r["test_top1"]),
             _pct(r["test_balanced"]),
             f"{r['trainable_pct']:.2f}",
-            f"{r['lr']:g}",
+            baselines.setting_label(r["lr"], r.get("tuned") or {}),
             f"{r['train_seconds']:.1f}",
             f"{r['wall_seconds']:.0f}",
             cost,

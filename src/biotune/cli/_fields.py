@@ -61,6 +61,19 @@ def megabytes(text: str) -> float:
     return value
 
 
+def floats(text: str) -> tuple[float, ...]:
+    """'0.5,0.65,0.8' -> (0.5, 0.65, 0.8): a short grid of numbers."""
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers such as 0.5,0.8, got {text!r}"
+        ) from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected at least one number, got {text!r}")
+    return values
+
+
 #: How the command line reads a value, by the name ``option(type=...)`` gives.
 TYPES: dict[str, Callable[[str], Any]] = {
     "positive_int": positive_int,
@@ -69,6 +82,7 @@ TYPES: dict[str, Callable[[str], Any]] = {
     "megabytes": megabytes,
     "int": int,
     "float": float,
+    "floats": floats,
     "str": str,
 }
 
@@ -104,7 +118,9 @@ def show(f: dataclasses.Field, value: Any) -> str:
     if isinstance(value, bool):
         return "on" if value else "off"
     if isinstance(value, float):
-        return f"{value:g}"
+        return f"{value:.3g}"
+    if isinstance(value, tuple):
+        return ",".join(show(f, v) for v in value)
     return str(value)
 
 

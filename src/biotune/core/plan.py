@@ -88,6 +88,17 @@ class FineTunePlan:
         last = len(names) - 1
         return cls(tuple(BlockSetting(n, i == last, 1.0) for i, n in enumerate(names)))
 
+    @classmethod
+    def layer_decay(cls, names: Sequence[str], decay: float) -> FineTunePlan:
+        """Layer-wise learning-rate decay (LLRD): every block trains, the last (the head) at the
+        base rate and each block below at ``decay`` times the rate of the block above, so block
+        ``i`` of ``B`` gets ``decay ** (B - 1 - i)``: the practitioner's hand-made per-block plan
+        (BEiT, MAE; timm's ``layer_decay``), over this partition's blocks."""
+        if not (math.isfinite(decay) and 0 < decay <= 1):
+            raise BioTuneError(f"layer decay must lie in (0, 1] (got {decay})")
+        last = len(names) - 1
+        return cls(tuple(BlockSetting(n, True, decay ** (last - i)) for i, n in enumerate(names)))
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "blocks": [
