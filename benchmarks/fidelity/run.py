@@ -369,6 +369,39 @@ def analyse(records: Path, name: str) -> dict[str, Any] | None:
     return result
 
 
+#: The README's rule: the cheap rung's proxy costs at most this per evaluation (FT-eq), and a
+#: dearer proxy becomes the middle rung if its correlation is higher by more than MARGIN.
+CHEAP, MARGIN = 0.1, 0.1
+
+
+def choice(results: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The README's rule over the datasets: the cheap rung's proxy and the middle rung, if any."""
+    complete = [r for r in results if "proxies" in r]
+    if len(complete) < len(DATASETS):
+        return None
+    # long@k is the curve of a 4-epoch schedule read early (what a pruned run sees), not an
+    # evaluation a search can run on its own: reported, not chosen.
+    names = set.intersection(*(set(r["proxies"]) for r in complete))
+    names = {p for p in names if "@" not in p}
+
+    def mean(proxy: str, key: str) -> float:
+        return float(np.mean([r["proxies"][proxy][key] for r in complete]))
+
+    table = {p: (mean(p, "spearman_crn"), mean(p, "ft_eq_per_evaluation")) for p in names}
+    cheap = [p for p in names if table[p][1] <= CHEAP]
+    if not cheap:
+        return None
+    rung0 = max(cheap, key=lambda p: (table[p][0], -table[p][1]))
+    dearer = [p for p in names if table[p][1] > CHEAP and table[p][0] > table[rung0][0] + MARGIN]
+    middle = max(dearer, key=lambda p: (table[p][0], -table[p][1])) if dearer else None
+    return {
+        "cheap_rung": rung0,
+        "middle_rung": middle,
+        "by_proxy": {p: {"spearman_crn": s, "ft_eq": c} for p, (s, c) in sorted(table.items())},
+        "plans": {r["dataset"]: r["plans"] for r in complete},
+    }
+
+
 def markdown(results: list[dict[str, Any]], machine: str, date: str) -> str:
     lines = [
         "# Fidelity: proxies against the final recipe (EfficientNet-Lite0, 32 px)",
@@ -402,6 +435,21 @@ def markdown(results: list[dict[str, Any]], machine: str, date: str) -> str:
         lines += [
             "",
             f"Cache building, all proxy runs: {r['cache_build_ft_eq_total']:.3f} FT-eq.",
+            "",
+        ]
+    chosen = choice(results)
+    if chosen is not None:
+        middle = chosen["middle_rung"] or "none"
+        ranked = sorted(chosen["by_proxy"].items(), key=lambda kv: -kv[1]["spearman_crn"])
+        lines += [
+            "## The choice (README's rule, mean over the datasets)",
+            "",
+            f"Cheap rung: **{chosen['cheap_rung']}**; middle rung: **{middle}** "
+            f"(complete plans: {chosen['plans']}).",
+            "",
+            "| proxy | mean Spearman (CRN) | FT-eq / evaluation |",
+            "|---|---|---|",
+            *(f"| {p} | {v['spearman_crn']:.3f} | {v['ft_eq']:.3f} |" for p, v in ranked),
             "",
         ]
     return "\n".join(lines) + "\n"
@@ -442,7 +490,11 @@ def main(argv: list[str] | None = None) -> int:
     date = time.strftime("%Y-%m-%d %H:%M")
     machine = machine_description()
     (out / "fidelity.json").write_text(
-        json.dumps({"date": date, "machine": machine, "results": results}, indent=2) + "\n"
+        json.dumps(
+            {"date": date, "machine": machine, "results": results, "choice": choice(results)},
+            indent=2,
+        )
+        + "\n"
     )
     md = markdown(results, machine, date)
     (out / "fidelity.md").write_text(md)
