@@ -41,3 +41,41 @@ def test_headroom_picks_on_validation_and_with_hindsight(bench):
 def test_headroom_waits_for_every_baseline(bench):
     scores = {m: (0.5, 0.5) for m in bench.BASELINES if m != "autorgn"}
     assert bench.headroom(_rows({"a": scores}), ["a"]) is None
+
+
+def _runs(values: list[float]) -> list[dict]:
+    return [{"seed": s, "test_top1": v} for s, v in enumerate(values)]
+
+
+def test_targets_report_the_worst_search_and_the_paired_gain_over_random_search(bench):
+    full = _runs([0.90, 0.90, 0.90, 0.90, 0.90])
+    mf = _runs([0.92, 0.91, 0.885, 0.93, 0.92])  # seed 2: 1.5 points below full's mean
+    rnd = _runs([0.91, 0.91, 0.89, 0.92, 0.90])
+    rows = {
+        "a": {
+            "full": {"runs": full, "whole_ft": 3.0},
+            bench.DEFAULT_METHOD: {"runs": mf, "whole_ft": 2.0},
+            bench.RANDOM_ARM: {"runs": rnd, "whole_ft": 2.0},
+        }
+    }
+    comparisons = [
+        {
+            "dataset": "a",
+            "method": bench.DEFAULT_METHOD,
+            "vs_full": bench.paired(mf, full, "test_top1"),
+            "vs_best": {"high": 0.5},
+        }
+    ]
+    room = {"validation_mean_gain": 0.5, "hindsight_mean_gain": 2.0}
+    out = bench.targets(rows, comparisons, room, ["a"])
+    assert out["worst_search"] == {"dataset": "a", "seed": 2, "points": pytest.approx(-1.5)}
+    assert not out["checks"]["worst_search_within_1_point_of_full"]
+    assert out["mean_gain_over_full"] == pytest.approx(1.3)
+    assert out["checks"]["gain_at_least_best_baseline_validation"]
+    assert not out["checks"]["gain_at_least_best_baseline_hindsight (stretch)"]
+    assert (
+        out["vs_random_search"]["mean"] == pytest.approx(0.7) and out["vs_random_search"]["n"] == 5
+    )
+    assert out["checks"]["beats_random_search_at_equal_cost"]
+    assert out["checks"]["whole_search_at_most_full_grid"]
+    assert bench.targets(rows, comparisons, None, ["a"]) is None

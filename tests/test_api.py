@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import replace
-from pathlib import Path
 
-import pytest
 import torch
 
 import biotune
@@ -65,9 +62,12 @@ def test_a_plan_applies_in_a_users_own_loop():
     assert loaded.model.conv_stem.weight.grad is None
 
 
-@pytest.mark.slow
-def test_the_readme_python_example_runs(tmp_path, monkeypatch):
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    code = re.search(r"### Python\n\n```python\n(.*?)```", readme, re.S).group(1)
-    monkeypatch.chdir(tmp_path)
-    exec(compile(code, "README.md", "exec"), {})
+def test_a_search_is_scaled_through_arguments():
+    from biotune.api import scaled
+
+    config = scaled(default(), population=4, generations=1, epochs=1, final_epochs=3)
+    assert (config.evolution.population_size, config.evolution.generations) == (4, 1)
+    assert (config.protocol.train.epochs, config.protocol.train.patience) == (1, 1)
+    assert (config.final.epochs, config.final.patience) == (3, 2)
+    assert scaled(default(), final_seeds=[5]).final_seeds == (5,)
+    assert scaled(default()) == default()

@@ -396,3 +396,27 @@ def test_the_python_api_takes_the_budget_and_the_objective(tmp_path):
     assert stored["evolution"]["objective"] == "pareto"
     assert all(r["cost"]["trainable_share"] <= 0.3 for r in result.evaluations)
     assert result.pareto is not None and result.pareto["front"]
+
+
+def test_a_memory_budget_no_plan_fits_names_the_plan_that_needs_the_least_memory():
+    """The block with the fewest parameters is not the one that needs the least memory (its
+    activations are the largest): the error names the plan cheapest in memory."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4)),
+        nn.Sequential(nn.Flatten(), nn.Linear(64, 50)),
+    )
+    partition = partition_blocks(model)
+    costs = PlanCosts(model, partition, torch.randn(2, 3, 32, 32), [1.0, 1.0], 16)
+    first, head = (
+        costs.mask(FineTunePlan(tuple(BlockSetting(n, n == trained) for n in partition.names)))
+        for trained in partition.names
+    )
+    assert costs.trainable_params(first) < costs.trainable_params(head)
+    assert costs.memory_mb(head) < costs.memory_mb(first)
+    limit = costs.memory_mb(head) * 0.99
+    budget = SearchBudget(BudgetConfig(max_memory_mb=limit), costs)
+    with pytest.raises(BioTuneError) as err:
+        budget.check_feasible()
+    needs = f"{costs.memory_mb(head):.4g} MB"
+    assert f"training only '{partition.names[-1]}'" in str(err.value) and needs in str(err.value)

@@ -144,6 +144,8 @@ def test_checkpoint_that_does_not_fit_the_model(tmp_path, capsys):
         (["--generations", "-1"], "generations"),
         (["--lr", "-0.1"], "base_lr"),
         (["--seeds", "x"], "--seeds"),
+        (["--max-trainable", "-5%"], "--max-trainable: expected a percentage in (0, 100]"),
+        (["--max-memory", "-30"], "--max-memory: expected a positive number of MB"),
     ],
 )
 def test_invalid_search_settings(argv, needle, tmp_path, capsys):

@@ -67,11 +67,22 @@ SAMPLES = {
     "pareto_final": ("3", 3),
     "epochs": ("4", 4),
     "patience": ("4", 4),
+    "min_epochs_share": ("3/4", 0.75),
+    "promote": ("3", 3),
+    "promote_epochs": ("3", 3),
+    "sampler": ("random", "random"),
+    "max_ft_equivalents": ("2.5", 2.5),
+    "fold_policy": ("fixed", "fixed"),
+    "anchor_set": ("wide", "wide"),
     "batch_size": ("16", 16),
     "base_lr": ("0.02", 0.02),
     "optimizer": ("sgd", "sgd"),
     "precision": ("bf16", "bf16"),
 }
+
+
+#: What a sample value needs beside it to be a valid configuration.
+NEEDS = {"sampler": ["--fold-policy", "fixed"]}
 
 
 def _subparser(name: str) -> argparse.ArgumentParser:
@@ -93,7 +104,7 @@ def _argv(field, prefix: str, base) -> list[str]:
         if is_switch(field):
             return [flag]
         return [flag if not getattr(base, field.name) else "--no-" + flag.removeprefix("--")]
-    return [flag, SAMPLES[field.name][0]]
+    return [flag, SAMPLES[field.name][0], *NEEDS.get(field.name, [])]
 
 
 def _expected(field, base):

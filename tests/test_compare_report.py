@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shutil
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -32,10 +34,11 @@ def _quiet(_: str) -> None:
 def test_compare_runs_every_method_with_one_recipe_and_writes_all_outputs(tmp_path):
     bench = make_bench()
     grid = (1e-3, 1e-2)
+    methods = [m for m in ALL_METHODS if m not in ("llrd", "lpft")]  # tested apart, below
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         rows = compare(
-            list(ALL_METHODS),
+            methods,
             DataConfig(),
             TINY,
             seeds=(0, 1),
@@ -47,7 +50,7 @@ def test_compare_runs_every_method_with_one_recipe_and_writes_all_outputs(tmp_pa
             meta={"command": "pytest"},
             log=_quiet,
         )
-    assert [r["method"] for r in rows] == list(ALL_METHODS)
+    assert [r["method"] for r in rows] == methods
     for r in rows:
         assert r["lr"] in grid and set(r["val_by_lr"]) == {"0.001", "0.01"}
         assert [run["seed"] for run in r["runs"]] == [0, 1]
@@ -62,16 +65,16 @@ def test_compare_runs_every_method_with_one_recipe_and_writes_all_outputs(tmp_pa
     assert search["ft_equivalents"] > 0 and "population 3" in search["scaling"]
 
     md = (tmp_path / "compare.md").read_text()
-    for method in ALL_METHODS:
+    for method in methods:
         assert LABELS[method] in md
     assert "scaled to fit the budget: population 3, generations 1" in md
     with open(tmp_path / "compare.csv") as f:
         table = list(csv.DictReader(f))
-    assert [t["method"] for t in table] == list(ALL_METHODS)
+    assert [t["method"] for t in table] == methods
     assert table[0]["search_ft_equivalents"] == "" and table[-1]["search_ft_equivalents"] != ""
     stored = json.loads((tmp_path / "compare.json").read_text())
     assert stored["command"] == "pytest" and stored["lr_grid"] == list(grid)
-    assert len(stored["rows"]) == len(ALL_METHODS) and stored["machine"]
+    assert len(stored["rows"]) == len(methods) and stored["machine"]
     assert (tmp_path / "compare.png").read_bytes().startswith(PNG)
 
     for r in rows:  # epochs count from 1, like epochs_run
@@ -83,7 +86,9 @@ def test_compare_runs_every_method_with_one_recipe_and_writes_all_outputs(tmp_pa
     assert [p.name for p in paths] == list(REPORT_FILES)
     assert all(p.read_bytes().startswith(PNG) for p in paths)
     evaluations = (tmp_path / "search-biotune" / "evaluations.jsonl").read_text()
-    (tmp_path / "rows" / "biotune.json").unlink()  # its row was made with other seeds and grid
+    # its row and runs were made with other seeds and grid
+    (tmp_path / "rows" / "biotune.json").unlink()
+    shutil.rmtree(tmp_path / "runs" / "biotune")
     compare(
         ["biotune"],
         DataConfig(),
@@ -137,6 +142,49 @@ def test_compare_keeps_each_finished_row_and_a_rerun_skips_it(tmp_path, monkeypa
     assert trained == ["linear"]  # full was finished: its row is reused as stored
     assert rows[0] == kept["row"] and [r["method"] for r in rows] == ["full", "linear"]
     assert sorted(p.name for p in (tmp_path / "rows").iterdir()) == ["full.json", "linear.json"]
+
+
+def test_compare_logs_every_training_run_and_keeps_it_across_an_interrupt(tmp_path, monkeypatch):
+    import biotune.baselines
+
+    real = biotune.baselines.run_baseline
+    trained: list[tuple[float, int]] = []
+
+    def stop_at_third(name, bench, config, seed, *args, **kwargs):
+        if len(trained) == 2:
+            raise KeyboardInterrupt
+        trained.append((config.base_lr, seed))
+        return real(name, bench, config, seed, *args, **kwargs)
+
+    args = {
+        "data": DataConfig(),
+        "config": TINY,
+        "seeds": (0, 1),
+        "lr_grid": (1e-3, 1e-2, 3e-2),
+        "bench": make_bench(),
+    }
+    lines: list[str] = []
+    monkeypatch.setattr(biotune.baselines, "run_baseline", stop_at_third)
+    with pytest.raises(KeyboardInterrupt):
+        compare(["full"], out_dir=tmp_path / "stopped", log=lines.append, **args)
+    assert trained == [(1e-3, 0), (1e-2, 0)]
+    assert [line.split(":")[0] for line in lines[1:]] == [
+        "[full] lr 0.001, seed 0 (1/4)",
+        "[full] lr 0.01, seed 0 (2/4)",
+    ]
+    assert sorted(p.name for p in (tmp_path / "stopped" / "runs" / "full").iterdir()) == [
+        "lr0.001-seed0.json",
+        "lr0.01-seed0.json",
+    ]
+
+    monkeypatch.setattr(biotune.baselines, "run_baseline", real)
+    trained.clear()
+    lines.clear()
+    resumed = compare(["full"], out_dir=tmp_path / "stopped", log=lines.append, **args)
+    assert sum("kept from" in line for line in lines) == 2
+    uninterrupted = compare(["full"], out_dir=tmp_path / "whole", log=_quiet, **args)
+    for key in ("val_by_lr", "lr", "test_top1", "test_balanced"):
+        assert resumed[0][key] == uninterrupted[0][key], key
 
 
 def test_compare_refuses_a_stored_row_made_with_other_settings(tmp_path, monkeypatch):
@@ -327,12 +375,13 @@ def test_compare_help_quotes_the_recipe_it_uses(monkeypatch, capsys):
 
 def test_compare_options_are_the_methods_keywords_and_quote_the_presets(capsys):
     """Baseline options come from ``BaselineOptions``, whose fields must be exactly the keyword
-    options the methods take; the scaling options quote each preset's own values."""
+    options the methods take and the grids they are tuned over (LLRD's decays); the scaling
+    options quote each preset's own values."""
     import dataclasses
 
-    from biotune.baselines import METHODS, BaselineOptions, method_options
+    from biotune.baselines import METHODS, BaselineOptions, tuning_options
 
-    taken = {o for m in METHODS for o in method_options(m) if o != "plan"}
+    taken = {o for m in METHODS for o in tuning_options(m) if o != "plan"}
     assert {f.name for f in dataclasses.fields(BaselineOptions)} == taken
     parser = argparse.ArgumentParser(prog="biotune")
     add_compare_parser(parser.add_subparsers(dest="command"))
@@ -373,6 +422,25 @@ def test_report_of_a_running_search_shows_the_latest_generations_best(tmp_path):
     assert report(tmp_path / "run")[2].read_bytes().startswith(PNG)
 
 
+def test_report_quotes_the_re_ranked_score_the_search_ended_with(tmp_path, capsys):
+    """One winner, one validation score: the final recipe's, as the search printed it, with
+    the short evaluation's beside it, named as such."""
+    _fake_run(tmp_path / "run")
+    plan = json.loads((tmp_path / "run" / "best_plan.json").read_text())
+    runs = [
+        {"candidate": 3, "rank": 0, "val_balanced": 0.9302, "fitness": 0.27, "plan": plan},
+        {"candidate": 5, "rank": 1, "val_balanced": 0.9181, "fitness": 0.48, "plan": plan},
+    ]
+    (tmp_path / "run" / "rerank.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
+    args = argparse.Namespace(run_dir=str(tmp_path / "run"), out=str(tmp_path / "plots"))
+    assert cmd_report(args) == 0
+    out = capsys.readouterr().out
+    assert (
+        "validation balanced accuracy 0.9302 after the final recipe (the best of 2 re-ranked "
+        "plans); balanced accuracy 0.7300 in the search's short evaluation"
+    ) in out
+
+
 def test_report_shows_the_final_test_result_when_there_is_one(tmp_path, capsys):
     _fake_run(tmp_path / "run")
     args = argparse.Namespace(run_dir=str(tmp_path / "run"), out=str(tmp_path / "plots"))
@@ -392,3 +460,33 @@ def test_report_shows_the_final_test_result_when_there_is_one(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "test top-1 0.9231 +- 0.0035, balanced 0.9233 +- 0.0032 (3 seeds)" in out
     assert "not run yet" not in out
+
+
+def test_compare_tunes_llrd_decay_with_the_lr_and_lpft_head_lr_like_linear_probing(tmp_path):
+    bench = make_bench()
+    recipe = replace(TINY, epochs=2, patience=2)
+    rows = compare(
+        ["llrd", "lpft"],
+        DataConfig(),
+        recipe,
+        seeds=(0, 1),
+        lr_grid=(1e-3, 1e-2),
+        out_dir=tmp_path,
+        bench=bench,
+        options={"llrd_decays": (0.5, 0.9)},
+        log=_quiet,
+    )
+    llrd, lpft = rows
+    assert len(llrd["val_by_lr"]) == 4  # two decays x two learning rates
+    assert llrd["tuned"]["llrd_decay"] in (0.5, 0.9)
+    assert llrd["trainable_pct"] == pytest.approx(100.0)
+    assert set(lpft["info"]["head_val_by_lr"]) == {"0.001", "0.01"}
+    head = lpft["info"]["phases"][0]
+    assert head["lr"] in (1e-3, 1e-2) and head["epochs"] == 1
+    best_head = max(lpft["info"]["head_val_by_lr"].items(), key=lambda kv: kv[1])
+    assert (
+        head["lr"] == float(best_head[0])
+        or lpft["info"]["head_val_by_lr"][f"{head['lr']:g}"] == best_head[1]
+    )
+    md = (tmp_path / "compare.md").read_text()
+    assert "Layer-wise lr decay" in md and "LP-FT: the head alone for the first 1 epochs" in md

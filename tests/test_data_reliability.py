@@ -81,7 +81,7 @@ def test_image_broken_after_the_scan_is_a_one_line_error_naming_it(
     _write_jpegs(tmp_path / "dog", 12, seed=1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # small val / test splits
-        s = load_dataset(str(tmp_path), 16, HALF, HALF)
+        s = load_dataset(str(tmp_path), 16, HALF, HALF, decode_once=False)  # read on demand
     path = s.train.files[3]
     if damage == "truncate":
         _truncate(path)

@@ -173,7 +173,7 @@ def test_a_search_on_a_user_module_and_tensor_datasets_saves_its_model(tmp_path)
     config = json.loads((run / "config.json").read_text())
     assert config["search"]["data"]["model"] == "user:Sequential"
     assert config["search"]["data"]["dataset"] == "user:TensorDataset"
-    assert set(config["fingerprints"]) == {"model", "data"}
+    assert set(config["fingerprints"]) == {"model", "data", "weights"}
     best_seed = max(result.final["runs"], key=lambda r: r["val_balanced"])["seed"]
     meta = json.loads((run / "finetuned.json").read_text())
     assert meta["seed"] == best_seed == result.final["model"]["seed"]
@@ -324,3 +324,160 @@ def test_predict_device_and_batch_size_options(tmp_path, capsys):
     assert main(["predict", model, str(folder), "--device", "gpu9"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown device 'gpu9'" in err[0]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A saved Lite0 model (Digits, head trained briefly) shared by the checks below."""
+    folder = tmp_path_factory.mktemp("saved")
+    _save_lite0(folder)
+    return folder / "lite0"
+
+
+def _bomb(path) -> None:
+    """A 15000 x 15000 PNG (27 KB): over PIL's decompression-bomb limit of 179 M pixels."""
+    Image.new("1", (15000, 15000)).save(path)
+
+
+def _one_error_line(err: str, *needles: str) -> None:
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("biotune: error:"), err
+    assert all(n in lines[0] for n in needles), err
+
+
+def test_predict_csv_is_checked_first_and_written_into_new_folders(
+    saved, tmp_path, capsys, monkeypatch
+):
+    import errno
+    import os
+
+    import biotune.cli._options
+    import biotune.finetuned
+    from biotune.cli import main
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("L", (8, 8), 128).save(folder / "a.png")
+    out = tmp_path / "nodir" / "sub" / "out.csv"
+    assert main(["predict", str(saved), str(folder), "--csv", str(out)]) == 0
+    capsys.readouterr()
+    assert out.read_text().splitlines()[0] == "file,class,index,probability"
+    assert out.read_text().splitlines()[1].startswith(str(folder / "a.png"))
+
+    def classify(*_args, **_kwargs):
+        raise AssertionError("images were classified before --csv was checked")
+
+    monkeypatch.setattr(biotune.finetuned, "predict_files", classify)
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["predict", str(saved), str(folder), "--csv", str(blocker / "out.csv")]) == 2
+    _one_error_line(capsys.readouterr().err, "--csv", "not a directory")
+
+    def read_only(*_args, **_kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(biotune.cli._options.tempfile, "TemporaryFile", read_only)
+    assert main(["predict", str(saved), str(folder), "--csv", str(tmp_path / "b.csv")]) == 2
+    _one_error_line(capsys.readouterr().err, "--csv", "read-only file system")
+
+
+def test_an_image_over_the_decompression_bomb_limit_is_skipped_with_the_reason(
+    saved, tmp_path, capsys
+):
+    from biotune.cli import main
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("L", (8, 8), 128).save(folder / "a.png")
+    _bomb(folder / "huge.png")
+    with pytest.warns(UserWarning, match="huge.png: over PIL's decompression-bomb limit"):
+        assert main(["predict", str(saved), str(folder)]) == 0
+    assert capsys.readouterr().out.startswith(str(folder / "a.png"))
+    assert main(["predict", str(saved), str(folder), "--bad-images", "error"]) == 2
+    _one_error_line(capsys.readouterr().err, "huge.png", "decompression-bomb")
+
+
+def test_an_image_over_the_decompression_bomb_limit_in_a_training_folder_is_skipped(tmp_path):
+    from biotune.data import load_dataset
+
+    for c, name in enumerate(("cat", "dog")):
+        (tmp_path / name).mkdir()
+        for i in range(5):
+            Image.new("L", (8, 8), 40 * c + i).save(tmp_path / name / f"{i}.png")
+    _bomb(tmp_path / "cat" / "huge.png")
+    mean = std = (0.5, 0.5, 0.5)
+    with pytest.warns(UserWarning, match="huge.png': over PIL's decompression-bomb limit"):
+        splits = load_dataset(str(tmp_path), 8, mean, std)
+    assert sum(len(getattr(splits, s)) for s in ("train", "val", "test")) == 10
+    with pytest.raises(BioTuneError, match="huge.png.*decompression-bomb"):
+        load_dataset(str(tmp_path), 8, mean, std, bad_images="error")
+
+
+@pytest.mark.parametrize(
+    "damage", ["empty", "truncated", "garbage"], ids=["empty", "truncated", "garbage"]
+)
+def test_a_damaged_weights_file_is_a_one_line_error(saved, tmp_path, damage, capsys):
+    import shutil
+
+    from biotune.cli import main
+
+    copy = tmp_path / "model"
+    shutil.copytree(saved, copy)
+    weights = copy / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(
+        {"empty": b"", "truncated": data[: len(data) // 2], "garbage": b"\x00garbage" * 99}[damage]
+    )
+    with pytest.raises(BioTuneError, match="cannot load .*model.safetensors"):
+        biotune.load_finetuned(copy)
+    image = tmp_path / "a.png"
+    Image.new("L", (8, 8), 128).save(image)
+    assert main(["predict", str(copy), str(image)]) == 2
+    _one_error_line(capsys.readouterr().err, "model.safetensors")
+
+
+def test_probabilities_of_one_image_path_is_one_row(saved, tmp_path):
+    finetuned = biotune.load_finetuned(saved)
+    image = tmp_path / "a.png"
+    Image.new("L", (8, 8), 128).save(image)
+    one = finetuned.probabilities(str(image))
+    assert one.shape == (1, len(finetuned.classes))
+    assert torch.equal(one, finetuned.probabilities([image]))
+    assert torch.equal(finetuned.probabilities(image), one)
+
+
+def test_train_takes_a_plan_dict_as_a_best_plan_json_holds_it():
+    from biotune.core.plan import FineTunePlan
+
+    def run(plan):
+        torch.manual_seed(0)
+        data = {"train": _tensor_data(60, 0), "val": _tensor_data(15, 1)}
+        return biotune.train(plan, model=make_tiny_cnn(), config=TINY, **data)[1]
+
+    plan = FineTunePlan.head_only(biotune.partition_blocks(make_tiny_cnn()).names)
+    as_dict = {**plan.to_dict(), "fitness": 0.4, "origin": {"base_lr": 1e-3}}
+    by_dict, by_plan = run(as_dict), run(plan)
+    assert {k: v for k, v in by_dict.items() if k != "seconds"} == {
+        k: v for k, v in by_plan.items() if k != "seconds"
+    }
+    with pytest.raises(BioTuneError, match="plan must be a FineTunePlan, a plan dict"):
+        biotune.train(3, model=make_tiny_cnn(), train=_tensor_data(60, 0), val=_tensor_data(15, 1))
+
+
+def test_a_frozen_head_parameter_is_redrawn_per_seed_and_stays_frozen():
+    """As the README says where ``model=`` is described."""
+    import copy
+
+    from biotune.training import reinit_head
+
+    torch.manual_seed(0)
+    model = make_tiny_cnn()
+    model[4].weight.requires_grad_(False)
+    data = {"train": _tensor_data(60, 0), "val": _tensor_data(15, 1)}
+    trained = [biotune.train("full", model=model, config=TINY, seed=s, **data)[0] for s in (0, 1)]
+    drawn = copy.deepcopy(model)
+    reinit_head(drawn, biotune.partition_blocks(model), 0)
+    assert torch.equal(trained[0][4].weight, drawn[4].weight)  # re-drawn, then never trained
+    assert not torch.equal(trained[0][4].weight, trained[1][4].weight)
+    assert not torch.equal(trained[0][4].bias, drawn[4].bias)  # the rest of the head trained
+    assert not trained[0][4].weight.requires_grad

@@ -111,3 +111,17 @@ def test_module_level_imports_have_no_cycle():
     for module in sorted(graph):
         if module not in state:
             visit(module)
+
+
+def test_no_module_imports_a_private_name_of_another():
+    """A leading ``_`` means module-private: another module uses a public helper instead (a
+    package may still import its own private submodules, as ``runner.search`` does)."""
+    reached = []
+    for path in SRC.rglob("*.py"):
+        rel = path.relative_to(SRC.parent).with_suffix("")
+        package = ".".join(rel.parts[:-1])
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module != package:
+                private = [a.name for a in node.names if a.name[:1] == "_" != a.name[1:2]]
+                reached += [f"{rel}: {node.module}.{name}" for name in private]
+    assert not reached

@@ -78,3 +78,73 @@ def test_a_well_typed_plan_file_reads_back_exactly(tmp_path):
     assert FineTunePlan.load(path) == plan
     whole = FineTunePlan.from_dict({"blocks": [{"name": "head", "train": True, "lr_mult": 2}]})
     assert whole.blocks == (BlockSetting("head", True, 2.0),)  # an integer multiplier reads too
+
+
+LITE0_BLOCKS = ("stem", *(f"blocks.{i}" for i in range(7)), "neck", "head")
+
+
+def _best_plan_file(tmp_path, origin, names=LITE0_BLOCKS):
+    """A best_plan.json as a search writes it, with ``origin`` as given."""
+    path = tmp_path / "best_plan.json"
+    path.write_text(json.dumps({**FineTunePlan.full(names).to_dict(), "origin": origin}))
+    return path
+
+
+def _good_origin(model: str = "efficientnet_lite0") -> dict:
+    """An origin as a search writes it (``_choose._origin``)."""
+    from dataclasses import asdict
+
+    from biotune.runner.config import DataConfig
+
+    return {
+        "data": asdict(DataConfig(model=model, dataset="digits")),
+        "base_lr": 1e-3,
+        "partition": {"names": list(LITE0_BLOCKS), "fingerprint": "0" * 64},
+    }
+
+
+def _no_loading(monkeypatch):
+    import biotune.runner.workbench
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("the data and model were loaded before the plan was checked")
+
+    monkeypatch.setattr(biotune.runner.workbench, "prepare", refuse)
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        (lambda o: None, "origin must be an object"),
+        (lambda o: "resnet", "origin must be an object"),
+        (lambda o: {**o, "data": [1]}, "origin.data must be an object"),
+        (
+            lambda o: {**o, "data": {**o["data"], "train_size": "many"}},
+            "origin.data.train_size must be a whole number or null (got 'many')",
+        ),
+        (lambda o: {**o, "base_lr": "fast"}, "origin.base_lr must be a number"),
+        (lambda o: {**o, "base_lr": -1}, "base_lr must be a positive number"),
+        (lambda o: {**o, "partition": "blocks"}, "origin.partition must be an object"),
+        (lambda o: {**o, "partition": {"names": []}}, "origin.partition: 'fingerprint' is missing"),
+        (lambda o: {**o, "dtaa": {}}, "origin: unknown setting 'dtaa'; did you mean 'data'?"),
+    ],
+)
+def test_a_plan_files_origin_is_checked_like_the_plan(
+    tmp_path, monkeypatch, capsys, change, needle
+):
+    from test_cli_errors import _assert_one_line_error, _run
+
+    _no_loading(monkeypatch)
+    path = _best_plan_file(tmp_path, change(_good_origin()))
+    code, err = _run(["train", "--plan", str(path), "--seeds", "0", "--quiet"], capsys)
+    _assert_one_line_error(code, err, str(path), needle)
+
+
+def test_a_plan_for_another_model_is_refused_before_any_weights_load(tmp_path, monkeypatch, capsys):
+    from test_cli_errors import _assert_one_line_error, _run
+
+    _no_loading(monkeypatch)
+    path = _best_plan_file(tmp_path, _good_origin("resnet18"))
+    code, err = _run(["train", "--plan", str(path), "--seeds", "0", "--quiet"], capsys)
+    _assert_one_line_error(code, err, "does not fit the model", "layer1")
+    assert "Downloading" not in err

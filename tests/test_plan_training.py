@@ -267,6 +267,37 @@ def test_patience_stops_after_that_many_epochs_without_improvement(
     assert [h["epoch"] for h in result.history] == list(range(1, expected_epochs + 1))
 
 
+@pytest.mark.parametrize("share, expected_epochs", [(0.0, 4), (0.5, 4), (0.75, 6), (1.0, 8)])
+def test_no_early_stop_before_the_minimum_share_of_the_schedule(
+    monkeypatch, tiny_cnn, tiny_data, share, expected_epochs
+):
+    """The score peaks at epoch 2 and never improves (the issue's small-validation case):
+    patience 2 alone stops at epoch 4 of 8 with half the cosine schedule left; with
+    ``min_epochs_share`` s the run goes on to ceil(s x 8) epochs, and epoch 2 is restored."""
+    import biotune.training as training
+
+    scores = iter([0.5, 0.9, *[0.8] * 6])
+
+    def scripted(*args, **kwargs):
+        value = next(scores)
+        return training.Metrics(value, value)
+
+    monkeypatch.setattr(training, "evaluate", scripted)
+    partition = _partition(tiny_cnn)
+    config = TrainConfig(epochs=8, patience=2, batch_size=16, min_epochs_share=share)
+    _, result = train_plan(
+        tiny_cnn, partition, FineTunePlan.full(partition.names), tiny_data, tiny_data, config
+    )
+    assert result.epochs_run == expected_epochs
+    assert result.best_epoch == 2
+
+
+@pytest.mark.parametrize("share", [-0.1, 1.5, True])
+def test_a_minimum_share_outside_zero_to_one_is_refused(share):
+    with pytest.raises(BioTuneError, match="min_epochs_share must lie in"):
+        TrainConfig(min_epochs_share=share)
+
+
 def test_parameters_the_user_froze_stay_frozen_under_any_plan(tiny_cnn, tiny_data):
     """A plan trains whole blocks, but never a parameter the user set requires_grad=False on."""
     fixed = tiny_cnn[0][0].bias  # in the first block, which the full plan trains

@@ -8,9 +8,11 @@ import dataclasses
 import io
 import logging
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import make_tiny_cnn, make_tiny_data, tiny_search_args
 from rich.console import Console
 
@@ -38,6 +40,8 @@ TOTAL = CONFIG.evolution.total_evaluations
 
 
 def make_bench() -> Workbench:
+    """The same model and data every time, as a resumed search must find them."""
+    torch.manual_seed(0)
     model = make_tiny_cnn()
     val = make_tiny_data(24, seed=1)
     splits = DatasetSplits("tiny", ["a", "b", "c"], make_tiny_data(48), val, val, 8)
@@ -233,6 +237,41 @@ def test_csv_logger_writes_evaluations_generations_and_final_curves(searched):
     runs = _rows(logs / "final_runs.csv")
     assert [int(r["seed"]) for r in runs] == [0, 1]
     assert len(epochs) == sum(int(r["epochs_run"]) for r in runs)
+
+
+class _StopAtFinalEpoch:
+    """Interrupts the search (as a kill would) after the first epoch of final seed ``seed``."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def on_final_epoch(self, seed: int, epoch: dict) -> None:
+        if seed == self.seed:
+            raise KeyboardInterrupt
+
+
+def test_csv_logs_of_a_search_killed_twice_in_a_training_hold_each_epoch_once(tmp_path):
+    whole = tmp_path / "whole"
+    Search(CONFIG, whole, bench=make_bench(), callbacks=[CSVLogger(whole / "logs")]).run_search()
+    run_dir = tmp_path / "run"
+    for attempt in range(3):
+        stop = [_StopAtFinalEpoch(1)] if attempt < 2 else []
+        search = Search(
+            CONFIG, run_dir, bench=make_bench(), callbacks=[CSVLogger(run_dir / "logs"), *stop]
+        )
+        if stop:
+            with pytest.raises(KeyboardInterrupt):
+                search.run_search(resume=attempt > 0)
+        else:
+            search.run_search(resume=True)
+
+    def curves(run: Path, name: str) -> list[dict]:
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in _rows(run / "logs" / name)]
+
+    for name in ("final_epochs.csv", "evaluations.csv", "generations.csv", "final_runs.csv"):
+        assert len(curves(run_dir, name)) == len(curves(whole, name)), name
+    assert curves(run_dir, "final_epochs.csv") == curves(whole, "final_epochs.csv")
+    assert not list((run_dir / "logs").glob(".*.attempt"))
 
 
 def test_csv_logger_appends_after_a_resume_without_a_second_header(tmp_path):

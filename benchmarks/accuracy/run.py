@@ -44,7 +44,9 @@ DATASETS = tuple(SIZES)
 SEEDS = (0, 1, 2, 3, 4)
 LR_GRID = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 EPOCHS, PATIENCE, BATCH, EVAL_BATCH = 15, 3, 64, 256
-BASELINES = ("full", "linear", "autorgn", "lora", "l2sp", "l1sp", "llrd", "lpft")
+#: The paper's baselines (issue 13's claim was made against these) and the practitioners'.
+PAPER_BASELINES = ("full", "linear", "autorgn", "lora", "l2sp", "l1sp")
+BASELINES = (*PAPER_BASELINES, "llrd", "lpft")
 #: LLRD's decays, each tried with every lr of the grid (15 runs, all counted in its cost).
 LLRD_DECAYS = (0.5, 0.65, 0.8)
 #: BioTune methods: the preset searched, and what is changed (None: the preset as it is).
@@ -72,6 +74,11 @@ DERIVED = {
     "biotune-rerank2": "biotune-rerank",
     "biotune-winners2": "biotune",
 }
+#: Equal-budget arms: each search of these stops proposing plans once its evaluations have cost
+#: what the named method's search of the same dataset and seed cost (issue 25's ablation).
+BUDGET_FROM: dict[str, str] = {}
+#: The cost entries of a search summary that are rungs above the evaluations.
+RUNGS = ("promote", "rerank")
 #: The candidate defaults the README's rule chooses from.
 CANDIDATES = ("biotune", "biotune-rerank", "biotune-rerank2", "biotune-winners2")
 #: The order in which a dataset's methods run: the cheap and decisive ones first.
@@ -198,6 +205,12 @@ def _run_name(lr: float, seed: int, extra: dict[str, Any] | None = None) -> str:
     """``lr0.003-seed0``, or with a tuned option ``lr0.003-decay0.65-seed0``."""
     tuned = "".join(f"-decay{v:g}" for k, v in (extra or {}).items() if k == "llrd_decay")
     return f"lr{lr:g}{tuned}-seed{seed}"
+
+
+def _point_label(record: dict[str, Any]) -> str:
+    """'0.003', or for LLRD '0.003, decay 0.65': a grid point as tables show it."""
+    decay = (record.get("options") or {}).get("llrd_decay")
+    return f"{record['lr']:g}" + (f", decay {decay:g}" if decay is not None else "")
 
 
 def grid_points(method: str) -> list[tuple[float, dict[str, Any]]]:
@@ -339,7 +352,11 @@ class Dataset:
 
         path = _record_path(self.records, self.name, method, f"search-seed{seed}")
         done = _read(path)
-        config = search_config(method, self.data, seed)
+        budget = None
+        if method in BUDGET_FROM:  # the same cost as that method's search of this seed
+            source = self.search(BUDGET_FROM[method], seed)
+            budget = source["evaluation_work_flops"] / source["search_ft_work_flops"]
+        config = search_config(method, self.data, seed, budget)
         fingerprint = hashlib.sha1(
             json.dumps(config.to_dict(), sort_keys=True).encode()
         ).hexdigest()[:12]
@@ -373,6 +390,11 @@ class Dataset:
                 "evaluations": result.cost["evaluations"],
                 "ft_equivalents": result.cost["work_flops"] / self.ft_work,
                 "search_ft_equivalents": result.cost["ft_equivalents"],
+                # the evaluations alone (no rungs), in work and in the search's own unit
+                "evaluation_work_flops": result.cost["work_flops"]
+                - sum((result.cost.get(k) or {}).get("work_flops", 0.0) for k in RUNGS),
+                "search_ft_work_flops": result.cost["ft_work_flops"],
+                "max_ft_equivalents": budget,
                 # a resumed or derived search's earlier sittings are in its sessions
                 "seconds": result.search_seconds if resume else time.perf_counter() - start,
                 "derived_from": DERIVED[method] if derived else None,
@@ -449,11 +471,30 @@ def choose(grid: list[dict[str, Any]]) -> dict[str, Any]:
     )[1]
 
 
-def search_config(method: str, data: Any, seed: int) -> Any:
+def _nested(config: Any, changes: dict[str, Any]) -> Any:
+    """``config`` with dotted changes applied (``"protocol.train.epochs": 4``), checked once."""
+    for key, value in changes.items():
+        path = key.split(".")
+        parts = [config]
+        for name in path[:-1]:
+            parts.append(getattr(parts[-1], name))
+        new = value
+        for owner, name in zip(reversed(parts), reversed(path), strict=True):
+            new = replace(owner, **{name: new})
+        config = new
+    return config
+
+
+def search_config(method: str, data: Any, seed: int, budget: float | None = None) -> Any:
+    """A BioTune method's search on ``data`` with seed ``seed``; ``budget``: the cost limit of
+    an equal-budget arm (``BUDGET_FROM``), in the search's own FT-equivalents."""
     from biotune.presets import preset
 
     name, changes = SEARCHES[method]
     config = replace(preset(name), data=data, seed=seed, final=recipe())
+    if any("." in key for key in changes or {}):
+        config = _nested(config, changes)
+        return replace(config, max_ft_equivalents=budget) if budget is not None else config
     changes = dict(changes or {})
     if "rerank" in changes:
         config = replace(config, rerank=changes.pop("rerank"))
@@ -551,9 +592,7 @@ def load_rows(records: Path, datasets: list[str]) -> dict[str, dict[str, dict[st
                     "lr": best["lr"],
                     "tuned": {k: v for k, v in options.items() if k == "llrd_decay"},
                     "head_lr": options.get("lpft_head_lr"),
-                    "val_by_lr": {
-                        _run_name(g["lr"], 0, g.get("options")): g["val_balanced"] for g in grid
-                    },
+                    "val_by_lr": {_point_label(g): g["val_balanced"] for g in grid},
                     "whole_ft": tuning_ft,  # the grid's seed-0 winner is the final run
                 }
             out[d][method] = {"runs": chosen, "tuning_ft": tuning_ft, "tuning_s": tuning_s, **extra}
@@ -625,8 +664,9 @@ def claim(
     datasets: list[str],
     method: str,
 ) -> dict[str, Any] | None:
-    """Issue 13's three conditions for ``method``, or None until every method is complete."""
-    if any(m not in rows[d] for d in datasets for m in (*BASELINES, method)):
+    """Issue 13's three conditions for ``method``, or None until it and the paper's baselines
+    are complete (the best baseline is whichever is best among those complete)."""
+    if any(m not in rows[d] for d in datasets for m in (*PAPER_BASELINES, method)):
         return None
     mine = {c["dataset"]: c for c in comparisons if c["method"] == method}
     gain = sum(mine[d]["vs_full"]["mean"] for d in datasets) / len(datasets)
@@ -647,7 +687,79 @@ def claim(
     }
 
 
-def headroom(table: list[dict[str, Any]], datasets: list[str]) -> dict[str, Any] | None:
+#: Issue 25's method under test and the arm it must beat at equal cost.
+DEFAULT_METHOD, RANDOM_ARM = "biotune-mf", "random-search"
+
+
+def targets(
+    rows: dict[str, dict[str, dict[str, Any]]],
+    comparisons: list[dict[str, Any]],
+    room: dict[str, Any] | None,
+    datasets: list[str],
+    method: str = DEFAULT_METHOD,
+) -> dict[str, Any] | None:
+    """Issue 25's pre-registered targets for ``method`` (README), or None until it and every
+    baseline are complete on every dataset. Test top-1 points throughout."""
+    if room is None or any(method not in rows[d] for d in datasets):
+        return None
+    mine = {c["dataset"]: c for c in comparisons if c["method"] == method}
+    gain = sum(mine[d]["vs_full"]["mean"] for d in datasets) / len(datasets)
+    worst = []
+    for d in datasets:
+        full_mean = _stat([r["test_top1"] for r in rows[d]["full"]["runs"]])[0]
+        low = min(rows[d][method]["runs"], key=lambda r: r["test_top1"])
+        worst.append(
+            {"dataset": d, "seed": low["seed"], "points": 100 * (low["test_top1"] - full_mean)}
+        )
+    cost = [rows[d][method]["whole_ft"] for d in datasets]
+    grid = [rows[d]["full"]["whole_ft"] for d in datasets]
+    out: dict[str, Any] = {
+        "method": method,
+        "mean_gain_over_full": gain,
+        "best_baseline_gain_validation": room["validation_mean_gain"],
+        "best_baseline_gain_hindsight": room["hindsight_mean_gain"],
+        "worst_search": min(worst, key=lambda w: w["points"]),
+        "whole_ft_mean": sum(cost) / len(cost),
+        "full_grid_ft_mean": sum(grid) / len(grid),
+    }
+    checks = {
+        "gain_at_least_best_baseline_validation": gain >= room["validation_mean_gain"],
+        "gain_at_least_best_baseline_hindsight (stretch)": gain >= room["hindsight_mean_gain"],
+        "not_worse_than_best_anywhere": all(mine[d]["vs_best"]["high"] >= 0 for d in datasets),
+        "worst_search_within_1_point_of_full": out["worst_search"]["points"] >= -1.0,
+        "whole_search_at_most_full_grid": out["whole_ft_mean"] <= out["full_grid_ft_mean"],
+    }
+    if all(RANDOM_ARM in rows[d] for d in datasets):
+        pairs = [
+            r
+            for d in datasets
+            for r in _pairs(rows[d][method]["runs"], rows[d][RANDOM_ARM]["runs"])
+        ]
+        out["vs_random_search"] = _interval(pairs)
+        checks["beats_random_search_at_equal_cost"] = out["vs_random_search"]["mean"] > 0
+    out["checks"] = checks
+    return out
+
+
+def _pairs(a: list[dict[str, Any]], b: list[dict[str, Any]], key: str = "test_top1") -> list[float]:
+    """Differences a - b in points, paired by seed."""
+    by_seed = {r["seed"]: r[key] for r in b}
+    return [100 * (r[key] - by_seed[r["seed"]]) for r in a if r["seed"] in by_seed]
+
+
+def _interval(diffs: list[float]) -> dict[str, float]:
+    """Mean with a 95 % t interval."""
+    from scipy import stats
+
+    mean, sd = _stat(diffs)
+    n = len(diffs)
+    half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n) if n > 1 else 0.0
+    return {"mean": mean, "low": mean - half, "high": mean + half, "n": n}
+
+
+def headroom(
+    table: list[dict[str, Any]], datasets: list[str], baselines: tuple[str, ...] = BASELINES
+) -> dict[str, Any] | None:
     """How much any baseline gains over tuned full fine-tuning: on each dataset the baseline
     a user would pick on validation, and the one that tests best (hindsight, for scale only).
 
@@ -655,14 +767,14 @@ def headroom(table: list[dict[str, Any]], datasets: list[str]) -> dict[str, Any]
     difference, on average. None until every baseline is recorded on every dataset.
     """
     cell = {(r["dataset"], r["method"]): r for r in table}
-    if any((d, m) not in cell for d in datasets for m in BASELINES):
+    if any((d, m) not in cell for d in datasets for m in baselines):
         return None
     out: dict[str, Any] = {"by_dataset": {}}
     for d in datasets:
         full = cell[(d, "full")]["test_top1"]
         picks = {
-            "validation": max(BASELINES, key=lambda m: cell[(d, m)]["val_balanced"]),
-            "hindsight": max(BASELINES, key=lambda m: cell[(d, m)]["test_top1"]),
+            "validation": max(baselines, key=lambda m: cell[(d, m)]["val_balanced"]),
+            "hindsight": max(baselines, key=lambda m: cell[(d, m)]["test_top1"]),
         }
         out["by_dataset"][d] = {
             how: {"method": m, "gain": 100 * (cell[(d, m)]["test_top1"] - full)}
@@ -682,13 +794,7 @@ def _stat(values: list[float]) -> tuple[float, float]:
 
 def paired(a: list[dict[str, Any]], b: list[dict[str, Any]], key: str) -> dict[str, float]:
     """Mean paired (by seed) difference a - b in points, with a 95 % t interval."""
-    from scipy import stats
-
-    by_seed = {r["seed"]: r[key] for r in b}
-    diffs = [100 * (r[key] - by_seed[r["seed"]]) for r in a if r["seed"] in by_seed]
-    mean, sd = _stat(diffs)
-    half = stats.t.ppf(0.975, len(diffs) - 1) * sd / math.sqrt(len(diffs)) if len(diffs) > 1 else 0
-    return {"mean": mean, "low": mean - half, "high": mean + half, "n": len(diffs)}
+    return _interval(_pairs(a, b, key))
 
 
 def report(records: Path, out: Path, datasets: list[str], wall: dict[str, Any]) -> str:
@@ -738,8 +844,11 @@ def report(records: Path, out: Path, datasets: list[str], wall: dict[str, Any]) 
                 entry["vs_best"] = paired(methods[m]["runs"], methods[best]["runs"], "test_top1")
             comparisons.append(entry)
     rule = choose_default(rows, datasets)
-    verdicts = [claim(rows, comparisons, datasets, m) for m in SEARCHES]
+    verdicts = [claim(rows, comparisons, datasets, m) for m in SEARCHES if m in CANDIDATES]
     room = headroom(table, datasets)
+    room_paper = headroom(table, datasets, PAPER_BASELINES)
+    if room_paper is not None:
+        room_paper["over"] = "of the paper's baselines (LLRD and LP-FT pending)"
     progress = count_records(records, datasets)
     machine = machine_description()
     date = time.strftime("%Y-%m-%d %H:%M")
@@ -752,14 +861,16 @@ def report(records: Path, out: Path, datasets: list[str], wall: dict[str, Any]) 
         "rows": table,
         "comparisons": comparisons,
         "default_rule": rule,
-        "claim": [v for v in verdicts if v is not None],
+        "claim": targets(rows, comparisons, headroom(table, datasets), datasets),
+        "claim_issue13": [v for v in verdicts if v is not None],
         "headroom": room,
+        "headroom_paper_baselines": room_paper,
         "progress": progress,
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "accuracy.json").write_text(json.dumps(result, indent=2) + "\n")
     md = markdown(table, comparisons, datasets, date, machine, wall)
-    md += rule_markdown(rule, [v for v in verdicts if v is not None], room, progress)
+    md += rule_markdown(rule, [v for v in verdicts if v is not None], room or room_paper, progress)
     (out / "accuracy.md").write_text(md)
     plots(table, datasets, out)
     return md
@@ -914,7 +1025,8 @@ def rule_markdown(
         lines += [
             "## Headroom over tuned full fine-tuning",
             "",
-            "Test top-1 points over full fine-tuning of the best baseline per dataset, chosen on "
+            f"Test top-1 points over full fine-tuning of the best {room.get('over', 'baseline')} "
+            "per dataset, chosen on "
             "validation (what a user could do) and by test score (hindsight, for scale only): "
             f"{picked}. Mean: {room['validation_mean_gain']:+.2f} chosen on validation, "
             f"{room['hindsight_mean_gain']:+.2f} with hindsight.",

@@ -1,14 +1,18 @@
 """The Python front door: search a plan, or train one, on a named or your own model and data.
 
 ``model`` is a name (``"efficientnet_lite0"``, ``"tv:resnet50"``, ``"timm:..."``) or an
-``nn.Module`` whose last layer has one output per class; the data is a dataset name or folder
-(``dataset=``), one ``Dataset`` to split 60 / 20 / 20, or ``train=`` / ``val=`` (/ ``test=``)
-Datasets of (image tensor, label) pairs, ``.targets`` or not. ``blocks=`` overrides the block
+``nn.Module`` whose last layer has one output per class. That layer (the last block, the new
+head) is re-drawn per seed, every parameter of it: one you froze (``requires_grad=False``) is
+re-drawn too and stays frozen, so keep pretrained values you want outside the head. The data
+is a dataset name or folder (``dataset=``), one ``Dataset`` to split 60 / 20 / 20, or
+``train=`` / ``val=`` (/ ``test=``) Datasets of (image tensor, label) pairs, ``.targets`` or
+not. ``blocks=`` overrides the block
 partition (block name -> module prefixes or regexes, in order).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -38,7 +42,7 @@ def workbench(
     from biotune.data import load_dataset
     from biotune.inputs import check_blocks, user_model, user_splits
     from biotune.models import load_model
-    from biotune.runner.workbench import prepare, split_sizes
+    from biotune.runner.workbench import image_size_for, prepare, split_sizes
 
     if data.blocks is not None:
         data = replace(data, blocks=check_blocks(data.blocks))
@@ -69,14 +73,15 @@ def workbench(
             test_size=None,
         )
         mean = std = None
-    else:  # a user model on a named dataset: ImageNet normalisation, DataConfig's image size
+    else:  # a user model on a named dataset: ImageNet normalisation and size (no config to ask)
         from biotune.models import IMAGENET_MEAN, IMAGENET_STD
 
         mean, std = IMAGENET_MEAN, IMAGENET_STD
         sizes = split_sizes(data)
+        size, size_origin = image_size_for(data, 224, "ImageNet's usual size for a model object")
         splits = load_dataset(
             data.dataset,
-            data.image_size or 224,
+            size,
             mean,
             std,
             root=data.data_root,
@@ -87,6 +92,7 @@ def workbench(
             download=data.download,
             bad_images=data.bad_images,
         )
+        splits.size_origin = size_origin
     sample = splits.val[0][0]
     if user_model_given:
         loaded = user_model(model, len(splits.classes), sample, mean=mean, std=std)
@@ -99,6 +105,30 @@ def workbench(
             checkpoint=data.checkpoint,
         )
     return Workbench(loaded, partition_blocks(loaded.model, data.blocks), splits), data
+
+
+def scaled(
+    config: SearchConfig,
+    population: int | None = None,
+    generations: int | None = None,
+    epochs: int | None = None,
+    final_epochs: int | None = None,
+    final_seeds: Sequence[int] | None = None,
+) -> SearchConfig:
+    """``config`` made smaller or larger (None keeps a value); patience never exceeds epochs."""
+    evolution, protocol, final = config.evolution, config.protocol, config.final
+    if population is not None:
+        evolution = replace(evolution, population_size=population)
+    if generations is not None:
+        evolution = replace(evolution, generations=generations)
+    if epochs is not None:
+        train = protocol.train
+        train = replace(train, epochs=epochs, patience=min(train.patience, epochs))
+        protocol = replace(protocol, train=train)
+    if final_epochs is not None:
+        final = replace(final, epochs=final_epochs, patience=min(final.patience, final_epochs))
+    seeds = tuple(final_seeds) if final_seeds is not None else config.final_seeds
+    return replace(config, evolution=evolution, protocol=protocol, final=final, final_seeds=seeds)
 
 
 def search(
@@ -119,25 +149,37 @@ def search(
     workers: int = 1,
     ray_address: str | None = None,
     progress: bool = True,
+    callbacks: Sequence[Any] = (),
     objective: str | None = None,
     max_trainable: float | None = None,
     max_memory_mb: float | None = None,
+    population: int | None = None,
+    generations: int | None = None,
+    epochs: int | None = None,
+    final_epochs: int | None = None,
+    final_seeds: Sequence[int] | None = None,
     **data: Any,
 ) -> SearchResult:
     """Search a fine-tuning plan (then train and test it, and save the model, unless
     ``final=False``).
 
     ``data`` overrides fields of :class:`DataConfig` (``image_size=``, ``train_size=``, ...) of
-    ``config`` or of the named preset ("default" or "paper"). ``max_trainable`` (a share: 0.1
-    is 10 % of the parameters) and ``max_memory_mb`` are budgets no trained plan exceeds;
-    ``objective="pareto"`` returns the front of accuracy against cost (``result.pareto``);
-    the other settings of :class:`biotune.core.budget.BudgetConfig` go through ``config.budget``.
+    ``config`` or of the named preset ("default" or "paper"). A search is made smaller or larger
+    by ``population``, ``generations`` and ``epochs`` (at most, per evaluation), its final
+    training by ``final_epochs`` and ``final_seeds``; every other setting goes through
+    ``config`` (a :class:`SearchConfig`, e.g. a preset changed with ``dataclasses.replace``).
+    ``callbacks`` watch the search (:mod:`biotune.callbacks`). ``max_trainable`` (a share:
+    0.1 is 10 % of the parameters) and ``max_memory_mb`` are budgets no trained plan exceeds;
+    ``objective="pareto"`` returns the front of accuracy against cost (``result.pareto``); the
+    other settings of :class:`biotune.core.budget.BudgetConfig` go through ``config.budget``.
     """
     from biotune.presets import preset as named_preset
     from biotune.progress import SearchProgress
     from biotune.runner.search import Search
 
-    config = config or named_preset(preset)
+    config = scaled(
+        config or named_preset(preset), population, generations, epochs, final_epochs, final_seeds
+    )
     budget = {
         k: v
         for k, v in (("max_trainable", max_trainable), ("max_memory_mb", max_memory_mb))
@@ -164,6 +206,7 @@ def search(
         run_dir,
         bench=bench,
         progress=SearchProgress(metric=config.protocol.train.metric) if progress else None,
+        callbacks=callbacks,
         executor=executor,
         workers=workers,
         ray_address=ray_address,
@@ -186,14 +229,24 @@ def train(
     save: str | Path | None = None,
     **data: Any,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Fine-tune under ``plan`` (a ``FineTunePlan``, a ``best_plan.json`` path, "full" or
-    "head") with the final recipe; returns the trained model and its scores (test included when
-    there is a test split). ``save``: write the model there (see :mod:`biotune.finetuned`).
+    """Fine-tune under ``plan`` (a ``FineTunePlan``, its dict as in a ``best_plan.json``, such
+    a file's path, "full" or "head") with the final recipe; returns the trained model and its
+    scores (test included when there is a test split). ``save``: write the model there (see
+    :mod:`biotune.finetuned`). The plan is checked before anything loads.
     """
     from biotune.core.plan import FineTunePlan
     from biotune.presets import FINAL_TRAINING
     from biotune.runner.final import final_training_run, save_model
 
+    if isinstance(plan, dict):
+        plan = FineTunePlan.from_dict(plan)
+    elif isinstance(plan, str | Path) and plan not in ("full", "head"):
+        plan = FineTunePlan.load(plan)
+    elif not isinstance(plan, FineTunePlan | str):
+        raise BioTuneError(
+            "plan must be a FineTunePlan, a plan dict ({'blocks': [...]}), a best_plan.json "
+            f"path, 'full' or 'head' (got {type(plan).__name__})"
+        )
     if blocks is not None:
         data["blocks"] = blocks
     bench, described = workbench(
@@ -206,10 +259,8 @@ def train(
         classes=classes,
     )
     names = bench.partition.names
-    if isinstance(plan, str) and plan in ("full", "head"):
+    if isinstance(plan, str):
         plan = FineTunePlan.full(names) if plan == "full" else FineTunePlan.head_only(names)
-    elif isinstance(plan, str | Path):
-        plan = FineTunePlan.load(plan)
     plan.check_fits(bench.partition)
     config = config or FINAL_TRAINING
     trained, run = final_training_run(bench, plan, config, seed, keep_model=True)

@@ -100,6 +100,7 @@ class BaselineOptions:
     lpft_head_lr: float | None = option(
         None,
         flag="--lpft-head-lr",
+        type="float",
         none="chosen on validation like linear probing's lr; 1e-2 for a single run",
         help="LP-FT: the learning rate of its first phase (the head alone)",
     )

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -121,19 +122,29 @@ class CSVLogger(Callback):
     plans are re-ranked), final_epochs.csv and final_runs.csv.
 
     Each row is appended (and the file closed) at once, so the files survive a kill; a resumed
-    search appends its new rows to them. Nothing is created before the first event.
+    search appends its new rows to them, as an uninterrupted one would have: the epochs of a
+    training a kill cut short are cut off when it starts again (the file's size at its start
+    is kept in a hidden ``.NAME.attempt`` file until it ends), and a generation or an
+    evaluation logged again replaces its row. Nothing is created before the first event.
     """
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
 
-    def _append(self, name: str, row: dict[str, Any]) -> None:
+    def _append(self, name: str, row: dict[str, Any], key: str | None = None) -> None:
+        """Append ``row``; with ``key``, rows already there with its value of ``key`` go."""
         path = self.folder / name
         self.folder.mkdir(parents=True, exist_ok=True)
         columns = list(row)
         if path.exists() and path.stat().st_size > 0:
             with open(path, newline="") as f:
-                columns = next(csv.reader(f), columns)
+                rows = list(csv.reader(f))
+            columns = rows[0] if rows and rows[0] else columns
+            if key is not None and key in columns:
+                at = columns.index(key)
+                kept = [r for r in rows[1:] if len(r) <= at or r[at] != str(row[key])]
+                if len(kept) < len(rows) - 1:
+                    self._rewrite(path, [columns, *kept])
             new = False
         else:
             new = True
@@ -142,6 +153,31 @@ class CSVLogger(Callback):
             if new:
                 writer.writeheader()
             writer.writerow(row)
+
+    @staticmethod
+    def _rewrite(path: Path, rows: list[list[str]]) -> None:
+        from biotune.runner.rundir import write_text_atomic
+
+        text = io.StringIO()
+        csv.writer(text).writerows(rows)
+        write_text_atomic(path, text.getvalue())
+
+    def _start_attempt(self, name: str) -> None:
+        """A training starts logging epochs to ``name``: cut off the rows of an attempt that
+        never ended (killed; the search trains it again now), then note where this one starts."""
+        path, marker = self.folder / name, self.folder / f".{name}.attempt"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        size = path.stat().st_size if path.exists() else 0
+        if marker.exists():
+            start = int(marker.read_text() or 0)
+            if start < size:
+                with open(path, "r+b") as f:
+                    f.truncate(start)
+                size = start
+        marker.write_text(str(size))
+
+    def _end_attempt(self, name: str) -> None:
+        (self.folder / f".{name}.attempt").unlink(missing_ok=True)
 
     def on_evaluation(self, record: dict[str, Any]) -> None:
         self._append(
@@ -160,6 +196,7 @@ class CSVLogger(Callback):
                 "reused_from": "" if record.get("reused_from") is None else record["reused_from"],
                 "plan": plan_text(record.get("plan") or {}),
             },
+            key="candidate",
         )
 
     def on_generation(self, summary: dict[str, Any]) -> None:
@@ -175,19 +212,28 @@ class CSVLogger(Callback):
                 "best_plan": plan_text(plan),
                 **{f"lr_mult:{name}": m for name, m in multipliers(plan).items()},
             },
+            key="generation",
         )
+
+    def on_rerank_start(self, rank: int, total: int, plan: dict[str, Any], epochs: int) -> None:
+        self._start_attempt("rerank_epochs.csv")
 
     def on_rerank_epoch(self, rank: int, epoch: dict[str, float]) -> None:
         self._append("rerank_epochs.csv", {"rank": rank, **epoch})
 
     def on_rerank_run(self, record: dict[str, Any]) -> None:
+        self._end_attempt("rerank_epochs.csv")
         row = {k: v for k, v in record.items() if k not in ("plan", "history", "work")}
         self._append("rerank_runs.csv", {**row, "plan": plan_text(record.get("plan") or {})})
+
+    def on_final_start(self, seed: int, epochs: int) -> None:
+        self._start_attempt("final_epochs.csv")
 
     def on_final_epoch(self, seed: int, epoch: dict[str, float]) -> None:
         self._append("final_epochs.csv", {"seed": seed, **epoch})
 
     def on_final_run(self, record: dict[str, Any]) -> None:
+        self._end_attempt("final_epochs.csv")
         self._append("final_runs.csv", record)
 
 

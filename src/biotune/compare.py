@@ -2,23 +2,26 @@
 
 Every method gets the same splits, the same final-training recipe and the same small
 learning-rate grid, chosen per method on the validation split with the first seed; the winning
-grid run is that seed's final run, the other seeds are trained at the chosen rate. Each final run
-is tested once. BioTune's rows first search a plan (``final=False``), then train that plan exactly
-like a baseline; their search cost is reported apart.
+grid run is that seed's final run, the other seeds are trained at the chosen rate. Every run is
+tested once, when it ends (so that it can be kept); only the runs at the chosen rate are reported.
+BioTune's rows first search a plan (``final=False``), then train that plan exactly like a
+baseline; their search cost is reported apart.
 
-Each method's row is kept in ``rows/METHOD.json`` under the output folder as soon as it is done,
-with the settings it was made with: the same command run again skips the finished methods (and
-resumes an interrupted BioTune search), and refuses a stored row made with other settings.
+Each finished training run is kept in ``runs/METHOD/`` and each method's row in
+``rows/METHOD.json`` under the output folder as soon as it is done, with the settings it was made
+with: the same command run again skips the finished methods and runs (and resumes an interrupted
+BioTune search), and refuses stored results made with other settings.
 
 Heavy modules (torch, the runner) are imported where they are used, so that building the command
-line parser (``biotune.cli.compare``) stays fast. Messages go to the ``biotune.compare`` logger;
-``progress`` adds bars (or, without a terminal, a line per finished method) and the BioTune
-searches' own progress.
+line parser (``biotune.cli.compare``) stays fast. Messages go to the ``biotune.compare`` logger,
+a line per training run and per method; ``progress`` adds bars (or, without a terminal, a line
+per finished method) and the BioTune searches' own progress.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import math
@@ -42,7 +45,10 @@ BASELINES = ("full", "linear", "autorgn", "lora", "l2sp", "l1sp", "llrd", "lpft"
 #: BioTune methods and the preset each one searches with.
 BIOTUNE_PRESETS = {"biotune": "default", "biotune-paper": "paper"}
 ALL_METHODS = (*BASELINES, *BIOTUNE_PRESETS)
-DEFAULT_LR_GRID = (1e-4, 1e-3, 1e-2)
+#: What ``biotune compare`` runs unless told: not the paper's full protocol, which takes hours.
+DEFAULT_METHODS = (*BASELINES, "biotune")
+#: The accuracy benchmark's grid: half a decade apart, 3e-4 to 3e-2.
+DEFAULT_LR_GRID = (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)
 LABELS = {
     **baselines.LABELS,
     "biotune": "BioTune (our default search)",
@@ -52,6 +58,8 @@ OUTPUTS = ("compare.md", "compare.csv", "compare.json", "compare.png")
 DEFAULT_SEEDS = (0, 1, 2)
 #: Finished methods' rows, one JSON file each, under the output folder.
 ROWS = "rows"
+#: Finished training runs, ``RUNS/METHOD/RUN.json`` under the output folder (``RunRecords``).
+RUNS = "runs"
 
 
 @dataclass(frozen=True)
@@ -167,7 +175,8 @@ def _search_plan(
     resume = RunDirectory(run_dir).exists()
     log(
         f"[{method}] {'resuming' if resume else 'running'} the search in {run_dir} "
-        f"({config.evolution.total_evaluations} evaluations x {len(config.protocol.seeds)} seeds)"
+        f"({config.evolution.total_evaluations} evaluations x {len(config.protocol.seeds)} "
+        f"seed{'s' if len(config.protocol.seeds) != 1 else ''})"
     )
     start = time.perf_counter()
     display = SearchProgress(metric=config.protocol.train.metric) if progress else None
@@ -181,6 +190,7 @@ def _search_plan(
         "run_dir": str(run_dir),
         "evaluations": cost["evaluations"],
         "ft_equivalents": cost["ft_equivalents"],
+        "ft_epochs": config.protocol.train.epochs,  # the unit's epoch budget
         "seconds": cost["seconds"],
         "wall_seconds": time.perf_counter() - start,
         "best_fitness": result.best_fitness,
@@ -191,6 +201,53 @@ def _search_plan(
         "cost": cost,
     }
     return result.best_plan, search
+
+
+class RunRecords:
+    """A method's finished training runs, one JSON file each under ``OUT/runs/METHOD/``, written
+    the moment a run ends (tested once, then), so that a stopped compare keeps them: the same
+    command run again reads them back instead of training again. ``digest`` names the settings
+    they were made with; a record made with others is refused, as a stored row is."""
+
+    def __init__(self, folder: Path, digest: str) -> None:
+        self.folder, self.digest = folder, digest
+
+    def path(self, key: str) -> Path:
+        return self.folder / f"{key}.json"
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        path = self.path(key)
+        try:
+            stored = json.loads(path.read_text())
+            digest, record = stored["settings_digest"], stored["run"]
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise BioTuneError(
+                f"{path} is unreadable or not a compare run ({exc}); delete it to train it again"
+            ) from None
+        if digest != self.digest:
+            raise BioTuneError(
+                f"{path} was made with other settings; use another --out, or delete "
+                f"{self.folder} to train that method again"
+            )
+        return record
+
+    def put(self, key: str, record: dict[str, Any]) -> None:
+        from biotune.runner.rundir import write_json_atomic
+
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.path(key), {"settings_digest": self.digest, "run": record})
+        except OSError as exc:
+            raise BioTuneError(f"cannot write {self.path(key)}: {exc.strerror or exc}") from None
+
+
+def _run_key(phase: str, lr: float, extra: Mapping[str, Any], seed: int) -> str:
+    """'lr0.001-seed0', 'head-lr0.01-seed0', 'lr0.001-llrd_decay0.65-seed0'."""
+    parts = [phase] if phase else []
+    parts += [f"lr{lr:g}", *(f"{k}{v:g}" for k, v in extra.items()), f"seed{seed}"]
+    return "-".join(parts)
 
 
 def compare_method(
@@ -204,9 +261,13 @@ def compare_method(
     plan: Any = None,
     log: Callable[[str], None] = _log,
     progress: CompareProgress | None = None,
+    records: RunRecords | None = None,
 ) -> dict[str, Any]:
-    """One row: choose the base lr on validation, train every seed, test each run once."""
-    from biotune.baselines import run_baseline, select_lr, tuning_grid, tuning_options
+    """One row: choose the base lr on validation (the rule of ``baselines.select_lr``: one run
+    per grid point with the first seed, the best validation score, ties to the earlier point),
+    train the other seeds at it, test each run once. Every run is logged as it ends and, with
+    ``records``, kept and read back on a rerun."""
+    from biotune.baselines import run_baseline, tuning_grid, tuning_options
     from biotune.training import count_parameters, default_device, evaluate
 
     name = "plan" if plan is not None else method
@@ -216,75 +277,100 @@ def compare_method(
     device = default_device()
     start = time.perf_counter()
     head = method == "lpft" and opts.get("lpft_head_lr") is None
+    planned = len(tuning_grid(name, lr_grid, opts)) + len(seeds) - 1 + (len(lr_grid) if head else 0)
     if progress is not None:
-        runs_planned = len(tuning_grid(name, lr_grid, opts)) + len(seeds) - 1
-        progress.method_start(method, runs_planned + (len(lr_grid) if head else 0))
-    extra_info: dict[str, Any] = {}
-    if head:  # LP-FT's head phase gets its lr the way linear probing does: on validation
-        probe = select_lr(
-            "linear",
-            bench,
-            config,
-            lr_grid,
-            seeds[0],
-            device,
-            on_run=(lambda run: progress.run_done()) if progress else None,
-        )
-        opts["lpft_head_lr"] = probe.lr
-        extra_info["head_val_by_lr"] = probe.val
-        log(f"[{method}] head lr {probe.lr:g} chosen on validation (linear probing's grid)")
-    selection = select_lr(
-        name,
-        bench,
-        config,
-        lr_grid,
-        seeds[0],
-        device,
-        on_run=(lambda run: progress.run_done()) if progress else None,
-        **opts,
-    )
-    log(
-        f"[{method}] {baselines.setting_label(selection.lr, selection.options)} chosen on "
-        f"validation ({'; '.join(f'{k}: {v:.3f}' for k, v in selection.val.items())})"
-    )
-    chosen = replace(config, base_lr=selection.lr)
-    grid_name = baselines.TUNED.get(name, ("", ""))[1]
-    opts = {k: v for k, v in opts.items() if k != grid_name} | selection.options
-    runs, info = [], {**selection.best.info, **extra_info}
-    for seed in seeds:
-        if seed == seeds[0]:
-            run = selection.best
+        progress.method_start(method, planned)
+    count = 0
+
+    def trained(
+        run_name: str, phase: str, lr: float, extra: dict[str, Any], seed: int, fixed: dict
+    ) -> dict[str, Any]:
+        """One training run, tested once and recorded, or its record from an earlier call."""
+        nonlocal count
+        count += 1
+        key = _run_key(phase, lr, extra, seed)
+        what = f"[{method}] {phase + ' ' if phase else ''}lr {baselines.setting_label(lr, extra)}"
+        record = records.get(key) if records is not None else None
+        if record is not None:
+            log(f"{what}, seed {seed} ({count}/{planned}): kept from {records.path(key)}")
         else:
-            run = run_baseline(name, bench, chosen, seed, device, **opts)
-            if progress is not None:
-                progress.run_done()
-        test = evaluate(
-            run.model,
-            bench.splits.test,
-            config.eval_batch_size,
-            device,
-            config.precision,
-            config.channels_last,
-        )
-        runs.append(
-            {
+            run = run_baseline(
+                run_name, bench, replace(config, base_lr=lr), seed, device, **fixed, **extra
+            )
+            test = evaluate(
+                run.model,
+                bench.splits.test,
+                config.eval_batch_size,
+                device,
+                config.precision,
+                config.channels_last,
+            )
+            result = run.result
+            record = {
                 "seed": seed,
+                "lr": lr,
+                "options": dict(extra),
+                # a diverged run scores 0 on validation, whatever its last epoch measured
+                "val_score": result.val.get(config.metric) if result.status != "diverged" else 0.0,
                 "test_top1": test.top1,
                 "test_balanced": test.balanced,
-                "val_top1": run.result.val.top1,
-                "val_balanced": run.result.val.balanced,
-                "best_epoch": run.result.best_epoch,
-                "epochs_run": run.result.epochs_run,
-                "seconds": run.result.seconds,
-                "train_images": run.result.train_images,
-                "status": run.result.status,
+                "val_top1": result.val.top1,
+                "val_balanced": result.val.balanced,
+                "best_epoch": result.best_epoch,
+                "epochs_run": result.epochs_run,
+                "seconds": result.seconds,
+                "train_images": result.train_images,
+                "status": result.status,
                 "trainable_params": run.trainable_params,
+                "info": {k: v for k, v in run.info.items() if k != "last_ratios"},
             }
-        )
+            if records is not None:
+                records.put(key, record)
+            log(
+                f"{what}, seed {seed} ({count}/{planned}): validation {config.metric} "
+                f"{record['val_score']:.4f}, {result.status}, best epoch {result.best_epoch} of "
+                f"{result.epochs_run} in {result.seconds:.1f}s"
+            )
+        if progress is not None:
+            progress.run_done()
+        return record
+
+    def choose(run_name: str, phase: str, given: dict) -> tuple[dict[str, Any], dict[str, float]]:
+        """The grid's best run on validation and every grid point's score by its label."""
+        grid_name = baselines.TUNED.get(run_name, ("", ""))[1]
+        fixed = {k: v for k, v in given.items() if k != grid_name}
+        val: dict[str, float] = {}
+        best: dict[str, Any] | None = None
+        for lr, extra in tuning_grid(run_name, lr_grid, given):
+            record = trained(run_name, phase, lr, extra, seeds[0], fixed)
+            val[baselines.setting_label(lr, extra)] = record["val_score"]
+            if best is None or record["val_score"] > best["val_score"]:
+                best = record
+        assert best is not None
+        return best, val
+
+    extra_info: dict[str, Any] = {}
+    if head:  # LP-FT's head phase gets its lr the way linear probing does: on validation
+        probe, probe_val = choose("linear", "head", {})
+        opts["lpft_head_lr"] = probe["lr"]
+        extra_info["head_val_by_lr"] = probe_val
+        log(f"[{method}] head lr {probe['lr']:g} chosen on validation (linear probing's grid)")
+    best, val = choose(name, "", opts)
+    grid_name = baselines.TUNED.get(name, ("", ""))[1]
+    fixed = {k: v for k, v in opts.items() if k != grid_name}
+    chosen = best["options"]
+    log(
+        f"[{method}] lr {baselines.setting_label(best['lr'], chosen)} chosen on validation "
+        f"({'; '.join(f'{k}: {v:.3f}' for k, v in val.items())})"
+    )
+    runs = []
+    for seed in seeds:
+        record = best if seed == seeds[0] else trained(name, "", best["lr"], chosen, seed, fixed)
+        runs.append({k: v for k, v in record.items() if k not in ("lr", "options", "info")})
         log(
-            f"[{method}] seed {seed}: test top-1 {test.top1:.4f}, balanced {test.balanced:.4f} "
-            f"({run.result.seconds:.1f}s, best epoch {run.result.best_epoch} of "
-            f"{run.result.epochs_run})"
+            f"[{method}] seed {seed}: test top-1 {record['test_top1']:.4f}, balanced "
+            f"{record['test_balanced']:.4f} ({record['seconds']:.1f}s, best epoch "
+            f"{record['best_epoch']} of {record['epochs_run']})"
         )
     total = count_parameters(bench.model)
     trainable = runs[0]["trainable_params"]
@@ -293,9 +379,9 @@ def compare_method(
         "label": LABELS.get(method, method),
         "dataset": bench.splits.name,
         "model": bench.loaded.name,
-        "lr": selection.lr,
-        "val_by_lr": dict(selection.val),
-        "tuned": dict(selection.options),
+        "lr": best["lr"],
+        "val_by_lr": val,
+        "tuned": dict(chosen),
         "seeds": list(seeds),
         "test_top1": _stat([r["test_top1"] for r in runs]),
         "test_balanced": _stat([r["test_balanced"] for r in runs]),
@@ -306,7 +392,7 @@ def compare_method(
         "train_seconds": _stat([r["seconds"] for r in runs])["mean"],
         "wall_seconds": time.perf_counter() - start,
         "search": None,
-        "info": {k: v for k, v in info.items() if k != "last_ratios"},
+        "info": {**best["info"], **extra_info},
         "runs": runs,
     }
 
@@ -385,28 +471,28 @@ def compare(
                 if display is not None:
                     display.method_done(method, stored[method], kept=True)
                 continue
+            plan, search = None, None
             if method in BIOTUNE_PRESETS:
                 plan, search = _search_plan(
                     method, searches[method], bench, out, scales.get(method), log, progress
                 )
                 log(f"[{method}] plan: {search['plan_text']}")
-                row = compare_method(
-                    method,
-                    bench,
-                    config,
-                    seeds,
-                    grid,
-                    options=options,
-                    plan=plan,
-                    log=log,
-                    progress=display,
-                )
+            made_with = {**settings[method], "plan": plan.to_dict() if plan else None}
+            row = compare_method(
+                method,
+                bench,
+                config,
+                seeds,
+                grid,
+                options=options,
+                plan=plan,
+                log=log,
+                progress=display,
+                records=RunRecords(out / RUNS / method, _digest(made_with)),
+            )
+            if search is not None:
                 row["search"] = search
                 row["wall_seconds"] += search["wall_seconds"]
-            else:
-                row = compare_method(
-                    method, bench, config, seeds, grid, options=options, log=log, progress=display
-                )
             _keep_row(rows_dir / f"{method}.json", settings[method], row)
             rows.append(row)
             if display is not None:
@@ -474,6 +560,12 @@ def _row_settings(
         "search": search.to_dict() if search is not None else None,
     }
     return json.loads(json.dumps(settings, default=str))
+
+
+def _digest(settings: Mapping[str, Any]) -> str:
+    """A short name for the settings a training run was made with."""
+    text = json.dumps(settings, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _settings_diff(stored: Any, wanted: Any, prefix: str = "") -> list[str]:
@@ -550,9 +642,10 @@ def comparison_notes(
         f"accuracy, batch {config.batch_size}; base lr chosen from {{{grid_text}}} "
         f"on validation with seed {seeds[0]}; test mean +- std over seeds {list(seeds)}.",
         "BioTune rows: the search's best plan (validation only), trained like every other row; "
-        "search cost in FT-equivalents (the search's training and validation work over that of "
-        "one full fine-tuning of the whole training split with the search's epoch budget, as "
-        "biotune.core.cost counts it) and seconds of training.",
+        "search cost in FT-equivalents of the search's own epoch budget, named beside each "
+        "count (one FT-eq (E epochs): the training and validation work of full fine-tuning of "
+        "the whole training split for E epochs, as biotune.core.cost counts it) and seconds of "
+        "training.",
     ]
     for method in methods:
         if method in scales and scales[method].describe():
@@ -590,9 +683,11 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], with_dataset: bool = False
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         search = r.get("search")
+        epochs = search.get("ft_epochs") if search else None
         cost = (
-            f"{search['ft_equivalents']:.1f} FT-eq, {search['seconds']:.0f} s, "
-            f"{search['evaluations']} evals"
+            f"{search['ft_equivalents']:.1f} FT-eq"
+            + (f" ({epochs} epochs)" if epochs else "")
+            + f", {search['seconds']:.0f} s, {search['evaluations']} evals"
             if search
             else ""
         )

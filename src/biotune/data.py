@@ -35,6 +35,7 @@ from biotune.core.splits import (
     stratified_sample,
     stratified_split,
 )
+from biotune.decoded import DecodedImages, decode_images
 from biotune.errors import BioTuneError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -114,7 +115,7 @@ class _ImageFileDataset(Dataset):
         try:
             rgb = _decode_rgb(path)
         except Exception as error:  # the scan decoded it, so the file changed since: name it
-            raise BioTuneError(f"unreadable image '{path}': {_reason(error)}") from error
+            raise BioTuneError(f"unreadable image '{path}': {unreadable_reason(error)}") from error
         return self.transform(rgb), int(self.targets[index])
 
     def take(self, indices: np.ndarray) -> _ImageFileDataset:
@@ -134,19 +135,21 @@ class DatasetSplits:
     test: Dataset
     image_size: int
     origin: str = ""  # where the splits came from, e.g. "val carved from train/ (10%)"
+    size_origin: str = ""  # why this image size, e.g. "the model's native resolution"
 
     def describe(self) -> str:
-        """One line for logs and reports: classes, split sizes, image size, origin."""
+        """One line for logs and reports: classes, split sizes, image size and why, origin."""
         shown = ", ".join(self.classes[:5]) + (", ..." if len(self.classes) > 5 else "")
         sizes = " / ".join(
             f"{split} {len(getattr(self, split))}"
             for split in _SPLITS
             if getattr(self, split) is not None
         )
+        size_origin = f", {self.size_origin}" if self.size_origin else ""
         origin = f" ({self.origin})" if self.origin else ""
         return (
-            f"{self.name}: {len(self.classes)} classes ({shown}); {sizes}; "
-            f"{self.image_size} px{origin}"
+            f"{self.name}: {len(self.classes)} classes ({shown}); {sizes}{origin}; "
+            f"{self.image_size} px{size_origin}"
         )
 
 
@@ -330,12 +333,19 @@ def _pil_transform(size: int, mean: tuple[float, ...], std: tuple[float, ...]) -
     from torchvision import transforms
 
     return transforms.Compose(
+        [_resize_crop(size), transforms.ToTensor(), transforms.Normalize(mean, std)]
+    )
+
+
+def _resize_crop(size: int) -> Callable:
+    """The PIL half of ``_pil_transform`` (RGB, resize, centre crop): what is decoded once."""
+    from torchvision import transforms
+
+    return transforms.Compose(
         [
             transforms.Lambda(to_rgb),
             transforms.Resize(int(size * 232 / 224)),
             transforms.CenterCrop(size),
-            transforms.ToTensor(),
-            transforms.Normalize(mean, std),
         ]
     )
 
@@ -426,7 +436,37 @@ def _decode_rgb(path: Path, reduced: bool = False) -> Image.Image:
         return to_rgb(image)
 
 
-def _reason(error: Exception) -> str:
+def _read_resized(path: Path, resize_crop: Callable) -> Image.Image:
+    """One image file through ``_resize_crop``, failing as a lazily read one does."""
+    try:
+        rgb = _decode_rgb(path)
+    except Exception as error:  # the scan decoded it, so the file changed since: name it
+        raise BioTuneError(f"unreadable image '{path}': {unreadable_reason(error)}") from error
+    return resize_crop(rgb)
+
+
+def _decode_splits(
+    datasets: dict[str, Dataset], size: int, mean: tuple[float, ...], std: tuple[float, ...]
+) -> dict[str, Dataset]:
+    """Folder splits decoded once into one shared uint8 store (``biotune.decoded``)."""
+    files = [f for ds in datasets.values() for f in ds.files]  # type: ignore[attr-defined]
+    store = decode_images(
+        files, size, functools.partial(_read_resized, resize_crop=_resize_crop(size))
+    )
+    out: dict[str, Dataset] = {}
+    start = 0
+    for split, ds in datasets.items():
+        rows = np.arange(start, start + len(ds))  # type: ignore[arg-type]
+        out[split] = DecodedImages(store, rows, ds.targets, mean, std, ds.files)  # type: ignore[attr-defined]
+        start += len(rows)
+    return out
+
+
+def unreadable_reason(error: Exception) -> str:
+    """Why PIL could not read an image, in one line. PIL refuses an image over twice
+    ``Image.MAX_IMAGE_PIXELS`` as a possible decompression bomb, before decoding it."""
+    if isinstance(error, Image.DecompressionBombError):
+        return f"over PIL's decompression-bomb limit ({error})".splitlines()[0]
     return f"{type(error).__name__}: {error}".splitlines()[0]
 
 
@@ -438,14 +478,15 @@ def _unreadable(path: Path) -> str | None:
     try:
         _decode_rgb(path, reduced=True)
     except Exception as error:  # PIL raises many types for corrupt files
-        return _reason(error)
+        return unreadable_reason(error)
     return None
 
 
 def _scan_split_folder(
-    folder: Path, classes: list[str] | None, bad_images: str, bad: list[Path]
+    folder: Path, classes: list[str] | None, bad_images: str, bad: list[tuple[Path, str]]
 ) -> tuple[list[str], list[Path], np.ndarray]:
-    """Validate one class-per-sub-folder tree; unreadable files go to ``bad`` (or raise)."""
+    """Validate one class-per-sub-folder tree; unreadable files go to ``bad`` with the reason
+    (or raise)."""
     if not folder.is_dir():
         raise BioTuneError(f"image folder '{folder}' does not exist")
     class_dirs = _class_folders(folder)
@@ -481,7 +522,7 @@ def _scan_split_folder(
             elif bad_images == "error":
                 raise BioTuneError(f"unreadable image '{path}': {reason}")
             else:
-                bad.append(path)
+                bad.append((path, reason))
         if not readable:
             raise BioTuneError(f"class folder '{class_dir}' has no readable images")
         files.extend(readable)
@@ -497,7 +538,7 @@ def _load_folder(
         raise BioTuneError(f"image folder '{folder}' does not exist")
     if not folder.is_dir():
         raise BioTuneError(f"'{folder}' is not a folder")
-    bad: list[Path] = []
+    bad: list[tuple[Path, str]] = []
     if (folder / "train").is_dir() and not (folder / "test").is_dir():
         raise BioTuneError(
             f"image folder '{folder}' has train/ but no test/ (use train/ and test/, val/ "
@@ -534,7 +575,8 @@ def _load_folder(
         }
     if bad:
         warnings.warn(
-            f"skipped {len(bad)} unreadable image file(s) under '{folder}' (first: '{bad[0]}')",
+            f"skipped {len(bad)} unreadable image file(s) under '{folder}' (first: "
+            f"'{bad[0][0]}': {bad[0][1]})",
             stacklevel=3,
         )
     datasets = {split: _ImageFileDataset(f, t, transform) for split, (f, t) in parts.items()}
@@ -622,7 +664,7 @@ def split_dataset(ds: Dataset, seed: int = 0) -> tuple[Dataset, Dataset, Dataset
 def subset(ds: Dataset, indices: Sequence[int] | np.ndarray) -> Dataset:
     """A subset that keeps ``.targets`` (and stays in memory for in-memory datasets)."""
     indices = np.asarray(indices, dtype=np.int64)
-    if isinstance(ds, (TensorImageDataset, _IndexedDataset, _ImageFileDataset)):
+    if isinstance(ds, (TensorImageDataset, _IndexedDataset, _ImageFileDataset, DecodedImages)):
         return ds.take(indices)
     targets = np.asarray(ds.targets, dtype=np.int64)[indices]  # type: ignore[attr-defined]
     return _IndexedDataset(ds, indices, targets)
@@ -635,6 +677,9 @@ def subset(ds: Dataset, indices: Sequence[int] | np.ndarray) -> Dataset:
 #: Train / val / test caps of the offline demo datasets when no size is given (other datasets,
 #: a user's folder included, are used whole unless a size is given).
 DEMO_SIZES = (1000, 500, 1500)
+#: Image side of the offline demo datasets when none is given, so that the demo runs on a CPU in
+#: minutes; every other dataset defaults to the model's native resolution.
+DEMO_IMAGE_SIZE = 32
 
 
 def is_offline(name: str) -> bool:
@@ -673,13 +718,16 @@ def load_dataset(
     test_size: int | None = None,
     download: bool = False,
     bad_images: str = "skip",
+    decode_once: bool = True,
 ) -> DatasetSplits:
     """Deterministic stratified train/val/test splits of a named dataset or an image folder.
 
     Splits depend only on ``seed`` (not on the image size or on the other sizes asked for), and
     each requested size is a stratified subsample of its full split. Splits a search cannot use
     (a class with no training image, an empty split) are refused, and validation or test splits
-    with fewer than ``MIN_EVAL_PER_CLASS`` images of some class draw a warning.
+    with fewer than ``MIN_EVAL_PER_CLASS`` images of some class draw a warning. An image
+    folder's images are decoded and resized once (``decode_once``, ``biotune.decoded``), with
+    the same pixels as reading them on demand; False reads them on demand, every epoch.
     """
     if image_size < 1:
         raise BioTuneError(f"image size must be positive, got {image_size}")
@@ -768,6 +816,8 @@ def load_dataset(
             ds = ds.take(stratified_sample(ds.targets, sizes[split], rng))
         datasets[split] = ds
     _check_splits(label, classes, {s: d.targets for s, d in datasets.items()})
+    if decode_once and all(isinstance(d, _ImageFileDataset) for d in datasets.values()):
+        datasets = _decode_splits(datasets, image_size, mean3, std3)
     subsampled = [f"{s} {sizes[s]} of {len(parts[s])}" for s in _SPLITS if sizes[s] < len(parts[s])]
     if subsampled:
         origin += "; subsampled: " + ", ".join(subsampled)

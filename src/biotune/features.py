@@ -40,13 +40,13 @@ from biotune.training import (
     TrainConfig,
     TrainHooks,
     TrainResult,
-    _autocast,
-    _to,
+    autocast,
     batches,
     device_of,
     fine_tune,
     reinit_head,
     seed_everything,
+    to_device,
     train_plan,
 )
 
@@ -252,25 +252,33 @@ class FeatureCache:
             OrderedDict()
         )
         self._shapes: dict[int, tuple[int, ...]] = {}
+        self._dtypes: dict[int, torch.dtype] = {}
         self.stage_images = [0] * len(self.stages)
         self.peak_bytes = 0
         self.skipped = 0  # requests refused because one entry would exceed the budget
+        self.built = 0  # entries computed
+        self.evicted = 0  # entries dropped to make room for others
+        self.largest_refused = 0  # bytes of the largest request refused
 
     @property
     def used_bytes(self) -> int:
         return sum(d.nbytes for d in self._store.values())
 
     def entry_bytes(self, dataset: Dataset, k: int, tables: int = 1) -> int:
-        """Bytes the features of ``dataset`` after k blocks take (float32), per batch size."""
+        """Bytes the features of ``dataset`` after k blocks take, per batch size."""
         n = len(dataset)  # type: ignore[arg-type]
-        return 4 * math.prod(self._shape(dataset, k)) * n * tables
+        size = math.prod(self._shape(dataset, k)) * self._dtypes[k].itemsize
+        return size * n * tables
 
     def _shape(self, dataset: Dataset, k: int) -> tuple[int, ...]:
-        """One image's feature shape after k blocks (run once per k on one image)."""
+        """One image's feature shape after k blocks (run once per k on one image), and their
+        dtype: the prefix's own output (bfloat16 or float16 under a GPU's autocast), kept as it
+        is, which halves the memory there and is what the suffix gets in uncached training."""
         if k not in self._shapes:
             x, _ = next(batches(dataset, 1))
             with torch.no_grad(), self._eval():
-                self._shapes[k] = tuple(self._run(x, 0, k).shape[1:])
+                out = self._run(x, 0, k)
+            self._shapes[k], self._dtypes[k] = tuple(out.shape[1:]), out.dtype
         return self._shapes[k]
 
     def features(
@@ -290,18 +298,25 @@ class FeatureCache:
             return hit
         size = self.entry_bytes(dataset, k, len(sizes))
         if size > self.budget_bytes:
-            self.skipped += 1
+            self.refuse(size)
             return None
         while self._store and self.used_bytes + size > self.budget_bytes:
             self._store.popitem(last=False)
+            self.evicted += 1
         start = max(
             (j for (kk, j, ss) in self._store if kk == key and ss == sizes and j < k), default=0
         )
         source = self._store[(key, start, sizes)] if start else None
         n = len(dataset)  # type: ignore[arg-type]
         tables: dict[int, torch.Tensor] = {}
+        where = self._home(size // len(sizes))
         for b in sizes:
-            images = torch.empty((n, *self._shape(dataset, k)), dtype=torch.float32)
+            images = torch.empty(
+                (n, *self._shape(dataset, k)),
+                dtype=self._dtypes[k],
+                device=where,
+                pin_memory=where.type == "cpu" and self.device.type == "cuda",
+            )
             inputs = (
                 dataset
                 if source is None
@@ -309,8 +324,8 @@ class FeatureCache:
             )
             done = 0
             with torch.no_grad(), self._eval():
-                for x, _ in batches(inputs, b):
-                    images[done : done + len(x)] = self._run(x, start, k).float().cpu()
+                for x, _ in batches(inputs, b, device=self.device):
+                    images[done : done + len(x)] = self._run(x, start, k)
                     done += len(x)
             tables[b] = images
             for i in range(start, k):
@@ -318,12 +333,49 @@ class FeatureCache:
         targets = np.asarray(dataset.targets)  # type: ignore[attr-defined]
         entry = FeatureDataset(tables[sizes[0]], targets, tables)
         self._store[(key, k, sizes)] = entry
+        self.built += 1
         self.peak_bytes = max(self.peak_bytes, self.used_bytes)
         return entry
 
+    def refuse(self, nbytes: int) -> None:
+        """Count a request of ``nbytes`` that cannot fit the budget (it trains uncached)."""
+        self.skipped += 1
+        self.largest_refused = max(self.largest_refused, nbytes)
+
+    def summary(self) -> str:
+        """One line for the console and logs: what was cached, where, and what was refused and
+        why, so that a search that trained mostly uncached says so."""
+        mib = 2**20
+        where = ", ".join(
+            sorted({f"{t.dtype} on {t.device}" for e in self._store.values() for t in [e.images]})
+        )
+        line = (
+            f"feature cache: {self.built} entries built, {self.evicted} evicted, peak "
+            f"{self.peak_bytes / mib:.0f} MiB of a {self.budget_bytes / mib:.0f} MiB budget"
+            f"{f' ({where})' if where else ''}"
+        )
+        if self.skipped:
+            largest = self.largest_refused / mib
+            size = f", up to {largest:.0f} MiB each," if largest else ""
+            line += (
+                f"; {self.skipped} refused{size} over the budget (those evaluations trained "
+                "uncached; raise the budget to cache them)"
+            )
+        return line
+
+    def _home(self, nbytes: int) -> torch.device:
+        """Where a table of ``nbytes`` lives: on the GPU it serves when it takes at most a
+        quarter of the GPU's free memory (batches are then sliced there, with no copy), else in
+        the CPU's memory (pinned for a GPU, so its batches copy without blocking)."""
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            if nbytes <= free // 4:
+                return self.device
+        return torch.device("cpu")
+
     def _run(self, x: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        with _autocast(self.device, self.precision):
-            x = _to(x, self.device, self.channels_last)
+        with autocast(self.device, self.precision):
+            x = to_device(x, self.device, self.channels_last)
             for stage in self.stages[start:stop]:
                 x = stage(x)
         return x

@@ -53,18 +53,18 @@ class Preprocess:
             )
 
     def __call__(self, image: Any) -> torch.Tensor:
-        from PIL import Image, UnidentifiedImageError
+        from PIL import Image
         from torchvision.transforms import functional as TF
 
-        from biotune.data import arrays_to_tensor, to_rgb
+        from biotune.data import arrays_to_tensor, to_rgb, unreadable_reason
 
         if isinstance(image, (str, os.PathLike)):
             try:
                 with Image.open(image) as opened:
                     opened.load()
                     image = opened.copy()
-            except (OSError, UnidentifiedImageError) as exc:
-                raise BioTuneError(f"cannot read image {image}: {exc}") from None
+            except Exception as exc:  # noqa: BLE001 - PIL raises many types for bad files
+                raise BioTuneError(f"cannot read image {image}: {unreadable_reason(exc)}") from None
         image = to_rgb(image)
         if self.resize == "squash":  # exactly as the offline datasets' arrays are prepared
             pixels = np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)[None]
@@ -92,12 +92,14 @@ class FineTuned:
 
     @torch.no_grad()
     def probabilities(
-        self, images: Sequence[Any], batch_size: int = 64, prepared: bool = False
+        self, images: Any, batch_size: int = 64, prepared: bool = False
     ) -> torch.Tensor:
-        """Class probabilities (N x classes) for image files or PIL images (``prepared``:
-        tensors that went through ``preprocess`` already)."""
+        """Class probabilities (N x classes) for image files or PIL images, or one of them
+        (1 x classes); ``prepared``: tensors that went through ``preprocess`` already."""
         if self.preprocess is None and not prepared:
             raise BioTuneError(_USER_TENSORS)
+        if _is_one_image(images, prepared):
+            images = [images]
         prepare = (lambda im: im) if prepared else self.preprocess
         device = next(self.model.parameters()).device
         out = []
@@ -159,6 +161,7 @@ def load_finetuned(
     ``path``: the folder (or its ``finetuned.json``). ``model``: the architecture, required for a
     user's own module (``user:`` architectures); otherwise rebuilt from the stored name.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load_model as load_weights
 
     folder = Path(path)
@@ -190,8 +193,12 @@ def load_finetuned(
         ).model
     try:
         missing, unexpected = load_weights(_plain(model), str(folder / WEIGHTS), strict=False)
-    except (OSError, RuntimeError) as exc:
-        raise BioTuneError(f"cannot load {folder / WEIGHTS}: {exc}") from None
+    except (OSError, RuntimeError, SafetensorError) as exc:  # missing, damaged or not weights
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BioTuneError(
+            f"cannot load {folder / WEIGHTS}: {reason}; is the file complete? (save the "
+            "model again: biotune train --save, or a search's final training)"
+        ) from None
     if missing or unexpected:
         raise BioTuneError(
             f"{folder / WEIGHTS} does not fit the model: missing "
@@ -204,6 +211,16 @@ def load_finetuned(
         else None
     )
     return FineTuned(model.to(device).eval(), preprocess, list(meta["classes"]), meta)
+
+
+def _is_one_image(images: Any, prepared: bool) -> bool:
+    """One path, PIL image or prepared C x H x W tensor rather than a batch of them (a string
+    is a sequence too, of letters)."""
+    from PIL import Image
+
+    if isinstance(images, (str, os.PathLike, Image.Image)):
+        return True
+    return prepared and isinstance(images, torch.Tensor) and images.ndim == 3
 
 
 def _plain(model: nn.Module) -> nn.Module:
@@ -231,11 +248,12 @@ def image_files(paths: Iterable[str | Path]) -> list[Path]:
 
 
 def predict_files(
-    finetuned: FineTuned, files: Sequence[Path], batch_size: int = 64
+    finetuned: FineTuned, files: Sequence[Path], batch_size: int = 64, bad_images: str = "skip"
 ) -> list[dict[str, Any]]:
     """Per file: the predicted class (name and index) and its probability. Files are read one
-    batch at a time, so a folder of any size fits in memory. A file that cannot be read is
-    skipped with a warning naming it; if none can be read, a one-line error."""
+    batch at a time, so a folder of any size fits in memory. A file that cannot be read
+    (corrupt, or over PIL's decompression-bomb limit) is skipped with a warning naming it and
+    why, or with ``bad_images="error"`` stops it; if none can be read, a one-line error."""
     if finetuned.preprocess is None:
         raise BioTuneError(_USER_TENSORS)
     rows: list[dict[str, Any]] = []
@@ -245,6 +263,8 @@ def predict_files(
             try:
                 images.append(finetuned.preprocess(f))
             except BioTuneError as exc:
+                if bad_images == "error":
+                    raise
                 warnings.warn(f"skipped {exc}", stacklevel=2)
                 continue
             readable.append(f)

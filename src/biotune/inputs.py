@@ -2,8 +2,9 @@
 
 The named route (``model="efficientnet_lite0"``, ``dataset="animal-shape"``) loads both from
 their sources; this module takes objects instead. Fingerprints of the model (class, parameter
-names and shapes) and of the data (sizes, classes, labels, files) go into the run directory, so a
-resumed search notices that either changed.
+names and shapes), of its weights (a hash of the state dict, the new head excepted) and of the
+data (sizes, classes, labels, files) go into the run directory, so a resumed search notices that
+any of them changed.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from biotune.blocks import BlockPartition
 from biotune.data import DatasetSplits, split_dataset, with_targets
 from biotune.errors import BioTuneError
 from biotune.models import LoadedModel
@@ -31,9 +33,24 @@ def fingerprint(data: Any) -> str:
 
 
 def model_fingerprint(model: nn.Module) -> str:
-    """What makes two models interchangeable for a search: class, parameter names and shapes."""
+    """What makes two architectures interchangeable for a search: class, parameter names and
+    shapes (``weights_fingerprint`` covers the values)."""
     kind = f"{type(model).__module__}.{type(model).__qualname__}"
     return fingerprint([kind, [[n, list(p.shape)] for n, p in model.named_parameters()]])
+
+
+def weights_fingerprint(model: nn.Module, partition: BlockPartition) -> str:
+    """A sha256 of the model's state dict (parameters and buffers, names, dtypes and values),
+    the new head's excepted: it is re-drawn per seed, so its initial values never matter. The
+    same architecture with other weights is another starting point for every evaluation."""
+    head = set(partition.blocks[-1].module_names)
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        if name.rpartition(".")[0] in head:
+            continue
+        digest.update(f"{name}:{tensor.dtype}:{list(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def data_fingerprint(splits: DatasetSplits) -> str:
@@ -94,7 +111,8 @@ def user_model(
 ) -> LoadedModel:
     """A user's classifier, checked to give ``num_classes`` outputs for ``sample`` (one image).
 
-    Its last layer is the new head (re-drawn per seed) and must already have that many outputs.
+    Its last layer is the new head and must already have that many outputs; it is re-drawn per
+    seed, parameters frozen in it included (they stay frozen).
     """
     if not isinstance(model, nn.Module):
         raise BioTuneError(f"model must be a name or an nn.Module, got {type(model).__name__}")

@@ -98,12 +98,13 @@ def load_model(
         raise BioTuneError(f"num_classes must be at least 1, got {num_classes}")
     source, arch = _resolve(name.strip())
     use_source_weights = pretrained and checkpoint is None
-    if source == "offline":
-        model, weights_from, info = _build_offline(arch, num_classes, use_source_weights)
-    elif source == "tv":
-        model, weights_from, info = _build_torchvision(arch, num_classes, use_source_weights)
-    else:
-        model, weights_from, info = _build_timm(arch, num_classes, use_source_weights)
+    build = {"offline": _build_offline, "tv": _build_torchvision}.get(source, _build_timm)
+    # Whatever is drawn at random (a random init, the new head) is drawn from seed 0, so every
+    # process builds the same model: worker processes agree, and a resumed search finds the
+    # weights it started with. The caller's random stream is left as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model, weights_from, info = build(arch, num_classes, use_source_weights)
     input_size, mean, std = info
     canonical = arch if source == "offline" else f"{source}:{arch}"
     if checkpoint is not None:
@@ -116,6 +117,12 @@ def load_model(
         std=std,
         pretrained=weights_from,
     )
+
+
+def native_image_size(name: str) -> int:
+    """The input resolution of model ``name``'s pretrained weights (its timm or torchvision
+    config): 224 for EfficientNet-Lite0 and ResNet-50, 260 for Lite2."""
+    return load_model(name, num_classes=2, pretrained=False).input_size
 
 
 # --------------------------------------------------------------------------------------------------

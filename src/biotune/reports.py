@@ -70,6 +70,7 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
         "best_plan": run.read("best_plan.json"),
         "final": run.read("final.json"),
         "pareto": run.read("pareto.json"),
+        "rerank": run.records("rerank.jsonl"),
     }
 
 
@@ -248,13 +249,34 @@ def _plan_lines(run: Mapping[str, Any], plan: Mapping[str, Any]) -> list[str]:
         else f"best plan so far (generation {plan['generation']}; the search is not done)"
     )
     lines = [head]
-    fitness = plan.get("fitness")
-    if fitness is not None:
-        lines.append(f"validation {score_name(_metric(run))} {1 - fitness:.4f} (search fold)")
+    reranked = (run.get("rerank") or []) if plan["generation"] is None else []
+    if plan.get("fitness") is not None or reranked:
+        lines.append(validation_text(reranked, _metric(run), plan.get("fitness")))
     final = run["final"]
     if final is not None and plan["generation"] is None:
         lines.append(final_text(final))
     return lines
+
+
+def validation_text(
+    reranked: Sequence[Mapping[str, Any]], metric: str, fitness: float | None
+) -> str:
+    """The winner's validation score, the same words at the end of a search and in its report:
+    after the final recipe when plans were re-ranked (``rerank.jsonl``), else the search's."""
+    search = (
+        f"{score_name(metric)} {1 - fitness:.4f} in the search's short evaluation"
+        if fitness is not None
+        else ""
+    )
+    if not reranked:
+        return f"validation {search}"
+    from biotune.runner.rerank import choose
+
+    won = choose(list(reranked))
+    return (
+        f"validation balanced accuracy {won['val_balanced']:.4f} after the final recipe (the "
+        f"best of {len(reranked)} re-ranked plans)" + (f"; {search}" if search else "")
+    )
 
 
 def final_text(final: Mapping[str, Any]) -> str:
@@ -262,7 +284,7 @@ def final_text(final: Mapping[str, Any]) -> str:
     t1, bal = final["test_top1"], final["test_balanced"]
     return (
         f"test top-1 {t1['mean']:.4f} +- {t1['std']:.4f}, balanced {bal['mean']:.4f} +- "
-        f"{bal['std']:.4f} ({len(final['runs'])} seeds)"
+        f"{bal['std']:.4f} ({len(final['runs'])} seed{'s' if len(final['runs']) != 1 else ''})"
     )
 
 

@@ -31,6 +31,7 @@ from biotune.callbacks import emit
 from biotune.core.fields import option
 from biotune.core.plan import FineTunePlan
 from biotune.data import random_resized_crop_flip
+from biotune.decoded import DecodedImages
 from biotune.errors import BioTuneError
 from biotune.freezing import apply_plan
 
@@ -46,6 +47,9 @@ DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 #: The device every training uses unless given one: auto, cpu, cuda, cuda:N or mps (``--device``
 #: sets it, so worker processes inherit it).
 DEVICE_ENV = "BIOTUNE_DEVICE"
+#: On an accelerator, training checks the loss for NaN or inf once per this many steps (and at
+#: the end of each epoch) rather than every step, so the host never waits for the device.
+FINITE_CHECK_STEPS = 16
 
 
 @dataclass(frozen=True)
@@ -54,7 +58,10 @@ class TrainConfig:
 
     ``patience`` p: training stops after p epochs in a row without a new best validation metric
     (the paper's meaning; 0 and 1 both stop at the first such epoch). Runs before 2026-11-30
-    waited p + 1 epochs.
+    waited p + 1 epochs. ``min_epochs_share`` s: no stop before ceil(s x epochs) epochs have run
+    (the count goes on meanwhile, so a run out of patience by then stops there); with a cosine
+    schedule, a stop at half the epochs leaves the rate at half its start and throws away the
+    low-rate epochs where fine-tuning often does best (``stops_early``).
 
     ``precision`` (``PRECISIONS``) replaced the ``amp`` flag: ``amp=True`` reads as "auto" and
     ``amp=False`` as "32", so stored configurations load. ``augment`` adds random resized crops
@@ -70,6 +77,15 @@ class TrainConfig:
         flag="--patience",
         type="int",
         help="early stopping: epochs in a row without a new best validation score before stopping",
+    )
+    min_epochs_share: float = option(
+        0.0,
+        flag="--min-epochs-share",
+        type="fraction",
+        metavar="SHARE",
+        help="early stopping: no stop before this share of the epochs has run (0.75: 6 of 8), "
+        "so that the cosine schedule's low-rate epochs are not thrown away; 0: stop whenever "
+        "the patience runs out",
     )
     batch_size: int = option(
         96, flag="--batch-size", type="positive_int", help="training batch size"
@@ -110,6 +126,9 @@ class TrainConfig:
                 raise BioTuneError(f"{name} must be a positive integer (got {getattr(self, name)})")
         if self.patience < 0:
             raise BioTuneError(f"patience must be >= 0 (got {self.patience})")
+        share = self.min_epochs_share
+        if isinstance(share, bool) or not (0 <= share <= 1):
+            raise BioTuneError(f"min_epochs_share must lie in [0, 1] (got {share!r})")
         if not (self.base_lr > 0 and math.isfinite(self.base_lr)):
             raise BioTuneError(f"base_lr must be a positive number (got {self.base_lr})")
         if self.weight_decay < 0:
@@ -132,7 +151,7 @@ class TrainConfig:
         d = asdict(self)
         if d["precision"] in ("auto", "32"):
             d["amp"] = d.pop("precision") == "auto"
-        for name in ("augment", "channels_last"):
+        for name in ("augment", "channels_last", "min_epochs_share"):
             if not d[name]:
                 del d[name]
         return d
@@ -279,6 +298,18 @@ def loader_options(device: torch.device) -> dict[str, Any]:
     return {"workers": min(8, max(1, (cores or 2) - 1)), "pin_memory": True}
 
 
+def sum_dtype(device: torch.device) -> torch.dtype:
+    """float64 for sums kept on the device (a Python float's precision, so a sum kept there
+    equals one taken step by step on the host); float32 on MPS, which has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def finite_check_steps(device: torch.device) -> int:
+    """Training steps between checks that the loss is finite. Each check waits for the device;
+    the CPU has nothing to wait for, so it checks every step (and stops before a bad step)."""
+    return 1 if device.type == "cpu" else FINITE_CHECK_STEPS
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -319,11 +350,16 @@ class BatchReader:
     computed at that batch's size. ``workers`` and ``pin_memory`` apply to datasets read lazily
     (``loader_options`` gives them for a device); one reader keeps one loader per dataset and
     batch size, whose workers live until ``close``, rather than starting anew every epoch.
+    Images decoded once (``decoded.DecodedImages``) are gathered and normalised on ``device``
+    (the CPU if None), so they need no loader and, on a GPU, no host work per batch.
     """
 
-    def __init__(self, workers: int = 0, pin_memory: bool = False) -> None:
+    def __init__(
+        self, workers: int = 0, pin_memory: bool = False, device: torch.device | None = None
+    ) -> None:
         self.workers = workers
         self.pin_memory = pin_memory
+        self.device = device
         self._loaders: dict[tuple[int, int], tuple[DataLoader, _Order]] = {}
 
     def __call__(
@@ -341,7 +377,17 @@ class BatchReader:
             tables = getattr(dataset, "by_batch_size", None) or {}
             for start in range(0, n, batch_size):
                 idx = order[start : start + batch_size]
-                yield tables.get(len(idx), images)[idx], labels[idx]
+                table = tables.get(len(idx), images)
+                batch = table[idx.to(table.device)]
+                if table.device.type == "cpu" and self.device and self.device.type == "cuda":
+                    batch = batch.pin_memory().to(self.device, non_blocking=True)
+                yield batch, labels[idx]
+            return
+        if isinstance(dataset, DecodedImages):
+            labels = torch.as_tensor(dataset.targets, dtype=torch.long, device=self.device)
+            for start in range(0, n, batch_size):
+                idx = order[start : start + batch_size]
+                yield dataset.batch(idx, self.device), labels[idx.to(labels.device)]
             return
         loader, sampler = self._loader(dataset, batch_size)
         sampler.order = order.tolist()
@@ -377,27 +423,27 @@ def batches(
     *,
     workers: int = 0,
     pin_memory: bool = False,
+    device: torch.device | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One pass of mini-batches over ``dataset`` (``BatchReader``, for a single pass)."""
-    reader = BatchReader(workers, pin_memory)
+    reader = BatchReader(workers, pin_memory, device)
     try:
         yield from reader(dataset, batch_size, shuffle, seed)
     finally:
         reader.close()
 
 
-def _autocast(device: torch.device, precision: str = "auto"):
+def autocast(device: torch.device, precision: str = "auto") -> torch.autocast:
+    """The autocast context of ``precision`` on ``device`` (``autocast_dtype``); a disabled one
+    for float32, so every forward pass is written the same way."""
     dtype = autocast_dtype(device, precision)
     if dtype is None:
         return torch.autocast("cpu", enabled=False)
     return torch.autocast(device.type, dtype=dtype)
 
 
-def _memory_format(config: TrainConfig) -> torch.memory_format:
-    return torch.channels_last if config.channels_last else torch.contiguous_format
-
-
-def _to(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+def to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """A batch moved to ``device``, in the channels-last memory format where asked (4-D only)."""
     x = x.to(device, non_blocking=True)
     return x.contiguous(memory_format=torch.channels_last) if channels_last and x.ndim == 4 else x
 
@@ -417,21 +463,24 @@ def predict(
     device = device or device_of(model)
     was_training = model.training
     model.eval()
-    preds, labels, loss_sum = [], [], 0.0
+    preds, labels = [], []
+    # Summed on the device, in the float64 a Python float sums in: no host sync per batch.
+    loss_sum = torch.zeros((), dtype=sum_dtype(device), device=device)
     if read is None:
-        passes = batches(dataset, batch_size, **loader_options(device))
+        passes = batches(dataset, batch_size, device=device, **loader_options(device))
     else:
         passes = read(dataset, batch_size)
     for x, y in passes:
-        with _autocast(device, precision):
-            out = model(_to(x, device, channels_last))
-        y_dev = y.to(device)
-        loss_sum += float(nn.functional.cross_entropy(out.float(), y_dev, reduction="sum"))
-        preds.append(out.argmax(1).cpu().numpy())
-        labels.append(y.numpy())
+        with autocast(device, precision):
+            out = model(to_device(x, device, channels_last))
+        y_dev = y.to(device, non_blocking=True)
+        loss = nn.functional.cross_entropy(out.float(), y_dev, reduction="sum")
+        loss_sum += loss.to(loss_sum.dtype)
+        preds.append(out.argmax(1))
+        labels.append(y)
     model.train(was_training)
-    p, t = np.concatenate(preds), np.concatenate(labels)
-    return p, t, loss_sum / max(len(t), 1)
+    p, t = torch.cat(preds).cpu().numpy(), torch.cat(labels).cpu().numpy()
+    return p, t, float(loss_sum) / max(len(t), 1)
 
 
 def evaluate(
@@ -494,7 +543,10 @@ def fine_tune(
     dtype = autocast_dtype(device, config.precision)
     # float16 needs loss scaling (its small gradients underflow); disabled, the scaler is a no-op.
     scaler = torch.amp.GradScaler("cuda", enabled=dtype is torch.float16 and device.type == "cuda")
-    read = BatchReader(**loader_options(device))
+    read = BatchReader(**loader_options(device), device=device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # batch shapes repeat: tuned kernels pay off
+    check_every = finite_check_steps(device)
     optimizer = make_optimizer(param_groups, config)
     for g in optimizer.param_groups:
         g.setdefault("initial_lr", g["lr"])
@@ -515,29 +567,35 @@ def fine_tune(
             hooks.on_epoch_start(
                 epoch, model, optimizer, lambda: batches(train_data, config.batch_size)
             )
-            loss_sum, seen, epoch_start = 0.0, 0, time.perf_counter()
+            seen, epoch_start = 0, time.perf_counter()
+            loss_sum = torch.zeros((), dtype=sum_dtype(device), device=device)
+            finite = torch.ones((), dtype=torch.bool, device=device)
             epoch_seed = seed * 1000 + epoch
             # Its own stream, apart from the shuffling's: the crops never move the batch order.
             crops = torch.Generator().manual_seed(epoch_seed + 2**32) if config.augment else None
-            for x, y in read(train_data, config.batch_size, shuffle=True, seed=epoch_seed):
-                x, y = _to(x, device, config.channels_last), y.to(device, non_blocking=True)
+            steps = read(train_data, config.batch_size, shuffle=True, seed=epoch_seed)
+            for step, (x, y) in enumerate(steps, 1):
+                x, y = to_device(x, device, config.channels_last), y.to(device, non_blocking=True)
                 if crops is not None:
                     x = random_resized_crop_flip(x, crops)
-                with _autocast(device, config.precision):
+                with autocast(device, config.precision):
                     out = model(x)
                     loss = nn.functional.cross_entropy(out.float(), y)
                 extra = hooks.penalty(model)
                 if extra is not None:
                     loss = loss + extra
-                if not torch.isfinite(loss):
+                finite &= torch.isfinite(loss.detach())
+                if step % check_every == 0 and not finite:
                     status = "diverged"
                     break
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
-                loss_sum += float(loss.detach()) * len(y)
+                loss_sum += loss.detach().to(loss_sum.dtype) * len(y)
                 seen += len(y)
+            if not finite:  # the steps since the last check
+                status = "diverged"
             train_images += seen
             if status == "diverged":
                 break
@@ -557,7 +615,7 @@ def fine_tune(
             history.append(
                 {
                     "epoch": epoch + 1,
-                    "train_loss": loss_sum / max(seen, 1),
+                    "train_loss": float(loss_sum) / max(seen, 1),
                     "val_top1": val.top1,
                     "val_balanced": val.balanced,
                     "val_loss": val.loss,
@@ -573,7 +631,7 @@ def fine_tune(
             if hooks.should_stop(epoch, metric):
                 status = "pruned"
                 break
-            if since_best and since_best >= config.patience:
+            if stops_early(config, epoch + 1, since_best):
                 break
     except torch.cuda.OutOfMemoryError:
         raise BioTuneError(_oom_message(config)) from None
@@ -597,6 +655,13 @@ def fine_tune(
         status=status,
         history=history,
     )
+
+
+def stops_early(config: TrainConfig, epochs_run: int, since_best: int) -> bool:
+    """Whether a run stops after ``epochs_run`` epochs, ``since_best`` of them in a row without
+    a new best: the patience has run out, and ``min_epochs_share`` of the schedule has run."""
+    least = math.ceil(config.min_epochs_share * config.epochs - 1e-9)
+    return since_best > 0 and since_best >= config.patience and epochs_run >= least
 
 
 def reinit_head(model: nn.Module, partition: BlockPartition, seed: int) -> None:

@@ -117,3 +117,64 @@ def test_a_search_with_rerank_chooses_on_validation_and_reuses_the_winning_run(t
     meta = json.loads((run / "finetuned.json").read_text())
     best_seed = max(finals, key=lambda r: r["val_balanced"])["seed"]
     assert meta["seed"] == best_seed
+
+
+class _Watch:
+    """Notes which final-training seeds start; with ``stop_at``, interrupts the search (as a
+    kill would) just after the re-ranking run of that rank is recorded."""
+
+    def __init__(self, stop_at: int | None = None) -> None:
+        self.stop_at = stop_at
+        self.final_starts: list[int] = []
+
+    def on_rerank_run(self, record: dict) -> None:
+        if record["rank"] == self.stop_at:
+            raise KeyboardInterrupt
+
+    def on_final_start(self, seed: int, epochs: int) -> None:
+        self.final_starts.append(seed)
+
+
+def _same_bench() -> Workbench:
+    """The same model every time (as a resumed search must find it)."""
+    import torch
+
+    torch.manual_seed(0)
+    return _bench()
+
+
+def _without_seconds(path) -> list[dict]:
+    return [
+        {k: v for k, v in json.loads(line).items() if k != "seconds"}
+        for line in path.read_text().splitlines()
+    ]
+
+
+def test_a_search_stopped_after_the_winning_rerank_run_never_trains_it_again(tmp_path):
+    config = replace(
+        default(),
+        evolution=EvolutionConfig(population_size=4, generations=1, elite=1),
+        protocol=replace(default().protocol, seeds=(0,), train=replace(TINY, epochs=1)),
+        final=TINY,
+        final_seeds=(0, 1),
+        rerank=2,
+        rerank_from="last",
+    )
+    whole = tmp_path / "whole"
+    watch = _Watch()
+    Search(config, whole, bench=_same_bench(), callbacks=[watch]).run_search()
+    assert watch.final_starts == [1]
+    reranked = [json.loads(x) for x in (whole / "rerank.jsonl").read_text().splitlines()]
+    assert len(reranked) == 2
+    winner = choose(reranked)["rank"]
+
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        Search(config, run, bench=_same_bench(), callbacks=[_Watch(stop_at=winner)]).run_search()
+    assert not (run / "final_runs.jsonl").exists()
+    watch = _Watch()
+    Search(config, run, bench=_same_bench(), callbacks=[watch]).run_search(resume=True)
+    assert watch.final_starts == [1]  # seed 0 is the winning re-ranking run, not trained again
+    for name in ("final_runs.jsonl", "rerank.jsonl"):
+        assert _without_seconds(run / name) == _without_seconds(whole / name)
+    assert (run / "model.safetensors").read_bytes() == (whole / "model.safetensors").read_bytes()

@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import make_tiny_cnn, make_tiny_data
 
 from biotune.blocks import Block, BlockPartition, partition_blocks
@@ -45,6 +46,8 @@ TIME_KEYS = {"seconds", "wall_seconds"}
 
 
 def make_bench(train_size: int = 48, partition: BlockPartition | None = None) -> Workbench:
+    """The same model and data every time, as a resumed search must find them."""
+    torch.manual_seed(0)
     model = make_tiny_cnn()
     val = make_tiny_data(24, seed=1)
     splits = DatasetSplits("tiny", ["a", "b", "c"], make_tiny_data(train_size), val, val, 8)
@@ -167,6 +170,24 @@ def test_resume_on_other_blocks_is_refused_up_front(tmp_path, merge):
     assert "\n" not in message
     assert ("removed 0, 1; added 0+1" if merge else "changed 0, 1") in message
     assert (run_dir / EVALUATIONS).read_text() == records
+
+
+def test_resume_with_other_weights_of_the_same_model_is_refused(tmp_path):
+    run_dir = tmp_path / "run"
+    _interrupted_small(run_dir)
+    other = make_bench()
+    with torch.no_grad():
+        other.model[1][0].weight.add_(0.01)  # the same architecture, one weight moved
+    records = (run_dir / EVALUATIONS).read_text()
+    with pytest.raises(BioTuneError, match="the model's weights .* changed") as err:
+        Search(SMALL, run_dir, bench=other).run_search(resume=True, final=False)
+    assert "\n" not in str(err.value)
+    assert (run_dir / EVALUATIONS).read_text() == records
+    head = make_bench()
+    with torch.no_grad():
+        head.model[4].weight.add_(0.01)  # the new head is re-drawn per seed: it does not count
+    result = Search(SMALL, run_dir, bench=head).run_search(resume=True, final=False)
+    assert len(result.evaluations) == SMALL.evolution.total_evaluations
 
 
 def test_run_directory_without_a_stored_partition_still_resumes(tmp_path):
@@ -323,6 +344,31 @@ def test_a_corrupt_middle_line_keeps_the_later_records_and_warns_once(tmp_path):
     assert len(caught) == 1
     assert str(path) in str(caught[0].message) and "line 2" in str(caught[0].message)
     assert path.read_text() == "".join(lines)  # only the torn tail was cut
+
+
+@pytest.mark.parametrize("damage", ["cut-short last line", "corrupt middle line"])
+def test_a_damaged_record_of_a_finished_search_is_evaluated_again_on_resume(
+    uninterrupted, tmp_path, damage
+):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(uninterrupted, run_dir)
+    path = run_dir / EVALUATIONS
+    lines = path.read_text().splitlines(keepends=True)
+    if damage == "cut-short last line":
+        lines[-1] = lines[-1][: len(lines[-1]) // 2]
+    else:
+        lines[3] = lines[3][:20] + "\x00\n"
+    path.write_text("".join(lines))
+    with pytest.warns(UserWarning, match="skipped 1 corrupt"):
+        result = Search(CONFIG, run_dir, bench=make_bench()).run_search(resume=True, final=False)
+    assert len(result.evaluations) == CONFIG.evolution.total_evaluations
+    with warnings.catch_warnings():  # a corrupt middle line stays where it was, skipped
+        warnings.simplefilter("ignore")
+        records = RunDirectory(run_dir).evaluations()
+    assert _without_seconds(records) == _without_seconds(_lines(uninterrupted))
+    assert _counted(run_dir) == _counted(uninterrupted)
 
 
 def test_a_record_without_genes_is_a_one_line_error(tmp_path):

@@ -9,8 +9,10 @@ options from config dataclass fields (``core.fields.option``) and maps them back
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import warnings
+from collections.abc import Sequence
 
 from biotune.errors import BioTuneError
 
@@ -21,8 +23,40 @@ EXIT_INTERRUPTED = 130
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (which option, what was expected), exit 2."""
 
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        self._argv = list(sys.argv[1:] if args is None else args)  # for ``_negative_value``
+        return super().parse_known_args(args, namespace)
+
     def error(self, message: str) -> None:  # type: ignore[override]
+        message = self._negative_value(message) or message
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def _negative_value(self, message: str) -> str | None:
+        """argparse takes a value such as ``-5%`` after an option for another option and says
+        "expected one argument"; say what is wrong with the value instead."""
+        found = re.fullmatch(r"argument (\S+): expected one argument", message)
+        argv = getattr(self, "_argv", [])
+        if found is None:
+            return None
+        flags = found.group(1).split("/")
+        action = next((a for a in self._actions if set(a.option_strings) & set(flags)), None)
+        at = next((i for i, token in enumerate(argv) if token in flags), None)
+        if action is None or at is None or at + 1 >= len(argv):
+            return None
+        value = argv[at + 1]
+        if not re.match(r"-\.?\d", value):
+            return None
+        try:
+            if callable(action.type):
+                action.type(value)
+        except argparse.ArgumentTypeError as exc:
+            return f"argument {found.group(1)}: {exc}"
+        except ValueError:  # argparse's own words for a plain type (int, float)
+            name = getattr(action.type, "__name__", "")
+            return f"argument {found.group(1)}: invalid {name} value: {value!r}"
+        return f"argument {found.group(1)}: a value that starts with '-' goes as {flags[0]}={value}"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,5 +104,5 @@ def main(argv: list[str] | None = None) -> int:
         print(f"biotune: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("\nbiotune: interrupted", file=sys.stderr)
+        print("biotune: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

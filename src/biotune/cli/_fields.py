@@ -118,7 +118,7 @@ def show(f: dataclasses.Field, value: Any) -> str:
     if isinstance(value, bool):
         return "on" if value else "off"
     if isinstance(value, float):
-        return f"{value:.3g}"
+        return f"{value:g}"
     if isinstance(value, tuple):
         return ",".join(show(f, v) for v in value)
     return str(value)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -79,14 +80,21 @@ def add_quiet_option(p: argparse.ArgumentParser) -> None:
 # -- model and data ---------------------------------------------------------------------------
 
 
-def add_data_options(p: argparse.ArgumentParser) -> None:
-    """The ``DataConfig`` options, ``--native-size``, ``--full-data`` and ``--blocks``."""
+#: What ``biotune train`` says of a default that a run's best_plan.json replaces.
+FROM_PLAN = "; with a run's best_plan.json: the one it was searched with"
+
+
+def add_data_options(p: argparse.ArgumentParser, from_plan: bool = False) -> None:
+    """The ``DataConfig`` options, ``--native-size``, ``--full-data`` and ``--blocks``;
+    ``from_plan``: the help says that a run's plan supplies the model and data."""
     from biotune.data import DEMO_SIZES
     from biotune.runner.config import DataConfig
 
     defaults = {"default": DataConfig()}
+    plan = FROM_PLAN if from_plan else ""
+    notes = {name: plan for name in ("model", "dataset", "image_size", "split_seed")}
     demo = {
-        name: f"; the offline demo datasets: {size}"
+        name: f"; the offline demo datasets: {size}{plan}"
         for name, size in zip(("train_size", "val_size", "test_size"), DEMO_SIZES, strict=True)
     }
     g = p.add_argument_group("model and data")
@@ -95,15 +103,18 @@ def add_data_options(p: argparse.ArgumentParser) -> None:
         DataConfig,
         ("model", "checkpoint", "pretrained", "dataset", "data_root", "download", "image_size"),
         defaults,
+        notes=notes,
     )
     g.add_argument(
         "--native-size",
         action="store_true",
-        help="use the model's native input resolution (224 for ResNet-50)",
+        help="the model's native input resolution, the offline demo datasets too (224 for "
+        "EfficientNet-Lite0 and ResNet-50, 260 for Lite2): what a dataset other than the demos "
+        "gets without --image-size",
     )
     add_field_options(g, DataConfig, ("train_size", "val_size", "test_size"), defaults, notes=demo)
     g.add_argument("--full-data", action="store_true", help="use the whole splits (no subsampling)")
-    add_field_options(g, DataConfig, ("split_seed", "bad_images"), defaults)
+    add_field_options(g, DataConfig, ("split_seed", "bad_images"), defaults, notes=notes)
     g.add_argument(
         "--blocks",
         metavar="FILE.json",
@@ -118,7 +129,9 @@ def data_config(args: argparse.Namespace, base: Any) -> Any:
     config = apply_fields(args, base)
     changes: dict[str, Any] = {}
     if getattr(args, "native_size", False):
-        changes["image_size"] = None
+        from biotune.models import native_image_size
+
+        changes["image_size"] = native_image_size(config.model)
     if getattr(args, "full_data", False):
         changes.update(train_size=None, val_size=None, test_size=None, full_data=True)
     if getattr(args, "blocks", None):
@@ -131,7 +144,7 @@ def data_config(args: argparse.Namespace, base: Any) -> Any:
 # -- a training recipe ------------------------------------------------------------------------
 
 #: The ``TrainConfig`` fields of a training recipe's options (``--epochs``, ``--lr``, ...).
-RECIPE = ("epochs", "patience", "batch_size", "base_lr", "optimizer")
+RECIPE = ("epochs", "patience", "min_epochs_share", "batch_size", "base_lr", "optimizer")
 #: The ``TrainConfig`` fields of the machine options: one switch for every training of a command.
 MACHINE = ("precision", "channels_last")
 
@@ -142,11 +155,13 @@ def add_training_options(
     what: str,
     defaults: Mapping[str, Any],
     names: tuple[str, ...] = RECIPE,
+    notes: Mapping[str, str] | None = None,
 ) -> None:
-    """Options of one training recipe; ``defaults`` names the TrainConfigs their help quotes."""
+    """Options of one training recipe; ``defaults`` names the TrainConfigs their help quotes,
+    ``notes`` adds to a field's default what only the command knows."""
     from biotune.training import TrainConfig
 
-    add_field_options(p.add_argument_group(what), TrainConfig, names, defaults, prefix)
+    add_field_options(p.add_argument_group(what), TrainConfig, names, defaults, prefix, notes)
 
 
 def train_config(args: argparse.Namespace, prefix: str, base: Any) -> Any:
@@ -158,9 +173,12 @@ def train_config(args: argparse.Namespace, prefix: str, base: Any) -> Any:
 # -- the machine ------------------------------------------------------------------------------
 
 
-def add_machine_options(p: argparse.ArgumentParser, augment: str | None) -> None:
+def add_machine_options(
+    p: argparse.ArgumentParser, augment: str | None, eval_threads: bool = False
+) -> None:
     """--device, --precision, --threads, --channels-last and (where ``augment`` says what it
-    augments) --augment: the same switches for every command that trains."""
+    augments) --augment: the same switches for every command that trains; ``eval_threads``:
+    the command has --eval-threads too (``biotune search``)."""
     from biotune.training import TrainConfig
 
     g = p.add_argument_group("device and precision")
@@ -169,8 +187,9 @@ def add_machine_options(p: argparse.ArgumentParser, augment: str | None) -> None
     g.add_argument(
         "--threads",
         type=positive_int,
-        help="torch CPU threads for training in this process (default: torch's "
-        "choice, all cores); a search's evaluations keep their own (--eval-threads)",
+        help="torch CPU threads for training in this process (default: torch's choice, all "
+        "cores)"
+        + ("; the search's evaluations keep their own (--eval-threads)" if eval_threads else ""),
     )
     add_field_options(g, TrainConfig, ("channels_last",), {"default": TrainConfig()})
     if augment:
@@ -243,5 +262,20 @@ def check_writable(path: Path, option: str) -> None:
         folder = folder.parent
     if not folder.is_dir():
         raise BioTuneError(f"{option} {path}: cannot write there ({folder} is not a directory)")
-    if not os.access(folder, os.W_OK | os.X_OK):  # the file is written next to it, then moved
-        raise BioTuneError(f"{option} {path}: cannot write in {folder} (permission denied)")
+    try:  # a nameless probe file: the OS says why (read-only file system, permission, space)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as exc:
+        reason = (exc.strerror or str(exc)).lower()
+        raise BioTuneError(f"{option} {path}: cannot write in {folder} ({reason})") from None
+
+
+def write_text(path: Path, text: str, option: str) -> None:
+    """Write an output file whole or not at all (its missing folders made), or say why not."""
+    from biotune.runner.rundir import write_text_atomic
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, text)
+    except OSError as exc:
+        reason = (exc.strerror or str(exc)).lower()
+        raise BioTuneError(f"{option} {path}: cannot write ({reason})") from None

@@ -15,7 +15,12 @@ def add_blocks_parser(sub: Any) -> argparse.ArgumentParser:
         help="show how a model is split into blocks",
         description="Print a model's blocks with parameter counts and shares.",
     )
-    b.add_argument("model", nargs="?", default="efficientnet_lite0", help="model name")
+    b.add_argument(
+        "model",
+        nargs="?",
+        default="efficientnet_lite0",
+        help="model name, as biotune search --model takes it (default efficientnet_lite0)",
+    )
     b.add_argument(
         "--num-classes",
         type=positive_int,

@@ -28,9 +28,11 @@ from biotune.compare import (
     ALL_METHODS,
     BIOTUNE_PRESETS,
     DEFAULT_LR_GRID,
+    DEFAULT_METHODS,
     DEFAULT_SEEDS,
     OUTPUTS,
     ROWS,
+    RUNS,
     SearchScale,
     compare,
     markdown_table,
@@ -39,7 +41,7 @@ from biotune.compare import (
 #: Prefix of each BioTune method's scaling options (--paper-population, ...).
 SCALE_FLAGS = {"biotune": "biotune", "biotune-paper": "paper"}
 #: The training recipe's options: the learning rate is chosen from --lr-grid instead.
-RECIPE = ("epochs", "patience", "batch_size", "optimizer")
+RECIPE = ("epochs", "patience", "min_epochs_share", "batch_size", "optimizer")
 
 
 def _float_list(text: str) -> tuple[float, ...]:
@@ -76,14 +78,17 @@ def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
         "the same learning-rate grid (chosen per method on validation), over several seeds; "
         "write a table (markdown, CSV, JSON) and a plot of accuracy against trainable "
         "parameters. BioTune rows search a plan first and report the search's cost. Each "
-        f"finished method's row is kept in OUT/{ROWS}/METHOD.json: the same command run again "
-        "skips finished methods and refuses rows made with other settings.",
+        f"finished training run is kept in OUT/{RUNS}/METHOD/ and each finished method's row in "
+        f"OUT/{ROWS}/METHOD.json: the same command run again skips them and refuses results "
+        "made with other settings.",
     )
     p.add_argument(
         "--methods",
         type=_method_list,
-        default=list(ALL_METHODS),
-        help=f"comma-separated, from {','.join(ALL_METHODS)} (default: all)",
+        default=list(DEFAULT_METHODS),
+        help=f"comma-separated, from {','.join(ALL_METHODS)} (default: all but "
+        "biotune-paper, the paper's whole protocol: 170 evaluations x 3 seeds of up to 30 "
+        "epochs; its --paper-* options scale it down)",
     )
     add_seed_options(p, "", "seeds of the final runs", seeds_text({"": DEFAULT_SEEDS}))
     p.add_argument(
@@ -95,8 +100,8 @@ def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--out",
-        help="output folder (default runs/compare-DATASET-MODEL-TIME); "
-        "finished methods and BioTune searches found there are resumed",
+        help="output folder (default runs/compare-DATASET-MODEL-TIME); finished methods, "
+        "training runs and BioTune searches found there are kept",
     )
     add_quiet_option(p)
     add_data_options(p)

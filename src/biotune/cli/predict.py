@@ -8,11 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from biotune.cli._fields import positive_int
-from biotune.cli._options import add_device_option, check_writable
+from biotune.cli._options import add_device_option, check_writable, write_text
 
 
 def add_predict_parser(sub: Any) -> argparse.ArgumentParser:
     """``biotune predict``: sets ``func=cmd_predict``."""
+    from biotune.runner.config import BAD_IMAGES
+
     pr = sub.add_parser(
         "predict",
         help="classify images with a fine-tuned model",
@@ -30,27 +32,37 @@ def add_predict_parser(sub: Any) -> argparse.ArgumentParser:
         default=64,
         help="images read and classified at a time (default: 64)",
     )
+    pr.add_argument(
+        "--bad-images",
+        choices=BAD_IMAGES,
+        default="skip",
+        help="image files that cannot be read (corrupt, truncated, or over PIL's "
+        "decompression-bomb limit): skip them with a warning (default) or stop with an error",
+    )
     pr.set_defaults(func=cmd_predict)
     return pr
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     import csv
+    import io
 
     from biotune.finetuned import image_files, load_finetuned, predict_files
     from biotune.training import default_device, resolve_device
 
+    out = Path(args.csv) if args.csv else None
+    if out is not None:  # before any image is classified
+        check_writable(out, "--csv")
     device = resolve_device(args.device) if args.device else default_device()
     files = image_files(args.images)
     finetuned = load_finetuned(args.model_dir, device=device)
-    rows = predict_files(finetuned, files, batch_size=args.batch_size)
-    if args.csv:
-        out = Path(args.csv)
-        check_writable(out, "--csv")
-        with open(out, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["file", "class", "index", "probability"])
-            writer.writeheader()
-            writer.writerows(rows)
+    rows = predict_files(finetuned, files, batch_size=args.batch_size, bad_images=args.bad_images)
+    if out is not None:
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=["file", "class", "index", "probability"])
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text(out, text.getvalue(), "--csv")
         print(f"{len(rows)} predictions written to {out}", file=sys.stderr)
     else:
         for r in rows:

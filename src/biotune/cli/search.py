@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
+import shlex
 import sys
 import time
 from dataclasses import replace
@@ -13,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from biotune.cli import EXIT_INTERRUPTED
-from biotune.cli._fields import add_field_options, apply_fields, positive_int
+from biotune.cli._fields import add_field_options, apply_fields, field_changes, positive_int
 from biotune.cli._options import (
     add_budget_options,
     add_data_options,
@@ -74,7 +76,20 @@ def add_search_parser(sub: Any) -> argparse.ArgumentParser:
         "there (--preset is refused; other options must match it; --run-dir, if "
         "given, must be RUN_DIR)",
     )
-    add_field_options(s, SearchConfig, ("seed", "rerank", "rerank_from"), presets)
+    add_field_options(
+        s,
+        SearchConfig,
+        (
+            "seed",
+            "rerank",
+            "rerank_from",
+            "promote",
+            "promote_epochs",
+            "sampler",
+            "max_ft_equivalents",
+        ),
+        presets,
+    )
     s.add_argument(
         "--no-final",
         action="store_true",
@@ -111,17 +126,21 @@ def add_search_parser(sub: Any) -> argparse.ArgumentParser:
     g = s.add_argument_group("evolution")
     evolutions = {label: c.evolution for label, c in presets.items()}
     add_field_options(g, EvolutionConfig, ("population_size", "generations", "elite"), evolutions)
+    batches = {label: c.evolution.children_batch or 0 for label, c in presets.items()}
     g.add_argument(
         "--children-batch",
         type=int,
-        help="children made per step: 1 = the paper's sequential order; 0 = all "
-        "children of a generation at once (parallel)",
+        help="children made per step: 1 = the paper's sequential order (the mating pool "
+        "changes after every child); 0 = all children of a generation at once, so that they "
+        "can be trained in parallel ("
+        + "; ".join(f"{label}: {value}" for label, value in batches.items())
+        + ")",
     )
-    add_field_options(g, EvolutionConfig, ("anchors", "initial_size"), evolutions)
+    add_field_options(g, EvolutionConfig, ("anchors", "anchor_set", "initial_size"), evolutions)
 
     g = s.add_argument_group("fitness protocol")
     protocols = {label: c.protocol for label, c in presets.items()}
-    add_field_options(g, SearchProtocol, ("data_fraction",), protocols)
+    add_field_options(g, SearchProtocol, ("data_fraction", "fold_policy"), protocols)
     add_seed_options(
         g,
         "",
@@ -137,7 +156,12 @@ def add_search_parser(sub: Any) -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="stop a child's training early when it is clearly worse than this "
-        "generation's elites at the same epoch",
+        "generation's elites at the same epoch ("
+        + "; ".join(
+            f"{label}: {'on' if c.protocol.prune is not None else 'off'}"
+            for label, c in presets.items()
+        )
+        + ")",
     )
     add_field_options(g, PruneConfig, ("quantile",), {"default": PruneConfig()})
     add_field_options(g, SearchProtocol, ("cpu_threads",), protocols)
@@ -160,7 +184,9 @@ def add_search_parser(sub: Any) -> argparse.ArgumentParser:
         "seeds of the final training of the best plan",
         seeds_text({label: c.final_seeds for label, c in presets.items()}),
     )
-    add_machine_options(s, augment="the final training (not the search's evaluations)")
+    add_machine_options(
+        s, augment="the final training (not the search's evaluations)", eval_threads=True
+    )
     add_budget_options(s, presets)
     s.set_defaults(func=cmd_search)
     return s
@@ -194,20 +220,24 @@ def search_config(args: argparse.Namespace, base: Any) -> Any:
     if args.augment:
         final = replace(final, augment=True)
     final_seeds = seeds_from(args, "final-")
-    config = replace(
-        apply_fields(args, base),
+    # One replace, so that checks between fields (e.g. --sampler with --fold-policy) see the
+    # whole configuration.
+    return replace(
+        base,
+        **field_changes(args, type(base)),
         data=data_config(args, base.data),
         evolution=evolution,
         protocol=protocol,
         final=final,
+        budget=apply_fields(args, base.budget),
         **({"final_seeds": final_seeds} if final_seeds is not None else {}),
     )
-    return replace(config, budget=apply_fields(args, config.budget))
 
 
 def read_config(path: str) -> Any:
     """A search configuration file: JSON (or YAML, if PyYAML is installed) in the schema of a run
     directory's config.json, either that whole file or its "search" part."""
+    from biotune.core.fields import refuse_unknown
     from biotune.runner.config import SearchConfig
 
     try:
@@ -224,8 +254,11 @@ def read_config(path: str) -> Any:
             ) from None
         try:
             data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise BioTuneError(f"--config {path}: malformed YAML: {exc}") from None
+        except yaml.YAMLError as exc:  # its message spans lines: where, and what went wrong
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise BioTuneError(f"--config {path}: malformed YAML{where}: {problem}") from None
     else:
         try:
             data = json.loads(text)
@@ -233,24 +266,24 @@ def read_config(path: str) -> Any:
             raise BioTuneError(
                 f"--config {path}: malformed JSON at line {exc.lineno}: {exc.msg}"
             ) from None
-    if isinstance(data, dict) and isinstance(data.get("search"), dict):
+    if isinstance(data, dict) and "search" in data:  # a run's whole config.json
+        refuse_unknown(data, ("biotune", "search", "fingerprints"), f"--config {path}")
         data = data["search"]
+    elif isinstance(data, dict):  # its "search" part (a misspelt "search" gets a hint too)
+        known = [f.name for f in dataclasses.fields(SearchConfig)]
+        refuse_unknown(data, [*known, "search"], f"--config {path}")
     try:
         return SearchConfig.from_dict(data)
     except BioTuneError as exc:
         raise BioTuneError(f"--config {path}: {exc}") from None
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise BioTuneError(
-            f"--config {path}: not a search configuration (the schema of a run's "
-            f"config.json): {type(exc).__name__} {exc}"
-        ) from None
 
 
 def print_final(final: dict[str, Any]) -> None:
     t1, bal = final["test_top1"], final["test_balanced"]
+    seeds = len(final["runs"])
     print(
         f"test top-1 {t1['mean']:.4f} +- {t1['std']:.4f} | balanced {bal['mean']:.4f} +- "
-        f"{bal['std']:.4f} | {len(final['runs'])} seeds | trainable "
+        f"{bal['std']:.4f} | {seeds} seed{'s' if seeds != 1 else ''} | trainable "
         f"{100 * final['trainable_share']:.1f}% of parameters"
     )
 
@@ -276,8 +309,8 @@ def _interrupted(run_dir: Path, created: bool) -> None:
 
     if (run_dir / CONFIG).exists():
         print(
-            f"\ninterrupted: every finished evaluation is saved; resume with\n"
-            f"  biotune search --resume {run_dir}",
+            "biotune: interrupted; everything finished is saved, resume with: "
+            f"biotune search --resume {shlex.quote(str(run_dir))}",
             file=sys.stderr,
         )
         return
@@ -286,14 +319,15 @@ def _interrupted(run_dir: Path, created: bool) -> None:
             if all(p.name == LOCK for p in run_dir.iterdir()):
                 (run_dir / LOCK).unlink(missing_ok=True)
                 run_dir.rmdir()
-    print("\ninterrupted before the search started: nothing to resume", file=sys.stderr)
+    print("biotune: interrupted before the search started: nothing to resume", file=sys.stderr)
 
 
 def cmd_search(args: argparse.Namespace) -> int:
     from biotune.callbacks import CSVLogger, TensorBoardLogger
+    from biotune.core.cost import ft_unit
     from biotune.presets import preset
     from biotune.progress import SearchProgress
-    from biotune.reports import score_name
+    from biotune.reports import validation_text
     from biotune.runner.config import SearchConfig
     from biotune.runner.rundir import CONFIG, RunDirectory
     from biotune.runner.search import Search
@@ -304,7 +338,11 @@ def cmd_search(args: argparse.Namespace) -> int:
         stored = run.read(CONFIG) if run.exists() else None
         if stored is None:
             raise BioTuneError(f"--resume {args.resume}: no search found in that directory")
-        base = SearchConfig.from_dict(stored["search"])
+        try:
+            search = stored.get("search") if isinstance(stored, dict) else None
+            base = SearchConfig.from_dict(search)
+        except BioTuneError as exc:
+            raise BioTuneError(f"--resume {args.resume}: {CONFIG}: {exc}") from None
         run_dir = Path(args.resume)
     elif args.config:
         if args.preset:
@@ -351,26 +389,15 @@ def cmd_search(args: argparse.Namespace) -> int:
     cost = summary["cost"]
     from biotune.runner.rundir import RunDirectory
 
-    reranked = RunDirectory(run_dir).rerank_runs()
-    if "rerank" in cost and reranked:
-        from biotune.runner.rerank import choose
-
-        won = choose(list(reranked.values()))
-        print(
-            f"best plan (re-ranked among {len(reranked)}: validation balanced accuracy "
-            f"{won['val_balanced']:.4f} after the final recipe; {score_name(metric)} "
-            f"{1 - result.best_fitness:.4f} in the search): {result.best_plan.describe()}"
-        )
-    else:
-        print(
-            f"best plan (validation {score_name(metric)} {1 - result.best_fitness:.4f} on the "
-            f"last generation's fold): {result.best_plan.describe()}"
-        )
+    reranked = list(RunDirectory(run_dir).rerank_runs().values()) if "rerank" in cost else []
+    print(f"best plan: {result.best_plan.describe()}")
+    print(f"  {validation_text(reranked, metric, result.best_fitness)}")
     rerank = cost.get("rerank")
     rerank_note = f", {rerank['plans']} re-ranking runs included" if rerank else ""
     print(
         f"search: {cost['evaluations']} evaluations, {cost['seconds']:.0f}s of training, "
-        f"{cost['ft_equivalents']:.2f} FT-equivalents{rerank_note}"
+        f"{cost['ft_equivalents']:.2f} FT-equivalents{rerank_note} (one FT-equivalent: "
+        f"{ft_unit(config.protocol.train.epochs)})"
     )
     if result.final:
         print_final(result.final)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from biotune.cli._options import (
+    FROM_PLAN,
     add_data_options,
     add_machine_options,
     add_quiet_option,
@@ -49,21 +50,28 @@ def add_train_parser(sub: Any) -> argparse.ArgumentParser:
         help="save the fine-tuned model (the seed best on validation) in DIR: "
         "model.safetensors and finetuned.json, for biotune predict",
     )
-    add_data_options(t)
-    add_training_options(t, "", "training", {"default": FINAL_TRAINING})
+    add_data_options(t, from_plan=True)
+    add_training_options(
+        t, "", "training", {"default": FINAL_TRAINING}, notes={"base_lr": FROM_PLAN}
+    )
     add_quiet_option(t)
     add_machine_options(t, augment="the training")
     t.set_defaults(func=cmd_train)
     return t
 
 
-def _plan_origin(path: str) -> dict[str, Any]:
-    """What a best_plan.json says about where it came from (empty for a bare plan file)."""
+def _plan_origin(path: str) -> Any:
+    """Where a best_plan.json came from (a ``PlanOrigin``; None for a bare plan file), checked
+    like the plan itself; the plan was read already, so the file is readable JSON."""
+    from biotune.runner.config import PlanOrigin
+
+    raw = json.loads(Path(path).read_text())
+    if "origin" not in raw:
+        return None
     try:
-        raw = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return raw.get("origin", {}) if isinstance(raw, dict) else {}
+        return PlanOrigin.from_dict(raw["origin"])
+    except BioTuneError as exc:
+        raise BioTuneError(f"plan {path}: {exc}") from None
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -74,18 +82,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     from biotune.runner.config import DataConfig
     from biotune.runner.final import final_training_run, save_model, summarize_final
     from biotune.runner.rundir import write_json_atomic
-    from biotune.runner.workbench import partition_record, prepare
+    from biotune.runner.workbench import architecture_blocks, partition_record, prepare
 
     # Everything that can be refused is checked before the data are loaded or a model trains.
     plan = None if args.plan in ("full", "head", "linear") else FineTunePlan.load(args.plan)
-    origin = _plan_origin(args.plan) if plan is not None else {}
+    origin = _plan_origin(args.plan) if plan is not None else None
     out = Path(args.out) if args.out else None
     if out is not None:
         check_writable(out, "--out")
     save = Path(args.save) if args.save else None
     if save is not None:
         check_writable(save / "finetuned.json", "--save")
-    base_data = DataConfig(**origin["data"]) if origin.get("data") else DataConfig()
+    base_data = origin.data if origin and origin.data else DataConfig()
     if base_data.dataset.startswith("user:") and not args.dataset:
         raise BioTuneError(
             f"plan {args.plan} was searched on data given in Python "
@@ -97,8 +105,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"({base_data.model}): name a model with --model"
         )
     base_train = FINAL_TRAINING
-    if origin.get("base_lr") and getattr(args, "lr", None) is None:
-        base_train = replace(FINAL_TRAINING, base_lr=float(origin["base_lr"]))
+    if origin and origin.base_lr and getattr(args, "lr", None) is None:
+        base_train = replace(FINAL_TRAINING, base_lr=origin.base_lr)
     config = train_config(args, "", base_train)
     if args.augment:
         config = replace(config, augment=True)
@@ -111,16 +119,19 @@ def cmd_train(args: argparse.Namespace) -> int:
             f"{config.base_lr:g} (options given override them)",
             file=sys.stderr,
         )
+    if plan is not None:  # before the data load, and before weights are downloaded
+        plan.check_fits(architecture_blocks(data), source=f"plan {args.plan}")
     bench = prepare(data)
     print(f"data: {bench.splits.describe()}", file=sys.stderr)
     names = bench.partition.names
     if plan is not None:
         plan.check_fits(bench.partition, source=f"plan {args.plan}")
-        stored = origin.get("partition", {}).get("fingerprint")
+        stored = origin.partition.fingerprint if origin and origin.partition else None
         if stored and stored != partition_record(bench)["fingerprint"]:
+            searched_on = origin.data.model if origin.data else "unknown"
             raise BioTuneError(
                 f"plan {args.plan} was made for other blocks of the same names "
-                f"(model {origin.get('data', {}).get('model')}): its genes would "
+                f"(model {searched_on}): its genes would "
                 "steer other parameters; use the model it was searched on"
             )
     elif args.plan == "full":

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from biotune.core.fields import option
+from biotune.core.fields import checked_fields, option
 from biotune.core.plan import decode_genome
 from biotune.core.records import WORST_FITNESS, Evaluation, Status
 from biotune.errors import BioTuneError
@@ -112,9 +112,10 @@ class BudgetConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> BudgetConfig:
-        """From ``config.json``; a configuration stored before budgets existed has none."""
-        return cls(**(data or {}))
+    def from_dict(cls, data: Any, where: str = "budget") -> BudgetConfig:
+        """From ``config.json``, types checked; a configuration stored before budgets existed
+        has none."""
+        return cls(**checked_fields(cls, {} if data is None else data, where))
 
     def describe(self) -> str:
         parts = []
@@ -179,14 +180,16 @@ class SearchBudget:
         }
 
     def check_feasible(self) -> None:
-        """Refuse a budget no plan fits: not even the cheapest one-block plan."""
+        """Refuse a budget no plan fits: not even the cheapest one-block plan, cheapest by the
+        budget itself (the block with the fewest parameters may need the most memory: the
+        early blocks' activations are the largest)."""
         if not self.config.limited:
             return
         n = len(self.costs.partition)
         singles = [tuple(i == b for i in range(n)) for b in range(n)]
         if any(self.fits_mask(m) for m in singles):
             return
-        cheapest = min(singles, key=self.costs.trainable_params)
+        cheapest = min(singles, key=self._overrun)
         name = self.costs.partition.names[cheapest.index(True)]
         what = [f"{100 * self.costs.trainable_share(cheapest):.3g}% of the parameters"]
         if self.config.max_memory_mb is not None:
@@ -195,6 +198,15 @@ class SearchBudget:
             f"no plan fits the budget ({self.config.describe()}): the cheapest, training only "
             f"'{name}', needs {' and '.join(what)}"
         )
+
+    def _overrun(self, mask: tuple[bool, ...]) -> float:
+        """How far a trained set is over its budgets: the largest ratio of cost to limit."""
+        ratios = []
+        if self.config.max_trainable is not None:
+            ratios.append(self.costs.trainable_share(mask) / self.config.max_trainable)
+        if self.config.max_memory_mb is not None:
+            ratios.append(self.costs.memory_mb(mask) / self.config.max_memory_mb)
+        return max(ratios)
 
     def record(self, genes: Any) -> dict[str, Any]:
         """The cost entry of an evaluation record (``PlanCosts.record``)."""

@@ -48,6 +48,15 @@ def ft_work(flops: Sequence[float], n_train: int, n_val: int, epochs: int) -> fl
     return run_work(flops, 0, 0, n_train * epochs, n_val * epochs)
 
 
+def ft_unit(epochs: int) -> str:
+    """What one FT-equivalent of an ``epochs`` budget is, in words; a count of them is always
+    quoted with its budget ("22.6 FT-eq (2 epochs)"), since units of different budgets differ."""
+    return (
+        f"full fine-tuning of the whole training split for {epochs} epoch"
+        f"{'s' if epochs != 1 else ''}, validation included"
+    )
+
+
 def search_cost(
     evaluations: Sequence[dict[str, Any]], unit: float, wall_seconds: float | None = None
 ) -> dict[str, Any]:

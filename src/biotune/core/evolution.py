@@ -30,10 +30,12 @@ import numpy as np
 
 from biotune.core.fields import option
 from biotune.core.pareto import dominates, non_dominated, pareto_order
+from biotune.core.plan import BlockSetting, FineTunePlan, encode_plan
 from biotune.core.records import Role
 from biotune.errors import BioTuneError
 
 OBJECTIVES = ("accuracy", "pareto")
+ANCHOR_SETS = ("basic", "wide")
 _STATE_FORMAT = 1
 #: Random genomes in a row that no repair brings within the budget before the search gives up.
 _MAX_REDRAWS = 1000
@@ -87,6 +89,14 @@ class EvolutionConfig:
         help="start the population from full fine-tuning, the top half and linear probing "
         "instead of random genomes",
     )
+    anchor_set: str = option(
+        "basic",
+        flag="--anchor-set",
+        choices=ANCHOR_SETS,
+        help="which anchors --anchors starts from: 'basic', full fine-tuning, the top half and "
+        "linear probing at the base lr; 'wide', those plus full fine-tuning at x0.3 and x3, "
+        "layer-wise lr decay 0.8 and linear probing at x10 (see anchor_genes)",
+    )
     initial_size: int | None = option(
         None,
         flag="--initial-size",
@@ -135,6 +145,10 @@ class EvolutionConfig:
                 "initial_size must be None or an integer >= population_size "
                 f"(got initial_size={initial!r}, population_size={self.population_size})"
             )
+        if self.anchor_set not in ANCHOR_SETS:
+            raise BioTuneError(
+                f"anchor_set must be one of {', '.join(ANCHOR_SETS)} (got {self.anchor_set!r})"
+            )
         if self.objective not in OBJECTIVES:
             raise BioTuneError(
                 f"objective must be one of {', '.join(OBJECTIVES)} (got {self.objective!r})"
@@ -149,6 +163,8 @@ class EvolutionConfig:
             del settings["initial_size"]
         if self.objective == "accuracy":
             del settings["objective"]
+        if self.anchor_set == "basic":
+            del settings["anchor_set"]
         return settings
 
     @property
@@ -326,7 +342,11 @@ class BioTuneEvolution:
             return list(self._pending)
         if self._phase == "initial":
             size = self._config.initial_evaluations
-            genes = anchor_genes(self._num_blocks)[:size] if self._config.anchors else []
+            genes = (
+                anchor_genes(self._num_blocks, self._config.anchor_set)[:size]
+                if self._config.anchors
+                else []
+            )
             if self._fits is not None:
                 genes = self._anchors_within_budget(genes)
             genes += [self._random_valid_genes() for _ in range(size - len(genes))]
@@ -374,12 +394,12 @@ class BioTuneEvolution:
             "next_id": self._next_id,
             "generation": self._generation,
             "phase": self._phase,
-            "population": [[_candidate_to_dict(c), f] for c, f in self._population],
+            "population": [[candidate_to_dict(c), f] for c, f in self._population],
             "extinction": list(self._extinction),
-            "pending": [_candidate_to_dict(c) for c in self._pending],
-            "survivors": [[_candidate_to_dict(c), f] for c, f in self._survivors],
+            "pending": [candidate_to_dict(c) for c in self._pending],
+            "survivors": [[candidate_to_dict(c), f] for c, f in self._survivors],
             "elite_fitness": list(self._elite_fitness),
-            "children": [[_candidate_to_dict(c), f] for c, f in self._children],
+            "children": [[candidate_to_dict(c), f] for c, f in self._children],
             "pool": list(self._pool),
             "history": copy.deepcopy(self._history),
         }
@@ -408,12 +428,12 @@ class BioTuneEvolution:
             evo._next_id = int(state["next_id"])
             evo._generation = int(state["generation"])
             evo._phase = str(state["phase"])
-            evo._population = [(_candidate_from_dict(c), float(f)) for c, f in state["population"]]
+            evo._population = [(candidate_from_dict(c), float(f)) for c, f in state["population"]]
             evo._extinction = [float(p) for p in state["extinction"]]
-            evo._pending = [_candidate_from_dict(c) for c in state["pending"]]
-            evo._survivors = [(_candidate_from_dict(c), float(f)) for c, f in state["survivors"]]
+            evo._pending = [candidate_from_dict(c) for c in state["pending"]]
+            evo._survivors = [(candidate_from_dict(c), float(f)) for c, f in state["survivors"]]
             evo._elite_fitness = [float(f) for f in state["elite_fitness"]]
-            evo._children = [(_candidate_from_dict(c), float(f)) for c, f in state["children"]]
+            evo._children = [(candidate_from_dict(c), float(f)) for c, f in state["children"]]
             evo._pool = [int(i) for i in state["pool"]]
             evo._history = copy.deepcopy(list(state["history"]))
         except (KeyError, TypeError, ValueError) as exc:
@@ -625,21 +645,41 @@ class BioTuneEvolution:
         return [self._population[i][0].id for i in self._pool]
 
 
-def anchor_genes(num_blocks: int) -> list[np.ndarray]:
+def anchor_genes(num_blocks: int, anchor_set: str = "basic") -> list[np.ndarray]:
     """The plans ``EvolutionConfig.anchors`` puts first, in this order: full fine-tuning, the top
     half of the blocks, linear probing, as genomes for ``num_blocks`` blocks (genes 0.5: base rate).
+    ``anchor_set="wide"`` adds the practitioner's plans at other rates: full fine-tuning at x0.3
+    and x3, layer-wise lr decay (the head at x1, each block below at 0.8 times the rate of the
+    block above) and linear probing at x10 (a new head usually wants a higher rate).
 
-    The threshold gene is 0.25 and frozen blocks get gene 0, so every anchor decodes exactly;
-    with one block the three coincide and one genome is returned.
+    Frozen blocks get gene 0 and the threshold gene is half the lowest trained gene (0.25 for
+    the basic set), so every anchor decodes exactly; duplicates (one block) are dropped.
     """
+    names = [f"b{i}" for i in range(num_blocks)]
+    plans = [
+        FineTunePlan.full(names),
+        FineTunePlan(tuple(BlockSetting(n, i >= num_blocks // 2) for i, n in enumerate(names))),
+        FineTunePlan.head_only(names),
+    ]
+    if anchor_set == "wide":
+        plans += [
+            _scaled(FineTunePlan.full(names), 0.3),
+            _scaled(FineTunePlan.full(names), 3.0),
+            FineTunePlan.layer_decay(names, 0.8),
+            _scaled(FineTunePlan.head_only(names), 10.0),
+        ]
     out: list[np.ndarray] = []
-    for first_trained in (0, num_blocks // 2, num_blocks - 1):
-        genes = np.zeros(num_blocks + 1)
-        genes[first_trained:num_blocks] = 0.5
-        genes[-1] = 0.25
+    for plan in plans:
+        genes = encode_plan(plan)
         if not any(np.array_equal(genes, g) for g in out):
             out.append(genes)
     return out
+
+
+def _scaled(plan: FineTunePlan, factor: float) -> FineTunePlan:
+    return FineTunePlan(
+        tuple(BlockSetting(b.name, b.train, b.lr_mult * factor) for b in plan.blocks)
+    )
 
 
 def _repair(genes: np.ndarray, fits: Callable[[Genes], bool]) -> np.ndarray | None:
@@ -740,7 +780,8 @@ def _extinction_probabilities(sorted_fitness: list[float] | np.ndarray) -> np.nd
     return np.clip((f + f.min() * (rank - 1.0)) / f.max(), 0.0, 1.0)
 
 
-def _candidate_to_dict(candidate: Candidate) -> dict[str, Any]:
+def candidate_to_dict(candidate: Candidate) -> dict[str, Any]:
+    """A candidate as stored in a saved state (JSON values)."""
     return {
         "id": candidate.id,
         "genes": candidate.genes.tolist(),
@@ -750,7 +791,8 @@ def _candidate_to_dict(candidate: Candidate) -> dict[str, Any]:
     }
 
 
-def _candidate_from_dict(data: Mapping[str, Any]) -> Candidate:
+def candidate_from_dict(data: Mapping[str, Any]) -> Candidate:
+    """The inverse of ``candidate_to_dict``."""
     return Candidate(
         int(data["id"]),
         np.asarray(data["genes"], dtype=np.float64),

@@ -4,13 +4,14 @@ re-ranking's winner), written to ``best_plan.json``, and what the search cost
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from biotune.core import cost as costs
 from biotune.core.evolution import BioTuneEvolution, Candidate
 from biotune.core.plan import FineTunePlan, decode_genome
-from biotune.runner import rerank
+from biotune.runner import promote, rerank
+from biotune.runner.config import PartitionPrint, PlanOrigin
 from biotune.runner.fitness import Evaluator
 from biotune.runner.rundir import BEST_PLAN, SEARCH_SUMMARY
 
@@ -63,12 +64,23 @@ def write_summary(
     wall = sum(float(s.get("seconds", 0.0)) for s in search._sessions)
     cost = costs.search_cost(evaluations, evaluator.ft_work, wall_seconds=wall)
     cost["cache"] = evaluator.cache_status
+    cost["ft_epochs"] = search.config.protocol.train.epochs  # the unit's epoch budget
     if chosen.reranked:
         work = sum(r["work"] for r in chosen.reranked)
         cost["rerank"] = {
             "plans": len(chosen.reranked),
             "work_flops": work,
             "seconds": sum(r["seconds"] for r in chosen.reranked),
+        }
+        cost["work_flops"] += work
+        cost["ft_equivalents"] = cost["work_flops"] / cost["ft_work_flops"]
+    promoted = promote.promoted_runs(search) if search.config.promote else []
+    if promoted:
+        work = sum(r["work"] for r in promoted)
+        cost["promote"] = {
+            "plans": len(promoted),
+            "work_flops": work,
+            "seconds": sum(r["seconds"] for r in promoted),
         }
         cost["work_flops"] += work
         cost["ft_equivalents"] = cost["work_flops"] / cost["ft_work_flops"]
@@ -80,13 +92,7 @@ def write_summary(
 
 
 def _origin(search: Search, partition: dict[str, Any]) -> dict[str, Any]:
-    """Where a plan came from, so ``biotune train --plan`` can reuse it and refuse a plan
-    made for other blocks."""
-    return {
-        "data": asdict(search.config.data),
-        "base_lr": search.config.final.base_lr,
-        "partition": {
-            "names": [b["name"] for b in partition["blocks"]],
-            "fingerprint": partition["fingerprint"],
-        },
-    }
+    """Where a plan came from (``PlanOrigin``), so ``biotune train --plan`` can reuse it and
+    refuse a plan made for other blocks."""
+    blocks = PartitionPrint(tuple(b["name"] for b in partition["blocks"]), partition["fingerprint"])
+    return PlanOrigin(search.config.data, search.config.final.base_lr, blocks).to_dict()

@@ -53,7 +53,7 @@ def optimize(
         evaluator.replay_cache(records)
     emit(search.callbacks, "on_search_start", search.config.evolution.total_evaluations, len(done))
     try:
-        while not evo.done:
+        while not evo.done and not spent(search, done, evaluator):
             candidates = evo.ask()
             results = {c.id: done[c.id]["fitness"] for c in candidates if c.id in done}
             for c in candidates:
@@ -88,6 +88,17 @@ def optimize(
             _tick(search)
         emit(search.callbacks, "on_search_end", evo.done)
     return done
+
+
+def spent(search: Search, done: dict[int, dict[str, Any]], evaluator: Evaluator) -> bool:
+    """Whether the search's cost limit (``max_ft_equivalents``) is reached: no more proposals.
+    Checked between asks, so a sampler asking one candidate at a time stops within one
+    evaluation of it."""
+    limit = search.config.max_ft_equivalents
+    if limit is None:
+        return False
+    work = sum(r.get("work", 0.0) + r.get("cache_work", 0.0) for r in done.values())
+    return work / evaluator.ft_work >= limit
 
 
 def task_for(candidate: Candidate, done: dict[int, dict[str, Any]], prune: bool = True) -> Task:

@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING, Any
 
 from biotune import __version__
 from biotune.core.evolution import BioTuneEvolution
+from biotune.core.samplers import SAMPLERS
 from biotune.errors import BioTuneError
-from biotune.inputs import data_fingerprint, model_fingerprint
+from biotune.inputs import data_fingerprint, model_fingerprint, weights_fingerprint
 from biotune.runner import workbench
 from biotune.runner.config import SearchConfig
 from biotune.runner.fitness import Evaluator
@@ -73,19 +74,45 @@ def load_and_check(search: Search, new: bool) -> Started:
     search.budget = workbench.search_budget(bench, search.config, evaluator.flops)
     records = search.run.evaluations()
     partition = workbench.partition_record(bench)
-    prints = {"model": model_fingerprint(bench.model), "data": data_fingerprint(bench.splits)}
+    prints = {
+        "model": model_fingerprint(bench.model),
+        "data": data_fingerprint(bench.splits),
+        "weights": weights_fingerprint(bench.model, bench.partition),
+    }
     if not new:
         _check_partition(search.run, partition, bench.partition.names, records)
         _check_fingerprints(search.run, prints)
     hooks = search.budget.evolution_hooks() if search.budget else {}
     state = search.run.read(STATE)
+    lost = _lost(state, records)
+    if lost:
+        _log.info(
+            "%d evaluation record(s) lost (candidates %s): the search replays its steps from "
+            "the start and evaluates them again",
+            len(lost),
+            ", ".join(map(str, lost[:5])) + (", ..." if len(lost) > 5 else ""),
+        )
+        state = None
+    sampler = SAMPLERS[search.config.sampler]
     if state is not None:
-        evo = BioTuneEvolution.from_state_dict(state, **hooks)
+        evo = sampler.from_state_dict(state, **hooks)
     else:
-        evo = BioTuneEvolution(
+        evo = sampler(
             len(bench.partition), search.config.evolution, seed=search.config.seed, **hooks
         )
     return Started(evaluator, evo, records, partition, prints)
+
+
+def _lost(state: Any, records: list[dict[str, Any]]) -> list[int]:
+    """Candidates the stored evolution was told about whose records are gone (a damaged line of
+    evaluations.jsonl, skipped): it cannot ask for them again, so the search restarts its
+    steps from the beginning, where every recorded candidate is taken from its record."""
+    if not isinstance(state, dict):
+        return []
+    pending = {c.get("id") for c in state.get("pending", [])}
+    recorded = {r["candidate"] for r in records}
+    told = range(int(state.get("next_id", 0)))
+    return [i for i in told if i not in pending and i not in recorded]
 
 
 def evaluator_factory(search: Search) -> Callable[[], Evaluator]:
@@ -128,12 +155,13 @@ def _config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list
 
 
 def _check_fingerprints(run: RunDirectory, current: dict[str, str]) -> None:
-    """Refuse to resume on another model or other data than the search started with (a
-    run directory from before fingerprints were stored is not checked)."""
+    """Refuse to resume on another model, other weights or other data than the search started
+    with (a fingerprint a run directory does not hold, being older than it, is not checked)."""
     stored = (run.read(CONFIG) or {}).get("fingerprints") or {}
     for what, words in (
         ("model", "the model (its class, parameter names or shapes)"),
         ("data", "the data (sizes, classes, labels or files)"),
+        ("weights", "the model's weights (a hash of its state dict, the new head excepted)"),
     ):
         if stored.get(what) and stored[what] != current[what]:
             raise BioTuneError(

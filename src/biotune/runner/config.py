@@ -3,20 +3,24 @@ search depends on (``SearchConfig``), stored in the run directory and checked on
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from biotune.core.budget import BudgetConfig
 from biotune.core.evolution import EvolutionConfig
-from biotune.core.fields import option
+from biotune.core.fields import checked_fields, option
 from biotune.data import DEFAULT_DATA_ROOT
 from biotune.errors import BioTuneError
 from biotune.runner.fitness import SearchProtocol
 from biotune.training import TrainConfig
 
 BAD_IMAGES = ("skip", "error")
-RERANK_FROM = ("last", "winners")
+RERANK_FROM = ("last", "winners", "best")
+#: What proposes the genomes: the paper's evolution, or for comparison at equal cost, uniform
+#: random search or Optuna's TPE (``runner.samplers``).
+SAMPLERS = ("evolution", "random", "tpe")
 
 
 @dataclass(frozen=True)
@@ -56,11 +60,14 @@ class DataConfig:
         none="none",
         help="load the model's weights from this state-dict file",
     )
-    image_size: int | None = option(  # None: the model's native resolution
-        32,
+    # None: the model's native resolution (its pretrained config), except the offline demo
+    # datasets, which default to data.DEMO_IMAGE_SIZE (``workbench.image_size_for``)
+    image_size: int | None = option(
+        None,
         flag="--image-size",
         type="positive_int",
-        help="image side in pixels, or --native-size for the model's own",
+        none="the model's native resolution; the offline demo datasets: 32",
+        help="image side in pixels",
     )
     # None: the whole split, except the offline demo datasets (capped at data.DEMO_SIZES)
     train_size: int | None = option(
@@ -134,7 +141,41 @@ class SearchConfig:
         choices=RERANK_FROM,
         help="where --rerank takes its plans: 'last', the best distinct plans of the last "
         "generation; 'winners', each generation's winner on its own fold, newest first, one "
-        "per set of trained blocks",
+        "per set of trained blocks; 'best', the best distinct plans of the whole search (needs "
+        "scores that compare across generations: --fold-policy fixed, or one fold)",
+    )
+    promote: int = option(
+        0,
+        flag="--promote",
+        type="int",
+        metavar="M",
+        help="a middle rung before --rerank: the search's M best plans (picked like --rerank's) "
+        "train on the whole training split for --promote-epochs epochs, and the best --rerank "
+        "of them go on to the final recipe (0: no middle rung)",
+    )
+    promote_epochs: int = option(
+        4,
+        flag="--promote-epochs",
+        type="positive_int",
+        help="epochs of the middle rung (--promote), on the whole training split, no early stop",
+    )
+    sampler: str = option(
+        "evolution",
+        flag="--sampler",
+        choices=SAMPLERS,
+        help="what proposes the plans: 'evolution', the paper's algorithm; 'random', uniform "
+        "random genomes; 'tpe', Optuna's TPE (pip install 'biotune[tpe]'); the last two need "
+        "--fold-policy fixed (or one fold) and are there to check that the evolution earns "
+        "its keep at equal cost",
+    )
+    max_ft_equivalents: float | None = option(
+        None,
+        flag="--max-ft-equivalents",
+        type="float",
+        none="no limit",
+        help="stop proposing plans once the search's evaluations have cost this many "
+        "FT-equivalents (the search's own unit, as search_summary.json counts it, re-ranking "
+        "excluded): equal-cost comparisons of samplers",
     )
     # Budgets and the Pareto trade-off's settings (``core.budget``); the defaults change nothing.
     budget: BudgetConfig = field(default_factory=BudgetConfig)
@@ -144,8 +185,39 @@ class SearchConfig:
             raise BioTuneError(f"rerank must be a whole number >= 0 (got {self.rerank!r})")
         if self.rerank_from not in RERANK_FROM:
             raise BioTuneError(
-                f"rerank_from must be 'last' or 'winners' (got {self.rerank_from!r})"
+                f"rerank_from must be one of {', '.join(RERANK_FROM)} (got {self.rerank_from!r})"
             )
+        if self.sampler not in SAMPLERS:
+            raise BioTuneError(
+                f"sampler must be one of {', '.join(SAMPLERS)} (got {self.sampler!r})"
+            )
+        comparable = self.protocol.comparable_across_generations
+        if self.rerank_from == "best" and not comparable:
+            raise BioTuneError(
+                "--rerank-from best compares plans of different generations: it needs "
+                "--fold-policy fixed (or --data-fraction 1)"
+            )
+        if self.sampler != "evolution" and not comparable:
+            raise BioTuneError(
+                f"--sampler {self.sampler} ranks every plan it has seen: it needs "
+                "--fold-policy fixed (or --data-fraction 1)"
+            )
+        if self.sampler != "evolution" and self.evolution.objective != "accuracy":
+            raise BioTuneError(f"--sampler {self.sampler} ranks by accuracy only (no pareto)")
+        if not isinstance(self.promote, int) or self.promote < 0:
+            raise BioTuneError(f"promote must be a whole number >= 0 (got {self.promote!r})")
+        if self.promote and self.promote <= self.rerank:
+            raise BioTuneError(
+                f"--promote {self.promote} must exceed --rerank {self.rerank}: the middle rung "
+                "keeps the best --rerank of the plans it trains"
+            )
+        if not isinstance(self.promote_epochs, int) or self.promote_epochs < 1:
+            raise BioTuneError(
+                f"promote_epochs must be a whole number >= 1 (got {self.promote_epochs!r})"
+            )
+        limit = self.max_ft_equivalents
+        if limit is not None and not (isinstance(limit, (int, float)) and limit > 0):
+            raise BioTuneError(f"max_ft_equivalents must be a positive number (got {limit!r})")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -158,19 +230,101 @@ class SearchConfig:
             # Written only when on, so configurations from before it existed compare equal.
             **({"rerank": self.rerank} if self.rerank else {}),
             **({"rerank_from": self.rerank_from} if self.rerank_from != "last" else {}),
+            **({"sampler": self.sampler} if self.sampler != "evolution" else {}),
+            **(
+                {"promote": self.promote, "promote_epochs": self.promote_epochs}
+                if self.promote
+                else {}
+            ),
+            **(
+                {"max_ft_equivalents": self.max_ft_equivalents}
+                if self.max_ft_equivalents is not None
+                else {}
+            ),
             **({"budget": self.budget.to_dict()} if self.budget != BudgetConfig() else {}),
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SearchConfig:
+    def from_dict(cls, d: Any, where: str = "search") -> SearchConfig:
+        """As stored in config.json (``where`` names it in errors): every setting's type is
+        checked and an unknown one refused before anything runs (``checked_fields``)."""
+        d = checked_fields(cls, d, where)
+        for key in ("data", "evolution", "protocol", "final", "final_seeds", "seed"):
+            if key not in d:
+                raise BioTuneError(f"{where}: '{key}' is missing (see a run's config.json)")
         return cls(
-            data=DataConfig(**d["data"]),
-            evolution=EvolutionConfig(**d["evolution"]),
-            protocol=SearchProtocol.from_dict(d["protocol"]),
-            final=TrainConfig(**d["final"]),
+            data=DataConfig(**checked_fields(DataConfig, d["data"], f"{where}.data")),
+            evolution=EvolutionConfig(
+                **checked_fields(EvolutionConfig, d["evolution"], f"{where}.evolution")
+            ),
+            protocol=SearchProtocol.from_dict(d["protocol"], f"{where}.protocol"),
+            final=TrainConfig(**checked_fields(TrainConfig, d["final"], f"{where}.final")),
             final_seeds=tuple(d["final_seeds"]),
             seed=d["seed"],
             rerank=d.get("rerank", 0),
             rerank_from=d.get("rerank_from", "last"),
-            budget=BudgetConfig.from_dict(d.get("budget")),
+            sampler=d.get("sampler", "evolution"),
+            promote=d.get("promote", 0),
+            promote_epochs=d.get("promote_epochs", 4),
+            max_ft_equivalents=d.get("max_ft_equivalents"),
+            budget=BudgetConfig.from_dict(d.get("budget"), f"{where}.budget"),
         )
+
+
+@dataclass(frozen=True)
+class PartitionPrint:
+    """The blocks a plan was made for: their names in order and the partition's fingerprint
+    (``workbench.partition_record``)."""
+
+    names: tuple[str, ...]
+    fingerprint: str
+
+
+@dataclass(frozen=True)
+class PlanOrigin:
+    """Where a plan came from (``best_plan.json``'s ``origin``): ``biotune train --plan`` reuses
+    its model, data and base learning rate, and refuses a plan made for other blocks. A part
+    may be missing (None) in a plan file written by hand."""
+
+    data: DataConfig | None = None
+    base_lr: float | None = None
+    partition: PartitionPrint | None = None
+
+    def __post_init__(self) -> None:
+        lr = self.base_lr
+        if lr is not None and not (lr > 0 and math.isfinite(lr)):
+            raise BioTuneError(f"base_lr must be a positive number (got {lr!r})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "data": asdict(self.data) if self.data is not None else None,
+            "base_lr": self.base_lr,
+            "partition": (
+                {"names": list(self.partition.names), "fingerprint": self.partition.fingerprint}
+                if self.partition is not None
+                else None
+            ),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "origin") -> PlanOrigin:
+        """Checked like the plan itself: an object of known keys, each of its type."""
+        d = checked_fields(cls, d, where)
+        data, partition = d.get("data"), d.get("partition")
+        try:
+            return cls(
+                data=None
+                if data is None
+                else DataConfig(**checked_fields(DataConfig, data, f"{where}.data")),
+                base_lr=d.get("base_lr"),
+                partition=None
+                if partition is None
+                else PartitionPrint(
+                    **checked_fields(PartitionPrint, partition, f"{where}.partition")
+                ),
+            )
+        except BioTuneError as exc:
+            message = str(exc)
+            raise BioTuneError(
+                message if message.startswith(where) else f"{where}: {message}"
+            ) from None

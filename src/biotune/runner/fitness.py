@@ -27,7 +27,7 @@ from torch import nn
 
 from biotune.blocks import BlockPartition
 from biotune.core import cost
-from biotune.core.fields import option
+from biotune.core.fields import checked_fields, option
 from biotune.core.plan import decode_genome, genome_is_valid
 from biotune.core.records import WORST_FITNESS, Evaluation, Status
 from biotune.core.splits import stratified_folds
@@ -102,6 +102,10 @@ class PruneHooks(TrainHooks):
         return self.best < self.threshold(epoch)
 
 
+#: How evaluations pick their fold (``SearchProtocol.fold_policy``).
+FOLD_POLICIES = ("rotate", "fixed")
+
+
 @dataclass(frozen=True)
 class SearchProtocol:
     """How each candidate is trained and scored during the search."""
@@ -116,6 +120,15 @@ class SearchProtocol:
     )
     seeds: tuple[int, ...] = (0, 1, 2)
     train: TrainConfig = field(default_factory=TrainConfig)
+    fold_policy: str = option(
+        "rotate",
+        flag="--fold-policy",
+        choices=FOLD_POLICIES,
+        help="'rotate': generation g trains on fold g mod k (the paper's protocol: a plan is "
+        "compared only within its generation); 'fixed': every evaluation on fold 0 with the "
+        "same seeds (common random numbers: scores of the whole search compare, an elite is "
+        "not re-trained, and the re-ranking may take the best plans of the whole search)",
+    )
     memoize: bool = option(
         True,
         flag="--memoize",
@@ -170,6 +183,10 @@ class SearchProtocol:
             )
         if not self.seeds:
             raise BioTuneError("seeds must name at least one seed")
+        if self.fold_policy not in FOLD_POLICIES:
+            raise BioTuneError(
+                f"fold_policy must be one of {', '.join(FOLD_POLICIES)} (got {self.fold_policy!r})"
+            )
 
     @property
     def folds(self) -> int:
@@ -179,24 +196,39 @@ class SearchProtocol:
         """
         return round(1 / self.data_fraction)
 
+    @property
+    def comparable_across_generations(self) -> bool:
+        """Whether scores of different generations come from the same fold and seeds."""
+        return self.fold_policy == "fixed" or self.folds == 1
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["seeds"] = list(self.seeds)
         d["train"] = self.train.to_dict()
+        if self.fold_policy == "rotate":  # stored only when set, so older run dirs resume
+            del d["fold_policy"]
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SearchProtocol:
+    def from_dict(cls, d: Any, where: str = "protocol") -> SearchProtocol:
+        """As stored in config.json, types checked (``checked_fields``)."""
+        d = checked_fields(cls, d, where)
+        for key in ("data_fraction", "seeds", "train", "memoize"):
+            if key not in d:
+                raise BioTuneError(f"{where}: '{key}' is missing (see a run's config.json)")
         prune = d.get("prune")
         return cls(
             data_fraction=d["data_fraction"],
             seeds=tuple(d["seeds"]),
-            train=TrainConfig(**d["train"]),
+            train=TrainConfig(**checked_fields(TrainConfig, d["train"], f"{where}.train")),
             memoize=d["memoize"],
             cache_features=d.get("cache_features", False),
             cache_budget_mb=d.get("cache_budget_mb", 1024.0),
-            prune=PruneConfig(**prune) if prune else None,
+            prune=PruneConfig(**checked_fields(PruneConfig, prune, f"{where}.prune"))
+            if prune
+            else None,
             cpu_threads=d.get("cpu_threads"),
+            fold_policy=d.get("fold_policy", "rotate"),
         )
 
 
@@ -261,6 +293,8 @@ class Evaluator:
         )
 
     def fold_of(self, generation: int) -> int:
+        if self.protocol.fold_policy == "fixed":
+            return 0
         return generation % len(self.folds)
 
     def hooks_for(

@@ -3,8 +3,9 @@
 The search scores plans with a short training on one fold: cheap, but a noisy proxy for what
 the final training will make of a plan (``benchmarks/search_cost/README.md``: short evaluations
 over-rate plans that train the new head at a high rate). So a few plans (``rerank_from``: the
-last generation's best distinct plans, or each generation's winner; never two fitness values
-from different folds compared) are trained with the final recipe on the whole training split,
+last generation's best distinct plans, each generation's winner, or with scores that compare
+across generations the best of the whole search; never two fitness values from different folds
+compared) are trained with the final recipe on the whole training split,
 seed ``final_seeds[0]``, and the plan with the best validation score wins. The winning run is
 that seed's final run, so the winner is not trained twice. This is the same selection the
 baselines get from their learning-rate grid: a few full-recipe runs compared on validation.
@@ -24,7 +25,9 @@ from biotune.callbacks import emit
 from biotune.core.cost import run_work
 from biotune.core.evolution import BioTuneEvolution, Candidate
 from biotune.core.plan import FineTunePlan, decode_genome
-from biotune.core.records import Role
+from biotune.core.records import FinalRun, Role
+from biotune.finetuned import META
+from biotune.runner import promote
 from biotune.runner.final import final_training_run, save_model
 from biotune.runner.fitness import Evaluator
 from biotune.training import EpochEvents
@@ -98,6 +101,31 @@ def generation_winners(
     return out
 
 
+def best_of_search(
+    evaluations: Sequence[dict[str, Any]], names: Sequence[str], k: int
+) -> list[tuple[Any, float, FineTunePlan]]:
+    """The ``k`` best distinct plans of the whole search (lowest fitness first, ties: the earlier
+    candidate). Only for scores that compare across generations (``fold_policy="fixed"`` or one
+    fold), which ``SearchConfig`` checks."""
+    out: list[tuple[Any, float, FineTunePlan]] = []
+    seen: set[tuple] = set()
+    for record in sorted(evaluations, key=lambda r: (r["fitness"], r["candidate"])):
+        plan = decode_genome(record["genes"], names)
+        if not plan.trained or plan.key() in seen:
+            continue
+        seen.add(plan.key())
+        candidate = Candidate(
+            record["candidate"],
+            np.asarray(record["genes"], dtype=float),
+            record["generation"],
+            Role(record["role"]),
+        )
+        out.append((candidate, float(record["fitness"]), plan))
+        if len(out) == k:
+            break
+    return out
+
+
 def choose(records: Sequence[dict[str, Any]], metric: str = "val_balanced") -> dict[str, Any]:
     """The record with the best validation score; ties go to the better search rank."""
     return max(records, key=lambda r: (r[metric], -r["rank"]))
@@ -112,12 +140,17 @@ def rerank_plans(
     assert search.bench is not None
     bench, config, seed = search.bench, search.config.final, search.config.final_seeds[0]
     done = search.run.rerank_runs()
-    best_model = None
-    names, k = bench.partition.names, search.config.rerank
+    names, k = bench.partition.names, max(search.config.rerank, search.config.promote)
     if search.config.rerank_from == "winners":
         picks = generation_winners(evo.history, search.run.evaluations(), evo.population, names, k)
+    elif search.config.rerank_from == "best":
+        picks = best_of_search(search.run.evaluations(), names, k)
     else:
         picks = candidates(evo.population, names, k)
+    if search.config.promote > search.config.rerank:  # the middle rung narrows them first
+        picks = promote.narrow(search, evaluator, picks)
+    finished = [done[c.id] for c, _, _ in picks if c.id in done]
+    best = choose(finished) if finished else None
     for rank, (candidate, fitness, plan) in enumerate(picks):
         if candidate.id in done:
             continue
@@ -153,6 +186,11 @@ def rerank_plans(
             "plan": plan.to_dict(),
             "work": work,
         }
+        if best is None or choose([best, rec]) is rec:
+            # The best so far is saved as the run's model before its record is written, so a
+            # resumed search finds the winner's model on disk and never trains it again.
+            save_model(search.run.path, model, bench, search.config.data, plan, config, run)
+            best = rec
         search.run.append_rerank(rec)
         done[candidate.id] = rec
         emit(search.callbacks, "on_rerank_run", rec)
@@ -164,23 +202,32 @@ def rerank_plans(
             rec["val_balanced"],
             1 - fitness,  # fitness is a loss: 1 - the protocol's score
         )
-        if best_model is None or rec["val_balanced"] > best_model[1]["val_balanced"]:
-            best_model = (model, rec, plan, run)
     records = [done[c.id] for c, _, _ in picks]
     if not records:
         return [], picks
     chosen = choose(records)
-    finals = search.run.final_runs()
-    if best_model is not None and best_model[1] is chosen and seed not in finals:
-        model, rec, plan, run = best_model
-        save_model(search.run.path, model, bench, search.config.data, plan, config, run)
+    if seed not in search.run.final_runs() and _saved(search, chosen):
+        run = FinalRun.from_dict(chosen)
         search.run.append_final_run(run)
         _log.info(
             "final training seed %d: the re-ranking's winning run (re-rank %d/%d), not trained "
             "again",
             seed,
-            rec["rank"] + 1,
+            chosen["rank"] + 1,
             len(picks),
         )
         emit(search.callbacks, "on_final_run", run.to_dict())
     return records, picks
+
+
+def _saved(search: Search, record: dict[str, Any]) -> bool:
+    """Whether the run's saved model is the one of this re-ranking record (always, on the CPU;
+    a run retrained on a GPU after a crash may score otherwise, and is then trained again as
+    its seed's final run)."""
+    meta = search.run.read(META)
+    return (
+        isinstance(meta, dict)
+        and meta.get("plan") == record["plan"]
+        and meta.get("seed") == record["seed"]
+        and (meta.get("scores") or {}).get("val_balanced") == record["val_balanced"]
+    )

@@ -42,6 +42,7 @@ SESSIONS = "sessions.json"
 BEST_PLAN = "best_plan.json"
 SEARCH_SUMMARY = "search_summary.json"
 RERANK = "rerank.jsonl"
+PROMOTE = "promote.jsonl"
 FINAL_RUNS = "final_runs.jsonl"
 FINAL = "final.json"
 PARETO = "pareto.json"
@@ -55,11 +56,15 @@ _FINAL_RUN_KEYS = tuple(k for k in FinalRun.__dataclass_fields__ if k != "cached
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write to a temporary file, fsync, then rename over the target: never a half file."""
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """``write_json_atomic`` for any text (a CSV of predictions, ...)."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
+        with open(tmp, "w", newline="") as f:
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -200,8 +205,9 @@ class RunDirectory:
     ) -> list[dict[str, Any]]:
         """All complete records, in file order; with ``repair``, a torn last line is cut off.
 
-        A corrupt line before the last is skipped with one warning (the records after it are
-        kept); a record without a ``required`` key is a one-line error naming file and line.
+        A corrupt line, or a last line cut short (by a kill during its write, or by hand), is
+        skipped with one warning (the other records are kept; a resumed search computes what it
+        held again); a record without a ``required`` key is a one-line error naming file and line.
         """
         path = self.path / name
         try:
@@ -212,11 +218,17 @@ class RunDirectory:
             raise BioTuneError(f"cannot read {path}: {exc.strerror or exc}") from None
         lines = data.splitlines(keepends=True)
         torn = bool(lines) and not lines[-1].endswith(b"\n")
+        cut_short: list[int] = []
         if torn:
             last = lines.pop()
-            with contextlib.suppress(ValueError):
-                if isinstance(json.loads(last), dict):  # complete but for its newline
-                    lines.append(last + b"\n")
+            try:
+                complete = isinstance(json.loads(last), dict)
+            except ValueError:
+                complete = False
+            if complete:  # complete but for its newline
+                lines.append(last + b"\n")
+            else:
+                cut_short.append(len(lines) + 1)
         required = tuple(required)
         out, corrupt = [], []
         for number, line in enumerate(lines, start=1):
@@ -233,11 +245,12 @@ class RunDirectory:
                     f"{path} line {number}: the record has no {', '.join(map(repr, missing))}"
                 )
             out.append(record)
+        corrupt += cut_short
         if corrupt:
             where = ", ".join(map(str, corrupt[:5])) + (", ..." if len(corrupt) > 5 else "")
             warnings.warn(
-                f"{path}: skipped {len(corrupt)} corrupt line(s) (line {where}); "
-                "kept the other records",
+                f"{path}: skipped {len(corrupt)} corrupt or cut-short line(s) (line {where}); "
+                "kept the other records (a resumed search computes what they held again)",
                 stacklevel=2,
             )
         if torn and repair:

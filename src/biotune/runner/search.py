@@ -43,9 +43,12 @@ class SearchResult:
     @property
     def search_seconds(self) -> float:
         """Wall time of the search over all its sittings (each counted to its last evaluation)
-        plus its re-ranking runs: what a resumed search cost, not only its last sitting."""
-        rerank = self.cost.get("rerank") or {}
-        return float(self.cost.get("wall_seconds", 0.0)) + float(rerank.get("seconds", 0.0))
+        plus its middle-rung and re-ranking runs: what a resumed search cost, not only its last
+        sitting."""
+        rungs = [self.cost.get(k) or {} for k in ("promote", "rerank")]
+        return float(self.cost.get("wall_seconds", 0.0)) + sum(
+            float(r.get("seconds", 0.0)) for r in rungs
+        )
 
 
 class Search:

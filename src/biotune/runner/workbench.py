@@ -12,7 +12,7 @@ import torch
 from biotune.blocks import BlockPartition, partition_blocks
 from biotune.core.budget import SearchBudget
 from biotune.core.plan import FineTunePlan
-from biotune.data import DEMO_SIZES, DatasetSplits, is_offline, load_dataset
+from biotune.data import DEMO_IMAGE_SIZE, DEMO_SIZES, DatasetSplits, is_offline, load_dataset
 from biotune.features import FeatureCache, block_chain, train_plan_fast
 from biotune.inputs import fingerprint
 from biotune.measure import PlanCosts
@@ -103,10 +103,32 @@ def split_sizes(data: DataConfig) -> tuple[int | None, int | None, int | None]:
     return tuple(g if g is not None else d for g, d in zip(given, DEMO_SIZES, strict=True))
 
 
+def image_size_for(data: DataConfig, native: int, native_name: str) -> tuple[int, str]:
+    """The image side in force and why: the one given, else the model's native resolution
+    (``native``, described as ``native_name``), as timm and torchvision size a user's photos;
+    only the offline demo datasets default to 32 px, so that the demo runs on a CPU in minutes."""
+    if data.image_size is not None:
+        if data.image_size == native:
+            return native, native_name
+        return data.image_size, f"as given ({native_name}: {native} px)"
+    if is_offline(data.dataset):
+        return DEMO_IMAGE_SIZE, (
+            f"the offline demo datasets' size ({native_name}: {native} px, --native-size)"
+        )
+    return native, f"{native_name}; --image-size N to change it"
+
+
+def architecture_blocks(data: DataConfig) -> BlockPartition:
+    """The model's blocks from its architecture alone (random weights: nothing is downloaded or
+    read), so that a plan made for another model is refused before anything loads."""
+    probe = load_model(data.model, num_classes=2, pretrained=False)
+    return partition_blocks(probe.model, data.blocks)
+
+
 def prepare(data: DataConfig) -> Workbench:
     """Load the model and the data, sized and normalised for each other, and split the blocks."""
     probe = load_model(data.model, num_classes=2, pretrained=False)
-    size = data.image_size or probe.input_size
+    size, size_origin = image_size_for(data, probe.input_size, f"{probe.name}'s native resolution")
     train_size, val_size, test_size = split_sizes(data)
     splits = load_dataset(
         data.dataset,
@@ -121,6 +143,7 @@ def prepare(data: DataConfig) -> Workbench:
         download=data.download,
         bad_images=data.bad_images,
     )
+    splits.size_origin = size_origin
     loaded = load_model(
         data.model,
         num_classes=len(splits.classes),
