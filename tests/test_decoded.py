@@ -4,6 +4,7 @@ reading the files every epoch, a store shared by subsets, and a file-backed stor
 from __future__ import annotations
 
 import copy
+import functools
 import pickle
 import warnings
 from pathlib import Path
@@ -14,9 +15,12 @@ import torch
 from conftest import make_tiny_cnn
 from PIL import Image
 
+from biotune.blocks import partition_blocks
+from biotune.core.plan import BlockSetting, FineTunePlan, encode_plan
 from biotune.data import DatasetSplits, load_dataset, subset
 from biotune.decoded import DecodedImages, PixelStore, decode_images
 from biotune.errors import BioTuneError
+from biotune.runner.fitness import Evaluator, SearchProtocol
 from biotune.training import TrainConfig, batches, fine_tune
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -132,3 +136,45 @@ def test_an_image_broken_before_decoding_is_a_one_line_error_naming_it(
     with pytest.raises(BioTuneError, match="unreadable image") as error:
         _load(folder, decode_once=True)
     assert f"'{broken}'" in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("frozen", [0, 2])
+def test_a_search_evaluation_scores_the_same_from_the_store_as_from_the_files(
+    tmp_path: Path, frozen: int
+) -> None:
+    """Folds (subsets of the store) and the feature cache built from it, end to end."""
+    folder = _photo_folder(tmp_path)
+    torch.manual_seed(0)
+    model = make_tiny_cnn()
+    partition = partition_blocks(model)
+    plan = FineTunePlan(
+        tuple(BlockSetting(n, i >= frozen, 1.0) for i, n in enumerate(partition.names))
+    )
+    train = TrainConfig(epochs=2, patience=2, batch_size=4, eval_batch_size=5)
+    protocol = SearchProtocol(data_fraction=0.5, seeds=(0, 1), train=train, cache_features=True)
+    records = []
+    for decode_once in (False, True):
+        splits = _load(folder, decode_once)
+        evaluator = Evaluator(model, partition, splits, protocol)
+        records.append(evaluator.evaluate(0, encode_plan(plan), 1))
+    lazy, decoded = records
+    assert decoded.cached_prefix == lazy.cached_prefix == frozen
+    assert decoded.scores == lazy.scores and decoded.curves == lazy.curves
+    assert decoded.fitness == lazy.fitness
+
+
+def test_decoding_in_worker_processes_gives_the_same_pixels_and_one_line_errors(
+    tmp_path: Path,
+) -> None:
+    from biotune.data import _read_resized, _resize_crop
+
+    folder = _photo_folder(tmp_path, per_class=4)
+    files = sorted(folder.rglob("*.jpg"))
+    read = functools.partial(_read_resized, resize_crop=_resize_crop(16))
+    alone = decode_images(files, 16, read, workers=0)
+    pooled = decode_images(files, 16, read, workers=2)
+    assert np.array_equal(alone.pixels, pooled.pixels)
+    files[5].write_bytes(b"\xff\xd8 not a jpeg any more")
+    with pytest.raises(BioTuneError, match="unreadable image") as error:
+        decode_images(files, 16, read, workers=2)
+    assert f"'{files[5]}'" in str(error.value) and "\n" not in str(error.value)

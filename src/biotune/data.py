@@ -2,9 +2,11 @@
 
 Small offline datasets (shipped inside pip packages) are decoded, resized and normalised once
 into memory, because a search trains hundreds of small models on them and must not pay for
-decoding in every step. Folder and torchvision datasets are read lazily with the paper's
-preprocessing (resize to size*232/224, centre crop, normalise). Augmentation, where a training
-asks for it, works on batches of those tensors (``random_resized_crop_flip``).
+decoding in every step. Folder and torchvision datasets get the paper's preprocessing (resize
+to size*232/224, centre crop, normalise): a folder's images are decoded, resized and cropped once
+into a uint8 store (``biotune.decoded``) and normalised per batch, torchvision datasets are read
+lazily. Augmentation, where a training asks for it, works on batches of those tensors
+(``random_resized_crop_flip``).
 """
 
 from __future__ import annotations

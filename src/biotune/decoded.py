@@ -17,6 +17,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -70,7 +71,7 @@ class PixelStore:
             if device.type == "cuda":
                 free, _ = torch.cuda.mem_get_info(device)
                 fits = self.nbytes <= DEVICE_SHARE * free
-            self._on_device[device] = torch.from_numpy(self.pixels).to(device) if fits else None
+            self._on_device[device] = _read_only(self.pixels).to(device) if fits else None
         return self._on_device[device]
 
     def __getstate__(self) -> dict[str, Any]:
@@ -176,6 +177,14 @@ def decode_images(
     del pixels
     os.replace(partial, path)  # whole or absent: a crash leaves no half-written store
     return PixelStore(np.memmap(path, np.uint8, "r", shape=shape), path)
+
+
+def _read_only(pixels: np.ndarray) -> torch.Tensor:
+    """A tensor on a read-only memmap, without a copy (it is only ever read: copied to a device),
+    and without torch's warning that the array is not writable."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(pixels)
 
 
 def decoded_dir() -> Path:
