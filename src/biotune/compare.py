@@ -217,15 +217,10 @@ class RunRecords:
 
     def get(self, key: str) -> dict[str, Any] | None:
         path = self.path(key)
-        try:
-            stored = json.loads(path.read_text())
-            digest, record = stored["settings_digest"], stored["run"]
-        except FileNotFoundError:
+        stored = _read_stored(path, ("settings_digest", "run"), "run", "train it")
+        if stored is None:
             return None
-        except (OSError, ValueError, TypeError, KeyError) as exc:
-            raise BioTuneError(
-                f"{path} is unreadable or not a compare run ({exc}); delete it to train it again"
-            ) from None
+        digest, record = stored
         if digest != self.digest:
             raise BioTuneError(
                 f"{path} was made with other settings; use another --out, or delete "
@@ -578,20 +573,29 @@ def _settings_diff(stored: Any, wanted: Any, prefix: str = "") -> list[str]:
     return [] if stored == wanted else [f"{prefix.rstrip('.')}: {stored!r} -> {wanted!r}"]
 
 
+def _read_stored(path: Path, keys: tuple[str, ...], what: str, redo: str) -> tuple | None:
+    """The ``keys`` of a stored compare file, None if there is none; a damaged one is a
+    one-line error saying how to get rid of it."""
+    try:
+        stored = json.loads(path.read_text())
+        return tuple(stored[k] for k in keys)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise BioTuneError(
+            f"{path} is unreadable or not a compare {what} ({exc}); delete it to {redo} again"
+        ) from None
+
+
 def _stored_row(path: Path, settings: dict[str, Any]) -> dict[str, Any] | None:
     """A method's finished row from an earlier run of the same command; None if there is none.
 
     A row made with other settings is refused rather than mixed into a table it does not fit.
     """
-    try:
-        stored = json.loads(path.read_text())
-        row, made_with = stored["row"], stored["settings"]
-    except FileNotFoundError:
+    stored = _read_stored(path, ("row", "settings"), "row", "run that method")
+    if stored is None:
         return None
-    except (OSError, ValueError, TypeError, KeyError) as exc:
-        raise BioTuneError(
-            f"{path} is unreadable or not a compare row ({exc}); delete it to run that method again"
-        ) from None
+    row, made_with = stored
     diff = _settings_diff(made_with, settings)
     if diff:
         raise BioTuneError(

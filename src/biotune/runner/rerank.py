@@ -83,13 +83,7 @@ def generation_winners(
             continue
         structures.add(plan.trained)
         seen.add(plan.key())
-        candidate = Candidate(
-            record["candidate"],
-            np.asarray(record["genes"], dtype=float),
-            record["generation"],
-            Role(record["role"]),
-        )
-        out.append((candidate, float(record["fitness"]), plan))
+        out.append((_candidate_of(record), float(record["fitness"]), plan))
         if len(out) == k:
             return out
     for candidate, fitness, plan in candidates(population, names, len(population)):
@@ -99,6 +93,16 @@ def generation_winners(
             seen.add(plan.key())
             out.append((candidate, fitness, plan))
     return out
+
+
+def _candidate_of(record: dict[str, Any]) -> Candidate:
+    """The candidate an evaluation record was made for."""
+    return Candidate(
+        record["candidate"],
+        np.asarray(record["genes"], dtype=float),
+        record["generation"],
+        Role(record["role"]),
+    )
 
 
 def best_of_search(
@@ -114,13 +118,7 @@ def best_of_search(
         if not plan.trained or plan.key() in seen:
             continue
         seen.add(plan.key())
-        candidate = Candidate(
-            record["candidate"],
-            np.asarray(record["genes"], dtype=float),
-            record["generation"],
-            Role(record["role"]),
-        )
-        out.append((candidate, float(record["fitness"]), plan))
+        out.append((_candidate_of(record), float(record["fitness"]), plan))
         if len(out) == k:
             break
     return out
