@@ -159,3 +159,14 @@ def test_a_middle_rung_narrows_the_plans_the_final_recipe_trains(tmp_path):
     assert len((run / "promote.jsonl").read_text().splitlines()) == 4
     with pytest.raises(BioTuneError, match="must exceed --rerank"):
         _config(promote=2)
+
+
+def test_a_search_logs_what_its_feature_cache_held_and_refused(tmp_path, caplog):
+    protocol = replace(_config().protocol, cache_features=True, cache_budget_mb=0.001)
+    config = replace(_config(), protocol=protocol, rerank=0, rerank_from="last")
+    config = replace(config, evolution=replace(config.evolution, anchors=True))  # frozen prefixes
+    with caplog.at_level("INFO", logger="biotune.search"):
+        Search(config, tmp_path / "run", bench=_bench()).run_search(final=False)
+    line = next(r.getMessage() for r in caplog.records if "feature cache:" in r.getMessage())
+    assert "refused" in line and "over the budget" in line
+    assert all(r["cached_prefix"] == 0 for r in _records(tmp_path / "run"))

@@ -4,6 +4,7 @@ re-ranking's winner), written to ``best_plan.json``, and what the search cost
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +18,8 @@ from biotune.runner.rundir import BEST_PLAN, SEARCH_SUMMARY
 
 if TYPE_CHECKING:
     from biotune.runner.search import Search
+
+_log = logging.getLogger("biotune.search")
 
 
 @dataclass
@@ -64,6 +67,10 @@ def write_summary(
     wall = sum(float(s.get("seconds", 0.0)) for s in search._sessions)
     cost = costs.search_cost(evaluations, evaluator.ft_work, wall_seconds=wall)
     cost["cache"] = evaluator.cache_status
+    if evaluator.cache is not None:  # this process's cache (workers keep their own); logged,
+        # not stored: a resumed search rebuilds its cache, and its summary must equal the
+        # uninterrupted one's
+        _log.info("%s", evaluator.cache.summary())
     cost["ft_epochs"] = search.config.protocol.train.epochs  # the unit's epoch budget
     if chosen.reranked:
         work = sum(r["work"] for r in chosen.reranked)

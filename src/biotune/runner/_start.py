@@ -71,6 +71,8 @@ def load_and_check(search: Search, new: bool) -> Started:
     _log.info("data: %s", bench.splits.describe())
     search.bench = bench
     evaluator = workbench.evaluator_for(bench, search.config)
+    if evaluator.cache_status.startswith("off:"):  # asked for, and not possible: say why
+        _log.info("feature cache %s", evaluator.cache_status)
     search.budget = workbench.search_budget(bench, search.config, evaluator.flops)
     records = search.run.evaluations()
     partition = workbench.partition_record(bench)

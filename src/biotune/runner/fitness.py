@@ -455,12 +455,11 @@ class Evaluator:
         if self.cache is None or k < 1:
             return None
         sizes = batch_sizes_for(len(train), self.protocol.train.batch_size)
-        if (
-            self.cache.entry_bytes(train, k, len(sizes))
-            + self.cache.entry_bytes(self.splits.val, k)
-            > self.cache.budget_bytes
-        ):
-            self.cache.skipped += 1
+        need = self.cache.entry_bytes(train, k, len(sizes)) + self.cache.entry_bytes(
+            self.splits.val, k
+        )
+        if need > self.cache.budget_bytes:
+            self.cache.refuse(need)
             return None
         train_features = self.cache.features(("fold", fold), train, k, sizes)
         val_features = self.cache.features("val", self.splits.val, k)
