@@ -67,7 +67,7 @@ def floats(text: str) -> tuple[float, ...]:
         values = tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers such as 0.5,0.8, got {text!r}"
+            f"expected comma-separated numbers such as 1e-3,1e-2, got {text!r}"
         ) from None
     if not values:
         raise argparse.ArgumentTypeError(f"expected at least one number, got {text!r}")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from biotune import baselines, presets
-from biotune.cli._fields import add_field_options, cli_fields, field_changes
+from biotune.cli._fields import add_field_options, cli_fields, field_changes, floats
 from biotune.cli._options import (
     add_data_options,
     add_machine_options,
@@ -45,13 +45,8 @@ RECIPE = ("epochs", "patience", "min_epochs_share", "batch_size", "optimizer")
 
 
 def _float_list(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers (1e-4,1e-3,1e-2), got {text!r}"
-        ) from None
-    if not values or any(not (v > 0 and math.isfinite(v)) for v in values):
+    values = floats(text)
+    if any(not (v > 0 and math.isfinite(v)) for v in values):
         raise argparse.ArgumentTypeError(f"expected positive learning rates, got {text!r}")
     return values
 
