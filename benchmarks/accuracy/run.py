@@ -49,6 +49,25 @@ PAPER_BASELINES = ("full", "linear", "autorgn", "lora", "l2sp", "l1sp")
 BASELINES = (*PAPER_BASELINES, "llrd", "lpft")
 #: LLRD's decays, each tried with every lr of the grid (15 runs, all counted in its cost).
 LLRD_DECAYS = (0.5, 0.65, 0.8)
+#: Issue 25's candidate default, ``biotune-mf``: common random numbers (one fold, one seed), the
+#: wide anchors, the best 6 plans of the whole search trained 4 epochs on that fold (the fidelity
+#: benchmark's ``long``), the best 2 of them with the final recipe.
+MF: dict[str, Any] = {
+    "protocol.fold_policy": "fixed",
+    "evolution.anchor_set": "wide",
+    "evolution.initial_size": 10,
+    "promote": 6,
+    "promote_epochs": 4,
+    "rerank": 2,
+    "rerank_from": "best",
+}
+#: The equal-budget arms: one candidate at a time and more generations than the budget allows,
+#: so the cost limit (``BUDGET_FROM``), not the count, ends them.
+ARM: dict[str, Any] = {
+    "sampler": "random",
+    "evolution.children_batch": 1,
+    "evolution.generations": 20,
+}
 #: BioTune methods: the preset searched, and what is changed (None: the preset as it is).
 #: "biotune-rerank" is the first candidate default tried after the 2026-11-30 default: the same
 #: search, its 3 best distinct plans re-ranked with the final recipe on validation.
@@ -63,6 +82,22 @@ SEARCHES = {
         "paper",
         {"population_size": 8, "generations": 3, "elite": 2, "seeds": (0,), "epochs": 4},
     ),
+    # Issue 25 (README, "A search that earns its keep"): the candidate and its ablation arms.
+    "biotune-mf": ("default", MF),
+    "random-search": (
+        "default",
+        {**MF, **ARM},
+    ),
+    "tpe": ("default", {**MF, **ARM, "sampler": "tpe"}),
+    "anchors-rerank": (
+        "default",
+        {
+            **MF,
+            "evolution.population_size": 7,
+            "evolution.initial_size": 7,
+            "evolution.generations": 0,
+        },
+    ),
 }
 #: A candidate whose search is another method's but for ``rerank`` starts from that method's
 #: finished run directory (its evolution is deterministic: the from-scratch searches of
@@ -76,11 +111,11 @@ DERIVED = {
 }
 #: Equal-budget arms: each search of these stops proposing plans once its evaluations have cost
 #: what the named method's search of the same dataset and seed cost (issue 25's ablation).
-BUDGET_FROM: dict[str, str] = {}
+BUDGET_FROM = {"random-search": "biotune-mf", "tpe": "biotune-mf"}
 #: The cost entries of a search summary that are rungs above the evaluations.
 RUNGS = ("promote", "rerank")
 #: The candidate defaults the README's rule chooses from.
-CANDIDATES = ("biotune", "biotune-rerank", "biotune-rerank2", "biotune-winners2")
+CANDIDATES = ("biotune", "biotune-rerank", "biotune-rerank2", "biotune-winners2", "biotune-mf")
 #: The order in which a dataset's methods run: the cheap and decisive ones first.
 ORDER = (
     "full",
@@ -96,6 +131,10 @@ ORDER = (
     "biotune-paper",
     "llrd",
     "lpft",
+    "biotune-mf",
+    "random-search",
+    "tpe",
+    "anchors-rerank",
 )
 LABELS = {
     "full": "Full fine-tuning",
@@ -111,6 +150,10 @@ LABELS = {
     "biotune-rerank2": "BioTune (default + re-rank 2 plans)",
     "biotune-winners2": "BioTune (default + re-rank 2 generation winners)",
     "biotune-paper": "BioTune (paper protocol, scaled)",
+    "biotune-mf": "BioTune (multi-fidelity: CRN, wide anchors, middle rung)",
+    "random-search": "Random search (same rungs, equal cost)",
+    "tpe": "TPE (Optuna, same rungs, equal cost)",
+    "anchors-rerank": "Wide anchors + rungs only (no search)",
 }
 
 

@@ -147,7 +147,11 @@ def test_a_middle_rung_narrows_the_plans_the_final_recipe_trains(tmp_path):
     names = _bench().partition.names
     picks = best_of_search(_records(run), names, 4)
     assert [r["candidate"] for r in promoted] == [c.id for c, _, _ in picks]
-    assert all(r["epochs_run"] == 2 for r in promoted)
+    # The search's own fold and seed, longer (the fidelity benchmark's `long`), never pruned.
+    evaluated = {r["candidate"]: r for r in _records(run)}
+    assert all(r["fold"] == 0 and r["seeds"] == [0] for r in promoted)
+    assert all(r["epochs_run"] == 2 and r["status"] == "ok" for r in promoted)
+    assert all(evaluated[r["candidate"]]["epochs"] == [1] for r in promoted)
     best_two = sorted(promoted, key=lambda r: (-r["val_balanced"], r["rank"]))[:2]
     assert [r["candidate"] for r in reranked] == [r["candidate"] for r in best_two]
     cost = json.loads((run / "search_summary.json").read_text())["cost"]

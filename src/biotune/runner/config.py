@@ -150,14 +150,14 @@ class SearchConfig:
         type="int",
         metavar="M",
         help="a middle rung before --rerank: the search's M best plans (picked like --rerank's) "
-        "train on the whole training split for --promote-epochs epochs, and the best --rerank "
-        "of them go on to the final recipe (0: no middle rung)",
+        "train longer on the search's fold and seeds (--promote-epochs epochs), and the best "
+        "--rerank of them go on to the final recipe (0: no middle rung)",
     )
     promote_epochs: int = option(
         4,
         flag="--promote-epochs",
         type="positive_int",
-        help="epochs of the middle rung (--promote), on the whole training split, no early stop",
+        help="epochs of the middle rung (--promote), on the search's fold, no early stop",
     )
     sampler: str = option(
         "evolution",

@@ -314,11 +314,15 @@ class Evaluator:
         generation: int,
         role: str = "",
         reference: list[list[float]] | None = None,
+        train_config: TrainConfig | None = None,
     ) -> Evaluation:
         """Score one genome; ``reference`` holds validation curves of this generation's elites.
 
         A pruned seed ends the evaluation: its fitness is 1 - the mean best metric so far.
+        ``train_config`` replaces the protocol's training (the middle rung's longer runs on the
+        same fold and seeds); such a run is never pruned.
         """
+        recipe = train_config or self.protocol.train
         genes = np.asarray(genes, dtype=float)
         plan = decode_genome(genes, self.partition.names)
         fold = self.fold_of(generation)
@@ -350,7 +354,7 @@ class Evaluator:
             cached = self._cached(fold, train, plan.frozen_prefix)
             built = [a - b for a, b in zip(self._cache_images(), before, strict=True)]
             for seed in seeds:
-                hooks = self.hooks_for(candidate, seed, reference)
+                hooks = None if train_config else self.hooks_for(candidate, seed, reference)
                 if cached is not None:
                     _, result = train_plan_cached(
                         self.model,
@@ -358,7 +362,7 @@ class Evaluator:
                         plan,
                         cached[0],
                         cached[1],
-                        self.protocol.train,
+                        recipe,
                         seed=seed,
                         device=self.device,
                         hooks=hooks,
@@ -370,18 +374,18 @@ class Evaluator:
                         plan,
                         train,
                         self.splits.val,
-                        self.protocol.train,
+                        recipe,
                         seed=seed,
                         device=self.device,
                         hooks=hooks,
                     )
-                curves.append([h[f"val_{self.protocol.train.metric}"] for h in result.history])
+                curves.append([h[f"val_{recipe.metric}"] for h in result.history])
                 train_images += result.train_images
                 eval_images += result.eval_images
                 epochs.append(result.epochs_run)
                 if result.status != "ok":
                     status = result.status
-                score = result.val.get(self.protocol.train.metric)
+                score = result.val.get(recipe.metric)
                 scores.append(score if math.isfinite(score) else 0.0)
                 if status == "pruned":
                     pruned_at = result.epochs_run
