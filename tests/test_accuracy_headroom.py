@@ -79,3 +79,23 @@ def test_targets_report_the_worst_search_and_the_paired_gain_over_random_search(
     assert out["checks"]["beats_random_search_at_equal_cost"]
     assert out["checks"]["whole_search_at_most_full_grid"]
     assert bench.targets(rows, comparisons, None, ["a"]) is None
+
+
+def test_the_issue25_rule_adopts_the_candidate_only_if_close_on_validation_and_cheaper(bench):
+    def row(val: float, ft: float) -> dict:
+        return {"runs": [{"seed": 0, "val_balanced": val}], "whole_ft": ft}
+
+    def rows(mf_val: float, mf_ft: float) -> dict:
+        return {
+            "a": {
+                "full": row(0.90, 3.5),
+                bench.CURRENT_DEFAULT: row(0.960, 2.8),
+                bench.DEFAULT_METHOD: row(mf_val, mf_ft),
+            }
+        }
+
+    assert bench.adopt_rule(rows(0.9585, 3.4), ["a"])["adopted"] is True  # 0.15 below: close
+    assert bench.adopt_rule(rows(0.9570, 3.4), ["a"])["adopted"] is False  # 0.3 below
+    assert bench.adopt_rule(rows(0.9700, 3.6), ["a"])["adopted"] is False  # dearer than grid
+    incomplete = {"a": {"full": row(0.9, 3.5), bench.CURRENT_DEFAULT: row(0.96, 2.8)}}
+    assert bench.adopt_rule(incomplete, ["a"])["adopted"] is None

@@ -115,7 +115,7 @@ BUDGET_FROM = {"random-search": "biotune-mf", "tpe": "biotune-mf"}
 #: The cost entries of a search summary that are rungs above the evaluations.
 RUNGS = ("promote", "rerank")
 #: The candidate defaults the README's rule chooses from.
-CANDIDATES = ("biotune", "biotune-rerank", "biotune-rerank2", "biotune-winners2", "biotune-mf")
+CANDIDATES = ("biotune", "biotune-rerank", "biotune-rerank2", "biotune-winners2")
 #: The order in which a dataset's methods run: the cheap and decisive ones first.
 ORDER = (
     "full",
@@ -730,8 +730,40 @@ def claim(
     }
 
 
-#: Issue 25's method under test and the arm it must beat at equal cost.
+#: Issue 25's method under test, the arm it must beat at equal cost, the other arms, and the
+#: default it would replace.
 DEFAULT_METHOD, RANDOM_ARM = "biotune-mf", "random-search"
+ARMS = (RANDOM_ARM, "tpe", "anchors-rerank")
+CURRENT_DEFAULT = "biotune-winners2"
+
+
+def adopt_rule(
+    rows: dict[str, dict[str, dict[str, Any]]],
+    datasets: list[str],
+    method: str = DEFAULT_METHOD,
+    current: str = CURRENT_DEFAULT,
+) -> dict[str, Any]:
+    """Issue 25's rule for the default, written before its records (README): ``method``
+    replaces ``current`` if its mean validation balanced accuracy is at least ``current``'s
+    minus 0.2 points and its whole search costs fewer FT-equivalents than full fine-tuning's
+    grid, on average over the datasets. ``adopted`` is None until both are complete."""
+    complete = all(m in rows[d] for d in datasets for m in (method, current, "full"))
+    out: dict[str, Any] = {"method": method, "current": current, "adopted": None}
+    if not complete:
+        return out
+
+    def mean(f: Any) -> float:
+        return sum(f(d) for d in datasets) / len(datasets)
+
+    out["val_balanced"] = mean(lambda d: mean_val(rows[d][method]))
+    out["current_val_balanced"] = mean(lambda d: mean_val(rows[d][current]))
+    out["whole_ft"] = mean(lambda d: rows[d][method]["whole_ft"])
+    out["grid_ft"] = mean(lambda d: rows[d]["full"]["whole_ft"])
+    out["adopted"] = (
+        out["val_balanced"] >= out["current_val_balanced"] - 0.002
+        and out["whole_ft"] < out["grid_ft"]
+    )
+    return out
 
 
 def targets(
@@ -780,6 +812,13 @@ def targets(
         ]
         out["vs_random_search"] = _interval(pairs)
         checks["beats_random_search_at_equal_cost"] = out["vs_random_search"]["mean"] > 0
+    out["vs_arms"] = {
+        arm: _interval(
+            [x for d in datasets for x in _pairs(rows[d][method]["runs"], rows[d][arm]["runs"])]
+        )
+        for arm in ARMS
+        if all(arm in rows[d] for d in datasets)
+    }
     out["checks"] = checks
     return out
 
@@ -887,7 +926,11 @@ def report(records: Path, out: Path, datasets: list[str], wall: dict[str, Any]) 
                 entry["vs_best"] = paired(methods[m]["runs"], methods[best]["runs"], "test_top1")
             comparisons.append(entry)
     rule = choose_default(rows, datasets)
-    verdicts = [claim(rows, comparisons, datasets, m) for m in SEARCHES if m in CANDIDATES]
+    verdicts = [
+        claim(rows, comparisons, datasets, m)
+        for m in SEARCHES
+        if m in (*CANDIDATES, DEFAULT_METHOD)
+    ]
     room = headroom(table, datasets)
     room_paper = headroom(table, datasets, PAPER_BASELINES)
     if room_paper is not None:
@@ -904,6 +947,7 @@ def report(records: Path, out: Path, datasets: list[str], wall: dict[str, Any]) 
         "rows": table,
         "comparisons": comparisons,
         "default_rule": rule,
+        "default_rule_issue25": adopt_rule(rows, datasets),
         "claim": targets(rows, comparisons, headroom(table, datasets), datasets),
         "claim_issue13": [v for v in verdicts if v is not None],
         "headroom": room,
@@ -914,6 +958,7 @@ def report(records: Path, out: Path, datasets: list[str], wall: dict[str, Any]) 
     (out / "accuracy.json").write_text(json.dumps(result, indent=2) + "\n")
     md = markdown(table, comparisons, datasets, date, machine, wall)
     md += rule_markdown(rule, [v for v in verdicts if v is not None], room or room_paper, progress)
+    md += issue25_markdown(result["default_rule_issue25"], result["claim"])
     (out / "accuracy.md").write_text(md)
     plots(table, datasets, out)
     return md
@@ -1012,6 +1057,43 @@ def count_records(records: Path, datasets: list[str]) -> dict[str, dict[str, str
             searches = len(list(folder.glob("search-seed*.json")))
             out[m][d] = f"{runs} runs" + (f", {searches} searches" if m in SEARCHES else "")
     return out
+
+
+def issue25_markdown(rule: dict[str, Any], claim: dict[str, Any] | None) -> str:
+    """Issue 25's rule for the default and its targets, as far as their rows exist."""
+    lines = ["", "## Issue 25: the multi-fidelity default and its targets", ""]
+    if rule["adopted"] is None:
+        lines.append(f"The rule for the default: pending ({LABELS[rule['method']]} incomplete).")
+    else:
+        lines.append(
+            f"The rule for the default (validation only): {LABELS[rule['method']]} "
+            f"{100 * rule['val_balanced']:.2f} % against {LABELS[rule['current']]} "
+            f"{100 * rule['current_val_balanced']:.2f} % (minus 0.2 allowed); whole search "
+            f"{rule['whole_ft']:.2f} FT-eq against full fine-tuning's grid "
+            f"{rule['grid_ft']:.2f}: **{'adopted' if rule['adopted'] else 'not adopted'}**."
+        )
+    lines.append("")
+    if claim is None:
+        lines += ["Targets: pending (the method or a baseline is incomplete).", ""]
+        return "\n".join(lines)
+    worst = claim["worst_search"]
+    lines += [
+        f"- mean gain over tuned full fine-tuning: {claim['mean_gain_over_full']:+.2f} points "
+        f"(best baseline chosen on validation {claim['best_baseline_gain_validation']:+.2f}, "
+        f"in hindsight {claim['best_baseline_gain_hindsight']:+.2f})",
+        f"- worst single search: {worst['points']:+.2f} points against full fine-tuning's mean "
+        f"({worst['dataset']}, seed {worst['seed']})",
+        f"- whole search {claim['whole_ft_mean']:.2f} FT-eq, full fine-tuning's grid "
+        f"{claim['full_grid_ft_mean']:.2f}",
+    ]
+    for arm, iv in claim.get("vs_arms", {}).items():
+        lines.append(
+            f"- minus {LABELS[arm]}: {iv['mean']:+.2f} points "
+            f"[{iv['low']:+.2f}, {iv['high']:+.2f}] over {iv['n']} pairs"
+        )
+    lines += ["", "| target | met |", "|---|---|"]
+    lines += [f"| {k} | {'yes' if v else '**no**'} |" for k, v in claim["checks"].items()]
+    return "\n".join([*lines, ""])
 
 
 def rule_markdown(
