@@ -146,6 +146,7 @@ def test_checkpoint_that_does_not_fit_the_model(tmp_path, capsys):
         (["--seeds", "x"], "--seeds"),
         (["--max-trainable", "-5%"], "--max-trainable: expected a percentage in (0, 100]"),
         (["--max-memory", "-30"], "--max-memory: expected a positive number of MB"),
+        (["--cache-memory", "lots"], "--cache-memory: expected 'auto' or a number of MB"),
     ],
 )
 def test_invalid_search_settings(argv, needle, tmp_path, capsys):

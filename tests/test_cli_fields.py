@@ -58,7 +58,7 @@ SAMPLES = {
     "initial_size": ("20", 20),
     "objective": ("pareto", "pareto"),
     "data_fraction": ("1/4", 0.25),
-    "cache_budget_mb": ("12.5", 12.5),
+    "cache_memory": ("12.5", 12.5),
     "cpu_threads": ("2", 2),
     "quantile": ("0.25", 0.25),
     "max_trainable": ("10%", 0.1),

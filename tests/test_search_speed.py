@@ -259,7 +259,7 @@ def test_cache_stays_within_its_budget_and_falls_back_past_it(tiny_cnn):
     assert cache.used_bytes <= cache.budget_bytes and cache.peak_bytes <= cache.budget_bytes
     assert cache.features("c", make_tiny_data(400), 1) is None and cache.skipped == 1
 
-    tiny_budget = _protocol(cache_features=True, cache_budget_mb=one_entry / 2**20 / 10)
+    tiny_budget = _protocol(cache_features=True, cache_memory=one_entry / 2**20 / 10)
     record = Evaluator(tiny_cnn, partition, splits, tiny_budget).evaluate(
         0, encode_plan(_plan(partition.names, 1)), 0
     )
@@ -352,7 +352,7 @@ def test_protocol_round_trips_and_old_configs_load():
     protocol = _protocol(cache_features=True, prune=PruneConfig(quantile=0.25, margin=0.02))
     assert SearchProtocol.from_dict(protocol.to_dict()) == protocol
     old = _protocol().to_dict()
-    for key in ("cache_features", "cache_budget_mb", "prune", "cpu_threads"):
+    for key in ("cache_features", "prune", "cpu_threads"):
         old.pop(key)
     assert SearchProtocol.from_dict(old) == _protocol(cpu_threads=None)
 

@@ -400,9 +400,10 @@ class Dataset:
             source = self.search(BUDGET_FROM[method], seed)
             budget = source["evaluation_work_flops"] / source["search_ft_work_flops"]
         config = search_config(method, self.data, seed, budget)
-        fingerprint = hashlib.sha1(
-            json.dumps(config.to_dict(), sort_keys=True).encode()
-        ).hexdigest()[:12]
+        stored = config.to_dict()
+        # the records made before the cache's budget became "auto" by default hashed it so
+        stored["protocol"].setdefault("cache_budget_mb", 1024.0)
+        fingerprint = hashlib.sha1(json.dumps(stored, sort_keys=True).encode()).hexdigest()[:12]
         if done is not None and done.get("config_sha1") != fingerprint:
             raise SystemExit(
                 f"{path} was searched with another configuration ({done.get('config_sha1')} != "

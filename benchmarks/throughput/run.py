@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         epochs=args.epochs, patience=args.epochs, batch_size=64, eval_batch_size=256
     )
     base = SearchProtocol(
-        data_fraction=0.5, seeds=(0,), train=train, cache_budget_mb=args.cache_budget_mb
+        data_fraction=0.5, seeds=(0,), train=train, cache_memory=args.cache_budget_mb
     )
     names = bench.partition.names
 

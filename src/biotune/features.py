@@ -13,10 +13,15 @@ training bit-identical to uncached training for most models; where a feature map
 2x2), some CPU kernels round by an image's place in its batch, and the two differ by float
 rounding (1e-7), which training can amplify like any change of batch order or thread count.
 
+On an accelerator (CUDA, MPS) an entry holds one table, read at every batch size: its kernels
+are not bit-reproducible across batch sizes anyway, so a table per size would double the memory
+and the building for nothing (``table_batch_sizes``).
+
 Memory policy: entries live in memory, least recently used first out, and never add up to more
 than the budget; an evaluation whose two entries (its fold and the validation split) would not fit
 together trains uncached (``cached_prefix`` 0). Nothing spills to disk: at the sizes a search
-uses, recomputing a prefix is cheaper than reading it back.
+uses, recomputing a prefix is cheaper than reading it back. The budget follows the memory free
+when the cache is made (``cache_budget``) unless a number is given.
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import os
 from collections import OrderedDict
 from collections.abc import Hashable, Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,6 +41,7 @@ from torch.utils.data import Dataset
 
 from biotune.blocks import BlockPartition
 from biotune.core.plan import FineTunePlan
+from biotune.errors import BioTuneError
 from biotune.families import Op, Stage, family_of, module_op
 from biotune.freezing import apply_plan
 from biotune.training import (
@@ -180,6 +188,161 @@ def _blocks_of(model: nn.Module, op: Op, block_of: dict[str, int]) -> set[int]:
     return {block_of.get(p, -1) for p in _param_names(model, op.path)}
 
 
+# ----------------------------------------------------------------------------------- the budget
+
+#: ``cache_memory="auto"``: the share of the memory available when a cache is made that it may
+#: fill, split between the workers that share that memory. The rest is left to what training
+#: allocates after the cache is made (activations, gradients, optimizer state, the model's
+#: copies), which the cache cannot see. A budget is a ceiling: tables are allocated as entries
+#: are built, so a budget larger than a search needs costs nothing.
+AUTO_SHARE = 0.5
+
+#: ``cache_memory="auto"`` where the available memory cannot be read (MB).
+AUTO_FALLBACK_MB = 1024.0
+
+_MIB = 2**20
+
+
+def check_cache_memory(value: object, name: str = "cache_memory") -> None:
+    """Refuse a ``cache_memory`` setting other than "auto" or a number of MB >= 0, in one line."""
+    if value == "auto":
+        return
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not (math.isfinite(value) and value >= 0)
+    ):
+        raise BioTuneError(f"{name} must be 'auto' or a number of MB >= 0 (got {value!r})")
+
+
+def cache_budget(
+    memory: str | float, device: torch.device | str = "cpu", workers: int = 1
+) -> tuple[int, str]:
+    """The feature cache's budget in bytes for a ``cache_memory`` setting, and where it came from
+    (for ``FeatureCache.summary``).
+
+    A number is that many MB. "auto" is ``AUTO_SHARE`` of the memory available now, divided by
+    the ``workers`` that share this machine's memory (each builds its own cache). A CUDA cache
+    takes that share of its GPU's free memory (each worker has a GPU of its own), but no more
+    than the host's share, since a table too large for the GPU lives in host memory.
+    """
+    check_cache_memory(memory)
+    if memory != "auto":
+        return int(float(memory) * _MIB), "as given"
+    device = torch.device(device)
+    workers = max(1, int(workers))
+    host = host_available_bytes()
+    host_share = None if host is None else int(AUTO_SHARE * host / workers)
+    per = f" / {workers} workers" if workers > 1 else ""
+    host_text = f"{AUTO_SHARE:.0%} of {_gib(host)} available{per}"
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        gpu_text = f"{AUTO_SHARE:.0%} of {_gib(free)} free on {device}"
+        if host_share is None or AUTO_SHARE * free <= host_share:
+            return int(AUTO_SHARE * free), f"auto: {gpu_text}"
+        return host_share, f"auto: {host_text} (host memory, less than {gpu_text})"
+    if host_share is None:
+        return int(AUTO_FALLBACK_MB * _MIB), (
+            f"auto: {AUTO_FALLBACK_MB:g} MB, the available memory being unknown"
+        )
+    return host_share, f"auto: {host_text}"
+
+
+def host_available_bytes(meminfo: str | Path = "/proc/meminfo") -> int | None:
+    """Host memory this process could use now, or None where it cannot be read.
+
+    Linux's MemAvailable (free memory plus what the kernel can reclaim, page cache included),
+    else the free pages ``os.sysconf`` reports; lowered to what a container's memory limit leaves
+    (cgroups), which /proc/meminfo does not show.
+    """
+    available = _meminfo(meminfo).get("MemAvailable")
+    if available is None:
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, ValueError, OSError):
+            available = None
+    headroom = _cgroup_headroom()
+    if headroom is not None:
+        available = headroom if available is None else min(available, headroom)
+    return available
+
+
+def _meminfo(path: str | Path) -> dict[str, int]:
+    """A file of "key value" lines (/proc/meminfo's "MemAvailable:  21529396 kB", a cgroup's
+    memory.stat) as bytes by key; empty where it cannot be read."""
+    out = {}
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        words = line.split()
+        if len(words) >= 2 and words[1].isdigit():
+            out[words[0].rstrip(":")] = int(words[1]) * (1024 if words[2:] == ["kB"] else 1)
+    return out
+
+
+#: A cgroup's memory files, v2 then v1: its limit, its usage, and its reclaimable page cache.
+_CGROUP_FILES = (
+    ("memory.max", "memory.current", "inactive_file"),
+    ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"),
+)
+
+
+def _cgroup_headroom(
+    proc_cgroup: str | Path = "/proc/self/cgroup", root: str | Path = "/sys/fs/cgroup"
+) -> int | None:
+    """What the memory limits of this process's cgroup and its parents (a container's limit,
+    which /proc/meminfo does not show) still leave: the tightest limit less the usage the kernel
+    cannot simply drop (page cache excluded, as ``docker stats`` counts it); None without one."""
+    try:
+        lines = Path(proc_cgroup).read_text().splitlines()
+    except OSError:
+        return None
+    folders = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "" or "memory" in controllers.split(","):
+            base = Path(root) if controllers == "" else Path(root) / "memory"
+            folder = base / path.strip().lstrip("/")
+            folders += [folder, *(p for p in folder.parents if p.is_relative_to(base))]
+    headrooms = []
+    for folder in folders:
+        for limit_name, usage_name, inactive in _CGROUP_FILES:
+            try:
+                limit_text = (folder / limit_name).read_text().strip()
+                usage = int((folder / usage_name).read_text())
+            except (OSError, ValueError):
+                continue
+            if limit_text.isdigit() and int(limit_text) < 2**62:  # "max", or v1's "no limit"
+                reclaimable = _meminfo(folder / "memory.stat").get(inactive, 0)
+                headrooms.append(max(0, int(limit_text) - usage + reclaimable))
+    return min(headrooms, default=None)
+
+
+def _gib(nbytes: int | None) -> str:
+    return f"{(nbytes or 0) / 2**30:.1f} GiB"
+
+
+def table_batch_sizes(
+    device: torch.device | str, read_sizes: Sequence[int], build_size: int
+) -> tuple[int, ...]:
+    """The batch sizes the tables of one cache entry are computed at.
+
+    On the CPU, each size training reads the features in (``read_sizes``): CPU kernels round
+    differently at different batch sizes, and a table per size keeps cached training
+    bit-identical to uncached training. On an accelerator, one table computed at ``build_size``
+    (the cache's own batch size) and read at every size: its kernels are not bit-reproducible
+    across batch sizes anyway, and a second table would double the memory and the building.
+    """
+    if torch.device(device).type == "cpu":
+        return tuple(read_sizes)
+    return (build_size,)
+
+
 # ------------------------------------------------------------------------------------ the cache
 
 
@@ -190,6 +353,7 @@ class FeatureDataset(Dataset):
     sizes training will use: ``by_batch_size[b]`` holds every image's features computed in batches
     of b, and ``training.batches`` serves a batch of b images from that table (``images`` for
     any other size). That keeps cached training bit-identical to running the frozen prefix.
+    On an accelerator there is one table, read at every size (``table_batch_sizes``).
     """
 
     def __init__(
@@ -229,6 +393,7 @@ class FeatureCache:
     costs only the blocks in between. ``stage_images[i]`` counts images pushed through block i
     (the cache's own forward work). ``precision`` and ``channels_last`` are those of the trainings
     it serves: the frozen blocks run as they would in those trainings, so caching stays exact.
+    ``budget_origin`` says where ``budget_bytes`` came from (``cache_budget``), for the summary.
     """
 
     def __init__(
@@ -240,10 +405,12 @@ class FeatureCache:
         device: torch.device | None = None,
         precision: str = "auto",
         channels_last: bool = False,
+        budget_origin: str = "",
     ) -> None:
         self.model = model
         self.stages = list(stages)
         self.budget_bytes = int(budget_bytes)
+        self.budget_origin = budget_origin
         self.batch_size = batch_size
         self.device = device or torch.device("cpu")
         self.precision = precision
@@ -264,11 +431,20 @@ class FeatureCache:
     def used_bytes(self) -> int:
         return sum(d.nbytes for d in self._store.values())
 
-    def entry_bytes(self, dataset: Dataset, k: int, tables: int = 1) -> int:
-        """Bytes the features of ``dataset`` after k blocks take, per batch size."""
+    def table_sizes(self, batch_sizes: Sequence[int] | None = None) -> tuple[int, ...]:
+        """The batch sizes an entry read in ``batch_sizes`` (default: this cache's batch size)
+        is computed at, one table each: all of them on the CPU, one on an accelerator
+        (``table_batch_sizes``)."""
+        return table_batch_sizes(self.device, batch_sizes or (self.batch_size,), self.batch_size)
+
+    def entry_bytes(
+        self, dataset: Dataset, k: int, batch_sizes: Sequence[int] | None = None
+    ) -> int:
+        """Bytes the features of ``dataset`` after k blocks take when read in ``batch_sizes``
+        (its tables together, ``table_sizes``)."""
         n = len(dataset)  # type: ignore[arg-type]
         size = math.prod(self._shape(dataset, k)) * self._dtypes[k].itemsize
-        return size * n * tables
+        return size * n * len(self.table_sizes(batch_sizes))
 
     def _shape(self, dataset: Dataset, k: int) -> tuple[int, ...]:
         """One image's feature shape after k blocks (run once per k on one image), and their
@@ -287,16 +463,17 @@ class FeatureCache:
         """``dataset`` after blocks 0..k-1 (eval mode), or None if it cannot fit the budget.
 
         ``batch_sizes``: the sizes of the batches the features will be read in (default: this
-        cache's batch size, in order, as evaluation reads them); one table is computed per size.
+        cache's batch size, in order, as evaluation reads them); on the CPU one table is computed
+        per size, on an accelerator one in all (``table_sizes``).
         """
         if k < 1:
             raise ValueError("a cached prefix holds at least one block")
-        sizes = tuple(batch_sizes or (self.batch_size,))
+        sizes = self.table_sizes(batch_sizes)
         hit = self._store.get((key, k, sizes))
         if hit is not None:
             self._store.move_to_end((key, k, sizes))
             return hit
-        size = self.entry_bytes(dataset, k, len(sizes))
+        size = self.entry_bytes(dataset, k, sizes)
         if size > self.budget_bytes:
             self.refuse(size)
             return None
@@ -349,10 +526,11 @@ class FeatureCache:
         where = ", ".join(
             sorted({f"{t.dtype} on {t.device}" for e in self._store.values() for t in [e.images]})
         )
+        notes = "; ".join(n for n in (self.budget_origin, where) if n)
         line = (
             f"feature cache: {self.built} entries built, {self.evicted} evicted, peak "
             f"{self.peak_bytes / mib:.0f} MiB of a {self.budget_bytes / mib:.0f} MiB budget"
-            f"{f' ({where})' if where else ''}"
+            f"{f' ({notes})' if notes else ''}"
         )
         if self.skipped:
             largest = self.largest_refused / mib
@@ -474,7 +652,7 @@ def train_plan_fast(
     k = plan.frozen_prefix if usable else 0
     if k:
         sizes = batch_sizes_for(len(train_data), config.batch_size)  # type: ignore[arg-type]
-        room = cache.entry_bytes(train_data, k, len(sizes)) + cache.entry_bytes(val_data, k)
+        room = cache.entry_bytes(train_data, k, sizes) + cache.entry_bytes(val_data, k)
         fits = room <= cache.budget_bytes
         train_f = cache.features(keys[0], train_data, k, sizes) if fits else None
         val_f = cache.features(keys[1], val_data, k) if train_f is not None else None

@@ -166,7 +166,7 @@ def test_a_middle_rung_narrows_the_plans_the_final_recipe_trains(tmp_path):
 
 
 def test_a_search_logs_what_its_feature_cache_held_and_refused(tmp_path, caplog):
-    protocol = replace(_config().protocol, cache_features=True, cache_budget_mb=0.001)
+    protocol = replace(_config().protocol, cache_features=True, cache_memory=0.001)
     config = replace(_config(), protocol=protocol, rerank=0, rerank_from="last")
     config = replace(config, evolution=replace(config.evolution, anchors=True))  # frozen prefixes
     with caplog.at_level("INFO", logger="biotune.search"):

@@ -61,6 +61,21 @@ def megabytes(text: str) -> float:
     return value
 
 
+def cache_memory(text: str) -> str | float:
+    """'auto' or a number of MB (0 or more): the feature cache's budget."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected 'auto' or a number of MB, got {text!r}"
+        ) from None
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number of MB >= 0, got {text!r}")
+    return value
+
+
 def floats(text: str) -> tuple[float, ...]:
     """'0.5,0.65,0.8' -> (0.5, 0.65, 0.8): a short grid of numbers."""
     try:
@@ -80,6 +95,7 @@ TYPES: dict[str, Callable[[str], Any]] = {
     "fraction": fraction,
     "share": share,
     "megabytes": megabytes,
+    "cache_memory": cache_memory,
     "int": int,
     "float": float,
     "floats": floats,

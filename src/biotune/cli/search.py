@@ -148,9 +148,7 @@ def add_search_parser(sub: Any) -> argparse.ArgumentParser:
         seeds_text({label: c.protocol.seeds for label, c in presets.items()}),
     )
     g = s.add_argument_group("speed-ups (default preset: all on; paper preset: all off)")
-    add_field_options(
-        g, SearchProtocol, ("cache_features", "cache_budget_mb", "memoize"), protocols
-    )
+    add_field_options(g, SearchProtocol, ("cache_features", "cache_memory", "memoize"), protocols)
     g.add_argument(
         "--prune",
         action=argparse.BooleanOptionalAction,
@@ -392,8 +390,12 @@ def cmd_search(args: argparse.Namespace) -> int:
     reranked = list(RunDirectory(run_dir).rerank_runs().values()) if "rerank" in cost else []
     print(f"best plan: {result.best_plan.describe()}")
     print(f"  {validation_text(reranked, metric, result.best_fitness)}")
-    rerank = cost.get("rerank")
-    rerank_note = f", {rerank['plans']} re-ranking runs included" if rerank else ""
+    rungs = [
+        f"{cost[k]['plans']} {name} runs"
+        for k, name in (("promote", "middle-rung"), ("rerank", "re-ranking"))
+        if cost.get(k)
+    ]
+    rerank_note = f", {' and '.join(rungs)} included" if rungs else ""
     print(
         f"search: {cost['evaluations']} evaluations, {cost['seconds']:.0f}s of training, "
         f"{cost['ft_equivalents']:.2f} FT-equivalents{rerank_note} (one FT-equivalent: "

@@ -38,10 +38,10 @@ def option(
 
     ``help`` says what the setting does (the default is added from the configs themselves);
     ``type`` names how the command line reads a value ("positive_int", "fraction", "share",
-    "megabytes", "int", "float"; by default the default value's type); ``none`` says what a
-    default of None means ("all", "the population size"); a boolean field is a switch:
-    ``--flag`` sets True, a flag ``--no-...`` sets False, and ``negatable`` gives both
-    ``--flag`` and ``--no-flag``.
+    "megabytes", "cache_memory", "int", "float"; by default the default value's type);
+    ``none`` says what a default of None means ("all", "the population size"); a boolean field
+    is a switch: ``--flag`` sets True, a flag ``--no-...`` sets False, and ``negatable`` gives
+    both ``--flag`` and ``--no-flag``.
     """
     metadata = {
         "help": help,

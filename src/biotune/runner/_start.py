@@ -17,7 +17,7 @@ from biotune.errors import BioTuneError
 from biotune.inputs import data_fingerprint, model_fingerprint, weights_fingerprint
 from biotune.runner import workbench
 from biotune.runner.config import SearchConfig
-from biotune.runner.fitness import Evaluator
+from biotune.runner.fitness import MACHINE_SETTINGS, Evaluator
 from biotune.runner.rundir import BLOCKS, CONFIG, PARTITION, STATE, RunDirectory
 
 if TYPE_CHECKING:
@@ -53,7 +53,7 @@ def check_config(run: RunDirectory, config: SearchConfig, resume: bool) -> bool:
             f"run directory {run.path} already holds a search; use --resume to continue "
             "it or choose a new directory"
         )
-    diff = _config_diff(stored["search"], wanted)
+    diff = _config_diff(_results_config(stored["search"]), _results_config(wanted))
     if diff:
         raise BioTuneError(
             f"cannot resume {run.path} with a different configuration ("
@@ -64,13 +64,28 @@ def check_config(run: RunDirectory, config: SearchConfig, resume: bool) -> bool:
     return False
 
 
+def _results_config(search: Any) -> Any:
+    """A stored configuration less the settings of the machine (``MACHINE_SETTINGS``), which
+    change no result: a search resumes under another cache budget."""
+    protocol = search.get("protocol") if isinstance(search, dict) else None
+    if not isinstance(protocol, dict):
+        return search
+    kept = {k: v for k, v in protocol.items() if k not in MACHINE_SETTINGS}
+    return {**search, "protocol": kept}
+
+
+def evaluation_workers(search: Search) -> int:
+    """How many evaluators share this machine's memory: the workers, or this process alone."""
+    return 1 if search.executor == "inprocess" else max(1, search.workers)
+
+
 def load_and_check(search: Search, new: bool) -> Started:
     """Load and check everything (data, model, blocks, folds, budget) before anything is
     written; a resumed search must find the model, data and blocks it started with."""
     bench = search.bench or workbench.prepare(search.config.data)
     _log.info("data: %s", bench.splits.describe())
     search.bench = bench
-    evaluator = workbench.evaluator_for(bench, search.config)
+    evaluator = workbench.evaluator_for(bench, search.config, evaluation_workers(search))
     if evaluator.cache_status.startswith("off:"):  # asked for, and not possible: say why
         _log.info("feature cache %s", evaluator.cache_status)
     search.budget = workbench.search_budget(bench, search.config, evaluator.flops)
@@ -120,9 +135,10 @@ def _lost(state: Any, records: list[dict[str, Any]]) -> list[int]:
 def evaluator_factory(search: Search) -> Callable[[], Evaluator]:
     """How workers rebuild the evaluator: from the configuration, or from the given bench
     (pickled to them) when the caller brought its own model or data."""
+    workers = evaluation_workers(search)
     if search.bench_given:
-        return functools.partial(workbench.evaluator_for, search.bench, search.config)
-    return functools.partial(workbench.build_evaluator, search.config)
+        return functools.partial(workbench.evaluator_for, search.bench, search.config, workers)
+    return functools.partial(workbench.build_evaluator, search.config, workers)
 
 
 def write_header(search: Search, started: Started, new: bool) -> None:

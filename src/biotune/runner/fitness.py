@@ -38,6 +38,8 @@ from biotune.features import (
     FeatureDataset,
     batch_sizes_for,
     block_chain,
+    cache_budget,
+    check_cache_memory,
     train_plan_cached,
 )
 from biotune.measure import block_flops
@@ -105,6 +107,12 @@ class PruneHooks(TrainHooks):
 #: How evaluations pick their fold (``SearchProtocol.fold_policy``).
 FOLD_POLICIES = ("rotate", "fixed")
 
+#: Protocol settings of the machine, not of the search: they change no score (cached training
+#: is exact), only which evaluations train on cached features and so what they cost, and a run
+#: directory resumes under other values (``runner._start.check_config``). ``cache_budget_mb``
+#: is the name ``cache_memory`` had in run directories made before it.
+MACHINE_SETTINGS = ("cache_memory", "cache_budget_mb")
+
 
 @dataclass(frozen=True)
 class SearchProtocol:
@@ -141,11 +149,15 @@ class SearchProtocol:
         negatable=True,
         help="train on cached outputs of a plan's frozen first blocks, exactly",
     )
-    cache_budget_mb: float = option(
-        1024.0,
-        flag="--cache-budget-mb",
-        type="float",
-        help="memory for cached features per worker, in MB",
+    cache_memory: str | float = option(
+        "auto",
+        flag="--cache-memory",
+        type="cache_memory",
+        metavar="auto|MB",
+        help="memory for each evaluation worker's feature cache: 'auto', half of the memory "
+        "available when the cache is made, split between the --workers (on a GPU, half of its "
+        "free memory), or a number of MB; no score depends on it, only which evaluations train "
+        "on cached features (the final training's cache is 'auto')",
     )
     prune: PruneConfig | None = None  # early termination of clearly worse runs; None: off
     # torch CPU threads per evaluation. On the CPU the thread count changes the floating-point
@@ -164,10 +176,7 @@ class SearchProtocol:
             not isinstance(self.cpu_threads, int) or self.cpu_threads < 1
         ):
             raise BioTuneError(f"cpu_threads must be None or >= 1 (got {self.cpu_threads})")
-        if not (self.cache_budget_mb >= 0 and math.isfinite(self.cache_budget_mb)):
-            raise BioTuneError(
-                f"cache_budget_mb must be a non-negative number (got {self.cache_budget_mb})"
-            )
+        check_cache_memory(self.cache_memory)
         fraction = self.data_fraction
         if (
             isinstance(fraction, bool)
@@ -207,11 +216,23 @@ class SearchProtocol:
         d["train"] = self.train.to_dict()
         if self.fold_policy == "rotate":  # stored only when set, so older run dirs resume
             del d["fold_policy"]
+        if self.cache_memory == "auto":
+            del d["cache_memory"]
         return d
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "protocol") -> SearchProtocol:
-        """As stored in config.json, types checked (``checked_fields``)."""
+        """As stored in config.json, types checked (``checked_fields``); the ``cache_budget_mb``
+        of older run directories is read as ``cache_memory``, the number it held."""
+        if isinstance(d, dict) and "cache_budget_mb" in d:
+            d = dict(d)
+            old = d.pop("cache_budget_mb")
+            if "cache_memory" in d:
+                raise BioTuneError(
+                    f"{where}: 'cache_budget_mb' is the old name of 'cache_memory': give one"
+                )
+            check_cache_memory(old, f"{where}.cache_budget_mb")
+            d["cache_memory"] = old
         d = checked_fields(cls, d, where)
         for key in ("data_fraction", "seeds", "train", "memoize"):
             if key not in d:
@@ -223,7 +244,7 @@ class SearchProtocol:
             train=TrainConfig(**checked_fields(TrainConfig, d["train"], f"{where}.train")),
             memoize=d["memoize"],
             cache_features=d.get("cache_features", False),
-            cache_budget_mb=d.get("cache_budget_mb", 1024.0),
+            cache_memory=d.get("cache_memory", "auto"),
             prune=PruneConfig(**checked_fields(PruneConfig, prune, f"{where}.prune"))
             if prune
             else None,
@@ -235,7 +256,8 @@ class SearchProtocol:
 class Evaluator:
     """Scores genomes for one model and dataset; holds the folds so every worker agrees on them.
 
-    Each worker process builds its own evaluator, with its own feature cache.
+    Each worker process builds its own evaluator, with its own feature cache; ``workers`` says
+    how many share this machine's memory (the "auto" cache budget is split between them).
     """
 
     def __init__(
@@ -246,12 +268,14 @@ class Evaluator:
         protocol: SearchProtocol,
         fold_seed: int = 0,
         device: Any = None,
+        workers: int = 1,
     ) -> None:
         self.model = model
         self.partition = partition
         self.splits = splits
         self.protocol = protocol
         self.device = device or default_device()
+        self.workers = workers
         targets = np.asarray(splits.train.targets)
         self.folds = (
             [np.arange(len(targets))]
@@ -273,7 +297,7 @@ class Evaluator:
         stages = block_chain(self.model, self.partition, sample)
         if stages is None:
             return None, f"off: cannot run {type(self.model).__name__} block by block"
-        budget = int(self.protocol.cache_budget_mb * 2**20)
+        budget, origin = cache_budget(self.protocol.cache_memory, self.device, self.workers)
         train = self.protocol.train
         return FeatureCache(
             self.model,
@@ -283,6 +307,7 @@ class Evaluator:
             self.device,
             train.precision,
             train.channels_last,
+            budget_origin=origin,
         ), "on"
 
     @property
@@ -459,9 +484,7 @@ class Evaluator:
         if self.cache is None or k < 1:
             return None
         sizes = batch_sizes_for(len(train), self.protocol.train.batch_size)
-        need = self.cache.entry_bytes(train, k, len(sizes)) + self.cache.entry_bytes(
-            self.splits.val, k
-        )
+        need = self.cache.entry_bytes(train, k, sizes) + self.cache.entry_bytes(self.splits.val, k)
         if need > self.cache.budget_bytes:
             self.cache.refuse(need)
             return None

@@ -13,16 +13,13 @@ from biotune.blocks import BlockPartition, partition_blocks
 from biotune.core.budget import SearchBudget
 from biotune.core.plan import FineTunePlan
 from biotune.data import DEMO_IMAGE_SIZE, DEMO_SIZES, DatasetSplits, is_offline, load_dataset
-from biotune.features import FeatureCache, block_chain, train_plan_fast
+from biotune.features import FeatureCache, block_chain, cache_budget, train_plan_fast
 from biotune.inputs import fingerprint
 from biotune.measure import PlanCosts
 from biotune.models import LoadedModel, load_model
 from biotune.runner.config import DataConfig, SearchConfig
 from biotune.runner.fitness import Evaluator
 from biotune.training import TrainConfig, TrainHooks, TrainResult, batches, default_device
-
-#: Memory for the frozen-prefix features of final trainings and baselines (whole splits).
-FINAL_CACHE_MB = 2048.0
 
 
 @dataclass
@@ -43,24 +40,26 @@ class Workbench:
     def feature_cache(self, config: TrainConfig) -> FeatureCache | None:
         """One feature cache of the pretrained model for every training on the whole splits, so
         several seeds, methods and plans share the frozen prefixes; None if the model cannot run
-        block by block."""
+        block by block. Its budget is "auto" (``features.cache_budget``): these trainings run
+        one at a time in this process."""
         key = (config.eval_batch_size, config.precision, config.channels_last)
         if key not in self._caches:
             sample, _ = next(batches(self.splits.val, 2))
             stages = block_chain(self.model, self.partition, sample)
-            self._caches[key] = (
-                None
-                if stages is None
-                else FeatureCache(
+            device = default_device()
+            self._caches[key] = None
+            if stages is not None:
+                budget, origin = cache_budget("auto", device)
+                self._caches[key] = FeatureCache(
                     self.model,
                     stages,
-                    int(FINAL_CACHE_MB * 2**20),
+                    budget,
                     config.eval_batch_size,
-                    default_device(),
+                    device,
                     config.precision,
                     config.channels_last,
+                    budget_origin=origin,
                 )
-            )
         return self._caches[key]
 
     def train(
@@ -171,16 +170,22 @@ def search_budget(
     return budget
 
 
-def evaluator_for(bench: Workbench, config: SearchConfig) -> Evaluator:
-    """Scores genomes on ``bench``'s model and data by ``config``'s protocol and folds."""
+def evaluator_for(bench: Workbench, config: SearchConfig, workers: int = 1) -> Evaluator:
+    """Scores genomes on ``bench``'s model and data by ``config``'s protocol and folds;
+    ``workers``: how many evaluators share this machine's memory (the cache budget's split)."""
     return Evaluator(
-        bench.model, bench.partition, bench.splits, config.protocol, fold_seed=config.seed
+        bench.model,
+        bench.partition,
+        bench.splits,
+        config.protocol,
+        fold_seed=config.seed,
+        workers=workers,
     )
 
 
-def build_evaluator(config: SearchConfig) -> Evaluator:
+def build_evaluator(config: SearchConfig, workers: int = 1) -> Evaluator:
     """Everything a worker process needs to score genomes, rebuilt from the configuration."""
-    return evaluator_for(prepare(config.data), config)
+    return evaluator_for(prepare(config.data), config, workers)
 
 
 def partition_record(bench: Workbench) -> dict[str, Any]:
