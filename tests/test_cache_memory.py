@@ -81,6 +81,19 @@ def test_a_cuda_cache_takes_a_share_of_its_gpu_capped_by_the_hosts(monkeypatch):
     assert budget == 2 * GIB and origin.startswith("auto: 50% of 8.0 GiB available / 2 workers")
 
 
+def test_workers_sharing_a_gpu_split_its_share(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * GIB, 16 * GIB))
+    _fake_host(monkeypatch, 64 * GIB)
+    budget, origin = cache_budget("auto", "cuda", workers=4, per_gpu=2)
+    assert budget == int(2.5 * GIB)
+    assert origin == "auto: 50% of 10.0 GiB free on cuda / 2 workers per GPU"
+    assert cache_budget("auto", "cuda", workers=4, per_gpu=1)[0] == 5 * GIB
+    _fake_host(monkeypatch, 8 * GIB)  # the host's share (8 GiB / 2 / 4 workers) still caps it
+    budget, origin = cache_budget("auto", "cuda", workers=4, per_gpu=2)
+    assert budget == 1 * GIB and "/ 4 workers (host memory, less than" in origin
+    assert cache_budget(512, "cuda", workers=4, per_gpu=2)[0] == 512 * 2**20  # MB as given
+
+
 def test_a_number_is_megabytes():
     assert cache_budget(512) == (512 * 2**20, "as given")
     assert cache_budget(0.5)[0] == 2**19
@@ -218,6 +231,29 @@ def test_evaluation_workers_are_the_executors_workers_or_this_process_alone(tmp_
     assert _start.evaluation_workers(Search(SearchConfig(), tmp_path, workers=3)) == 1
     pool = Search(SearchConfig(), tmp_path, executor="process", workers=3)
     assert _start.evaluation_workers(pool) == 3
+
+
+def test_workers_per_gpu_reach_every_evaluator_and_split_its_gpus_cache(monkeypatch, tmp_path):
+    from biotune.runner.search import Search
+
+    alone = Search(SearchConfig(), tmp_path, workers=3, per_gpu=2)
+    assert _start.workers_per_gpu(alone) == 1  # in-process: nothing shares its GPU
+    pool = Search(SearchConfig(), tmp_path, executor="process", workers=3, per_gpu=2)
+    assert _start.workers_per_gpu(pool) == 2
+    few = Search(SearchConfig(), tmp_path, executor="ray", workers=3, per_gpu=4)
+    assert _start.workers_per_gpu(few) == 3  # no more on one GPU than there are workers
+    factory = _start.evaluator_factory(pool)  # what each worker builds its evaluator with
+    assert factory.args[-2:] == (3, 2)
+    # An evaluator on a (faked) GPU shared by two workers takes half of the GPU's share.
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (8 * GIB, 16 * GIB))
+    _fake_host(monkeypatch, 64 * GIB)
+    model = make_tiny_cnn()
+    protocol = SearchProtocol(data_fraction=0.5, seeds=(0,), train=TRAIN, cache_features=True)
+    args = (model, partition_blocks(model), _splits(), protocol)
+    cuda = torch.device("cuda")
+    shared = Evaluator(*args, device=cuda, workers=3, per_gpu=2)
+    assert shared.cache is not None and shared.cache.budget_bytes == 2 * GIB
+    assert Evaluator(*args, device=cuda, workers=3).cache.budget_bytes == 4 * GIB
 
 
 def test_one_table_per_batch_size_on_the_cpu_and_one_per_fold_on_an_accelerator():

@@ -147,6 +147,10 @@ def test_checkpoint_that_does_not_fit_the_model(tmp_path, capsys):
         (["--max-trainable", "-5%"], "--max-trainable: expected a percentage in (0, 100]"),
         (["--max-memory", "-30"], "--max-memory: expected a positive number of MB"),
         (["--cache-memory", "lots"], "--cache-memory: expected 'auto' or a number of MB"),
+        (["--per-gpu", "0"], "--per-gpu: expected a positive integer, got 0"),
+        (["--executor", "process", "--per-gpu", "x"], "--per-gpu: expected a positive integer"),
+        (["--max-ft-equivalents", "-1"], "--max-ft-equivalents: expected a positive number"),
+        (["--promote", "2", "--rerank", "2"], "--promote 2 must exceed --rerank 2"),
     ],
 )
 def test_invalid_search_settings(argv, needle, tmp_path, capsys):

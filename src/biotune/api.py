@@ -148,6 +148,7 @@ def search(
     executor: str = "inprocess",
     workers: int = 1,
     ray_address: str | None = None,
+    per_gpu: int = 1,
     progress: bool = True,
     callbacks: Sequence[Any] = (),
     objective: str | None = None,
@@ -168,10 +169,14 @@ def search(
     by ``population``, ``generations`` and ``epochs`` (at most, per evaluation), its final
     training by ``final_epochs`` and ``final_seeds``; every other setting goes through
     ``config`` (a :class:`SearchConfig`, e.g. a preset changed with ``dataclasses.replace``).
-    ``callbacks`` watch the search (:mod:`biotune.callbacks`). ``max_trainable`` (a share:
-    0.1 is 10 % of the parameters) and ``max_memory_mb`` are budgets no trained plan exceeds;
-    ``objective="pareto"`` returns the front of accuracy against cost (``result.pareto``); the
-    other settings of :class:`biotune.core.budget.BudgetConfig` go through ``config.budget``.
+    ``callbacks`` watch the search (:mod:`biotune.callbacks`). ``executor`` ("inprocess",
+    "process" or "ray"), ``workers`` and ``per_gpu`` (evaluations sharing each GPU) say where
+    evaluations run, which changes their speed, not what they compute (on a GPU no run is
+    bit-identical to another anyway: cuDNN's autotuned kernels, atomic adds). ``max_trainable``
+    (a share: 0.1 is 10 % of the parameters) and ``max_memory_mb`` are budgets no trained plan
+    exceeds; ``objective="pareto"`` returns the front of accuracy against cost
+    (``result.pareto``); the other settings of :class:`biotune.core.budget.BudgetConfig` go
+    through ``config.budget``.
     """
     from biotune.presets import preset as named_preset
     from biotune.progress import SearchProgress
@@ -210,6 +215,7 @@ def search(
         executor=executor,
         workers=workers,
         ray_address=ray_address,
+        per_gpu=per_gpu,
     )
     return runner.run_search(resume=resume, final=final)
 

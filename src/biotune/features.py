@@ -216,15 +216,16 @@ def check_cache_memory(value: object, name: str = "cache_memory") -> None:
 
 
 def cache_budget(
-    memory: str | float, device: torch.device | str = "cpu", workers: int = 1
+    memory: str | float, device: torch.device | str = "cpu", workers: int = 1, per_gpu: int = 1
 ) -> tuple[int, str]:
     """The feature cache's budget in bytes for a ``cache_memory`` setting, and where it came from
     (for ``FeatureCache.summary``).
 
     A number is that many MB. "auto" is ``AUTO_SHARE`` of the memory available now, divided by
     the ``workers`` that share this machine's memory (each builds its own cache). A CUDA cache
-    takes that share of its GPU's free memory (each worker has a GPU of its own), but no more
-    than the host's share, since a table too large for the GPU lives in host memory.
+    takes that share of its GPU's free memory divided by the ``per_gpu`` workers that share the
+    GPU, but no more than the host's share, since a table too large for the GPU lives in host
+    memory.
     """
     check_cache_memory(memory)
     if memory != "auto":
@@ -236,10 +237,13 @@ def cache_budget(
     per = f" / {workers} workers" if workers > 1 else ""
     host_text = f"{AUTO_SHARE:.0%} of {_gib(host)} available{per}"
     if device.type == "cuda":
+        per_gpu = max(1, int(per_gpu))
         free, _ = torch.cuda.mem_get_info(device)
-        gpu_text = f"{AUTO_SHARE:.0%} of {_gib(free)} free on {device}"
-        if host_share is None or AUTO_SHARE * free <= host_share:
-            return int(AUTO_SHARE * free), f"auto: {gpu_text}"
+        gpu_share = int(AUTO_SHARE * free / per_gpu)
+        sharing = f" / {per_gpu} workers per GPU" if per_gpu > 1 else ""
+        gpu_text = f"{AUTO_SHARE:.0%} of {_gib(free)} free on {device}{sharing}"
+        if host_share is None or gpu_share <= host_share:
+            return gpu_share, f"auto: {gpu_text}"
         return host_share, f"auto: {host_text} (host memory, less than {gpu_text})"
     if host_share is None:
         return int(AUTO_FALLBACK_MB * _MIB), (

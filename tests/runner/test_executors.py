@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import psutil
@@ -19,12 +20,13 @@ from conftest import tiny_search_args
 from biotune.core.evolution import EvolutionConfig
 from biotune.core.records import MEASURED_FIELDS
 from biotune.errors import BioTuneError
+from biotune.runner import executors
 from biotune.runner.config import DataConfig, SearchConfig
-from biotune.runner.executors import Task, make_executor, run_task
+from biotune.runner.executors import Task, gpu_slots, make_executor, ray_gpu_share, run_task
 from biotune.runner.fitness import PruneConfig, SearchProtocol
 from biotune.runner.search import Search
 from biotune.runner.workbench import build_evaluator
-from biotune.training import TrainConfig
+from biotune.training import DEVICE_ENV, TrainConfig
 
 # A real (offline) search, small enough to run in seconds: Lite0 on 32 px Animal-Shape.
 CONFIG = SearchConfig(
@@ -42,8 +44,11 @@ CONFIG = SearchConfig(
 )
 
 
-def _search(run_dir: Path, executor: str, workers: int = 1) -> tuple[list[dict], dict]:
-    result = Search(CONFIG, run_dir, executor=executor, workers=workers).run_search(final=False)
+def _search(
+    run_dir: Path, executor: str, workers: int = 1, per_gpu: int = 1
+) -> tuple[list[dict], dict]:
+    search = Search(CONFIG, run_dir, executor=executor, workers=workers, per_gpu=per_gpu)
+    result = search.run_search(final=False)
     records = [{k: v for k, v in r.items() if k not in MEASURED_FIELDS} for r in result.evaluations]
     best = json.loads((run_dir / "best_plan.json").read_text())
     return records, best
@@ -68,7 +73,8 @@ def test_the_tiny_search_exercises_caching_and_pruning(inprocess):
 
 
 def test_process_pool_finds_what_inprocess_finds(inprocess, tmp_path):
-    records, best = _search(tmp_path / "run", "process", workers=2)
+    # --per-gpu changes nothing on the CPU (it would put 3 workers on each GPU)
+    records, best = _search(tmp_path / "run", "process", workers=2, per_gpu=3)
     assert records == inprocess[0]
     assert best == inprocess[1]
 
@@ -193,3 +199,99 @@ def test_a_wrong_ray_address_fails_fast_in_one_line_and_leaves_no_run_directory(
         f"biotune: error: cannot reach the Ray cluster at 127.0.0.1:{port}: Connection refused"
     ]
     assert not run_dir.exists()
+
+
+# ----------------------------------------------------------------------- several workers per GPU
+
+
+def test_gpu_slots_deal_each_gpu_per_gpu_times_round_robin():
+    assert gpu_slots(["0"], 3, 3) == ["0", "0", "0"]
+    assert gpu_slots(["0"], 3, 5) == ["0", "0", "0"]  # more workers than slots: capped
+    assert gpu_slots(["0", "1"], 2, 4) == ["0", "1", "0", "1"]
+    assert gpu_slots(["0", "1"], 2, 3) == ["0", "1", "0"]  # fewer workers: still spread
+    assert gpu_slots(["2", "3"], 1, 8) == ["2", "3"]  # the default: one worker per GPU
+    assert gpu_slots([], 4, 6) == []  # no GPU: CPU workers, as many as asked
+
+
+class _FakePool:
+    """Stands in for concurrent.futures' pool: records how it was made, starts no process."""
+
+    def __init__(self, **kwargs) -> None:  # noqa: ANN003
+        self.kwargs = kwargs
+
+    def shutdown(self, **kwargs) -> None:  # noqa: ANN003
+        pass
+
+
+def _process_pool(monkeypatch, gpus: list[str], workers: int, per_gpu: int):  # noqa: ANN202
+    monkeypatch.setattr(executors, "_gpu_ids", lambda: gpus)
+    monkeypatch.setattr(executors.cf, "ProcessPoolExecutor", _FakePool)
+    pool = executors.ProcessPoolExecutor(lambda: None, workers, per_gpu)  # type: ignore[arg-type]
+    made = pool._pool.kwargs  # type: ignore[attr-defined]
+    devices = made["initargs"][2]
+    dealt = [devices.get(timeout=10) for _ in range(len(gpus) and pool.workers)]
+    assert devices.empty()
+    pool.close()
+    assert made["max_workers"] == pool.workers
+    assert made["initargs"][1] == executors.threads_per_worker(pool.workers)
+    return pool.workers, dealt
+
+
+def test_the_process_pool_puts_per_gpu_workers_on_each_gpu(monkeypatch):
+    assert _process_pool(monkeypatch, ["2", "3"], 8, 2) == (4, ["2", "3", "2", "3"])
+    assert _process_pool(monkeypatch, ["2", "3"], 3, 2) == (3, ["2", "3", "2"])
+    assert _process_pool(monkeypatch, ["0"], 5, 3) == (3, ["0", "0", "0"])
+    assert _process_pool(monkeypatch, ["2", "3"], 8, 1) == (2, ["2", "3"])  # as before
+    assert _process_pool(monkeypatch, [], 6, 3) == (6, [])  # CPU workers: not capped
+
+
+class _FakeRay:
+    """Just what RayExecutor asks of Ray: a cluster's resources and actors that never run."""
+
+    def __init__(self, resources: dict[str, float]) -> None:
+        self.resources = resources
+        self.options: dict = {}
+
+    def is_initialized(self) -> bool:
+        return True
+
+    def cluster_resources(self) -> dict[str, float]:
+        return self.resources
+
+    def remote(self, **options):  # noqa: ANN003, ANN201
+        self.options = options
+        return lambda cls: types.SimpleNamespace(remote=lambda *args: object())
+
+    def kill(self, actor) -> None:  # noqa: ANN001
+        pass
+
+
+def _ray_actors(monkeypatch, resources: dict[str, float], workers: int, per_gpu: int):  # noqa: ANN202
+    fake = _FakeRay(resources)
+    monkeypatch.setattr(executors, "_import_ray", lambda: fake)
+    monkeypatch.delenv(DEVICE_ENV, raising=False)
+    ray = executors.RayExecutor(lambda: None, workers, per_gpu=per_gpu)  # type: ignore[arg-type]
+    actors = len(ray._actors)
+    ray.close()
+    assert actors == ray.workers
+    return actors, fake.options["num_gpus"], fake.options["num_cpus"]
+
+
+def test_ray_actors_ask_for_a_share_of_a_gpu(monkeypatch):
+    cluster = {"GPU": 2.0, "CPU": 16.0}
+    assert _ray_actors(monkeypatch, cluster, 10, 3) == (6, 0.3333, 2)  # capped at 3 x 2 GPUs
+    assert _ray_actors(monkeypatch, cluster, 4, 2) == (4, 0.5, 4)
+    assert _ray_actors(monkeypatch, cluster, 10, 1) == (2, 1.0, 8)  # as before: a GPU each
+    assert _ray_actors(monkeypatch, {"CPU": 4.0}, 8, 3) == (4, 0, 1)  # no GPU: one per CPU
+    # Rounded down to Ray's four decimals, so that K actors always fit on one GPU.
+    assert all(ray_gpu_share(k) * k <= 1 for k in range(1, 50))
+    assert ray_gpu_share(7) == 0.1428
+
+
+@pytest.mark.parametrize("value", [0, -1, 1.5, True, "2"])
+def test_a_bad_per_gpu_is_refused_in_one_line(value, tmp_path):
+    with pytest.raises(BioTuneError, match=r"^per_gpu must be a whole number >= 1 \(got"):
+        Search(CONFIG, tmp_path / "run", executor="process", per_gpu=value)
+    with pytest.raises(BioTuneError, match="per_gpu must be a whole number"):
+        make_executor("inprocess", None, lambda: None, per_gpu=value)  # type: ignore[arg-type]
+    assert not (tmp_path / "run").exists()

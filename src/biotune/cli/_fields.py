@@ -51,6 +51,16 @@ def share(text: str) -> float:
     return value / 100
 
 
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
 def megabytes(text: str) -> float:
     try:
         value = float(text)
@@ -92,6 +102,7 @@ def floats(text: str) -> tuple[float, ...]:
 #: How the command line reads a value, by the name ``option(type=...)`` gives.
 TYPES: dict[str, Callable[[str], Any]] = {
     "positive_int": positive_int,
+    "positive_float": positive_float,
     "fraction": fraction,
     "share": share,
     "megabytes": megabytes,

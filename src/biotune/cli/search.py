@@ -119,6 +119,18 @@ def add_search_parser(sub: Any) -> argparse.ArgumentParser:
         help="parallel workers for --executor process/ray (default 1)",
     )
     g.add_argument(
+        "--per-gpu",
+        type=positive_int,
+        default=1,
+        metavar="K",
+        help="evaluations sharing each GPU with --executor process/ray: up to K workers per GPU "
+        "(K x the GPUs in all, --workers at most), for a model too small to keep a GPU busy; "
+        "each one's 'auto' --cache-memory takes 1/K of the GPU's share. Only throughput "
+        "changes: each evaluation is the same training on its own seeds (on a GPU, runs are "
+        "not bit-identical anyway: cuDNN autotunes its kernels, some backward passes add "
+        "atomically); no effect on the CPU (default 1: one worker per GPU)",
+    )
+    g.add_argument(
         "--ray-address", help="address of an existing Ray cluster (default: start a local one)"
     )
     add_data_options(s)
@@ -357,7 +369,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     if args.device and args.device.startswith("cuda:") and args.executor != "inprocess":
         raise BioTuneError(
             f"--device {args.device} picks one GPU for this process; --executor "
-            f"{args.executor} gives each worker a GPU of its own (use --device "
+            f"{args.executor} spreads its workers over the GPUs (use --device "
             "cuda or auto)"
         )
     if run_dir is None:
@@ -378,6 +390,7 @@ def cmd_search(args: argparse.Namespace) -> int:
             executor=args.executor,
             workers=args.workers,
             ray_address=args.ray_address,
+            per_gpu=args.per_gpu,
         )
         result = search.run_search(resume=bool(args.resume), final=not args.no_final)
     except KeyboardInterrupt:

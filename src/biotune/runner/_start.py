@@ -79,13 +79,21 @@ def evaluation_workers(search: Search) -> int:
     return 1 if search.executor == "inprocess" else max(1, search.workers)
 
 
+def workers_per_gpu(search: Search) -> int:
+    """How many evaluators share one GPU, at most: ``per_gpu``, no more than the workers (the
+    executors deal the workers round-robin over the GPUs), or this process alone."""
+    return min(search.per_gpu, evaluation_workers(search))
+
+
 def load_and_check(search: Search, new: bool) -> Started:
     """Load and check everything (data, model, blocks, folds, budget) before anything is
     written; a resumed search must find the model, data and blocks it started with."""
     bench = search.bench or workbench.prepare(search.config.data)
     _log.info("data: %s", bench.splits.describe())
     search.bench = bench
-    evaluator = workbench.evaluator_for(bench, search.config, evaluation_workers(search))
+    evaluator = workbench.evaluator_for(
+        bench, search.config, evaluation_workers(search), workers_per_gpu(search)
+    )
     if evaluator.cache_status.startswith("off:"):  # asked for, and not possible: say why
         _log.info("feature cache %s", evaluator.cache_status)
     search.budget = workbench.search_budget(bench, search.config, evaluator.flops)
@@ -135,10 +143,12 @@ def _lost(state: Any, records: list[dict[str, Any]]) -> list[int]:
 def evaluator_factory(search: Search) -> Callable[[], Evaluator]:
     """How workers rebuild the evaluator: from the configuration, or from the given bench
     (pickled to them) when the caller brought its own model or data."""
-    workers = evaluation_workers(search)
+    workers, per_gpu = evaluation_workers(search), workers_per_gpu(search)
     if search.bench_given:
-        return functools.partial(workbench.evaluator_for, search.bench, search.config, workers)
-    return functools.partial(workbench.build_evaluator, search.config, workers)
+        return functools.partial(
+            workbench.evaluator_for, search.bench, search.config, workers, per_gpu
+        )
+    return functools.partial(workbench.build_evaluator, search.config, workers, per_gpu)
 
 
 def write_header(search: Search, started: Started, new: bool) -> None:

@@ -171,7 +171,7 @@ class SearchConfig:
     max_ft_equivalents: float | None = option(
         None,
         flag="--max-ft-equivalents",
-        type="float",
+        type="positive_float",
         none="no limit",
         help="stop proposing plans once the search's evaluations have cost this many "
         "FT-equivalents (the search's own unit, as search_summary.json counts it, re-ranking "

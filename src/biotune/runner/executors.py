@@ -7,8 +7,13 @@ they finish, so the runner can persist each one at once; their order may vary, t
 (except the measured ``seconds`` and the cache-building cost, see ``Evaluation``).
 
 * ``inprocess``: one task after another in this process (the default);
-* ``process``: a local pool of spawned processes, one per GPU or the CPU cores split among them;
-* ``ray``: Ray actors on an existing cluster (``ray_address``) or a local one started here.
+* ``process``: a local pool of spawned processes, ``per_gpu`` per GPU or the CPU cores split
+  among them;
+* ``ray``: Ray actors on an existing cluster (``ray_address``) or a local one started here, each
+  with ``1/per_gpu`` of a GPU when the cluster has them.
+
+Several workers on one GPU (``per_gpu``) keep a GPU busy that one small model's training leaves
+mostly idle; like the number of workers, it changes throughput, not what an evaluation computes.
 
 Workers build their own evaluator once, from a picklable factory
 (``functools.partial(workbench.build_evaluator, config)``): the model and data are loaded in each.
@@ -33,6 +38,8 @@ from biotune.training import DEVICE_ENV, default_device
 
 EXECUTORS = ("inprocess", "process", "ray")
 RAY_MISSING = "--executor ray needs ray: pip install 'biotune[ray]'"
+#: Ray counts resources in units of 1/10000 (four decimals).
+RAY_RESOURCE_UNITS = 10_000
 
 
 @dataclass(frozen=True)
@@ -98,6 +105,28 @@ def _gpu_ids() -> list[str]:
     return [visible[i] if i < len(visible) else str(i) for i in ids]
 
 
+def check_per_gpu(per_gpu: object) -> None:
+    """Refuse a ``per_gpu`` other than a whole number >= 1, in one line."""
+    if isinstance(per_gpu, bool) or not isinstance(per_gpu, int) or per_gpu < 1:
+        raise BioTuneError(f"per_gpu must be a whole number >= 1 (got {per_gpu!r})")
+
+
+def gpu_slots(gpu_ids: Sequence[str], per_gpu: int, workers: int) -> list[str]:
+    """The GPU each of at most ``workers`` workers takes: every GPU ``per_gpu`` times, dealt
+    round-robin so that the workers spread evenly (2 GPUs, 4 workers: 2 each). Fewer slots than
+    ``workers`` cap the pool; none (no GPU) leave CPU workers, as many as asked."""
+    check_per_gpu(per_gpu)
+    dealt = [gpu for _ in range(per_gpu) for gpu in gpu_ids]
+    return dealt[: max(1, workers)]
+
+
+def ray_gpu_share(per_gpu: int) -> float:
+    """The GPU each Ray actor asks for so that ``per_gpu`` of them fit on one: 1/per_gpu, rounded
+    down to Ray's resource precision (rounded up, 7 x 0.1429 would exceed one GPU)."""
+    check_per_gpu(per_gpu)
+    return max(1, RAY_RESOURCE_UNITS // per_gpu) / RAY_RESOURCE_UNITS
+
+
 def threads_per_worker(workers: int) -> int:
     """CPU threads for each of ``workers`` workers sharing this machine's cores."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -128,9 +157,10 @@ def _init_worker(
 ) -> None:
     """Runs once in each new worker: pin it to a GPU (if any), split the cores, build the evaluator.
 
-    ``devices`` is a queue of GPU ids (empty on CPU machines); a worker takes one before torch
-    touches CUDA, so each worker sees exactly one GPU. ``parent`` is the driver's process id:
-    the worker exits when the driver dies.
+    ``devices`` is a queue of GPU ids, one per worker (``gpu_slots``; empty on CPU machines); a
+    worker takes one before torch touches CUDA, so each worker sees exactly one GPU, which
+    ``per_gpu`` workers may share. ``parent`` is the driver's process id: the worker exits when
+    the driver dies.
     """
     global _WORKER_EVALUATOR
     exit_with_parent(parent)
@@ -154,19 +184,21 @@ def _worker_run(task: Task) -> Evaluation:
 class ProcessPoolExecutor:
     """A pool of spawned worker processes on this machine, each with its own evaluator.
 
-    On a GPU machine there is one worker per GPU (at most ``workers``); on CPU the cores are split
-    evenly between the workers. Workers live until ``close()``, so the model and data are loaded
-    once per worker, not once per generation.
+    On a GPU machine there are ``per_gpu`` workers per GPU (at most ``workers`` in all,
+    ``gpu_slots``); on CPU the cores are split evenly between the workers. Workers live until
+    ``close()``, so the model and data are loaded once per worker, not once per generation.
     """
 
     name = "process"
 
-    def __init__(self, factory: Callable[[], Evaluator], workers: int = 2) -> None:
-        gpus = _gpu_ids()
-        self.workers = max(1, min(workers, len(gpus)) if gpus else workers)
+    def __init__(
+        self, factory: Callable[[], Evaluator], workers: int = 2, per_gpu: int = 1
+    ) -> None:
+        slots = gpu_slots(_gpu_ids(), per_gpu, workers)
+        self.workers = len(slots) or max(1, workers)
         ctx = mp.get_context("spawn")
         devices = ctx.Queue()
-        for gpu in gpus:
+        for gpu in slots:
             devices.put(gpu)
         self._pool = cf.ProcessPoolExecutor(
             max_workers=self.workers,
@@ -261,16 +293,23 @@ class _RayWorker:
 class RayExecutor:
     """Ray actors, each holding an evaluator; the driver hands out one task per idle actor.
 
-    Connects to ``address`` (an existing cluster, "auto" for the local one) or starts a local
-    Ray instance, which ``close()`` shuts down again; a Ray already initialised by the caller is
-    used as is and left running.
+    On a cluster with GPUs each actor asks for ``1/per_gpu`` of one, so that Ray places up to
+    ``per_gpu`` actors on each GPU (it sets their ``CUDA_VISIBLE_DEVICES``). Connects to
+    ``address`` (an existing cluster, "auto" for the local one) or starts a local Ray instance,
+    which ``close()`` shuts down again; a Ray already initialised by the caller is used as is and
+    left running.
     """
 
     name = "ray"
 
     def __init__(
-        self, factory: Callable[[], Evaluator], workers: int = 1, address: str | None = None
+        self,
+        factory: Callable[[], Evaluator],
+        workers: int = 1,
+        address: str | None = None,
+        per_gpu: int = 1,
     ) -> None:
+        check_per_gpu(per_gpu)
         ray = _import_ray()
         self._ray = ray
         self._started = False
@@ -294,10 +333,11 @@ class RayExecutor:
         asked = os.environ.get(DEVICE_ENV, "auto").strip().lower()
         gpus = int(resources.get("GPU", 0)) if asked == "auto" or asked.startswith("cuda") else 0
         cpus = max(1, int(resources.get("CPU", 1)))
-        # More actors than GPUs (or CPUs) would wait forever for resources: cap them.
-        self.workers = max(1, min(workers, gpus or cpus))
+        # More actors than GPU slots (or CPUs) would wait forever for resources: cap them.
+        self.workers = max(1, min(workers, gpus * per_gpu or cpus))
         threads = max(1, cpus // self.workers)
-        actor = ray.remote(num_cpus=threads, num_gpus=1 if gpus else 0)(_RayWorker)
+        share = ray_gpu_share(per_gpu) if gpus else 0
+        actor = ray.remote(num_cpus=threads, num_gpus=share)(_RayWorker)
         self._actors = [actor.remote(factory, threads) for _ in range(self.workers)]
 
     def run(self, tasks: Sequence[Task], on_result: Callable[[Evaluation], None]) -> None:
@@ -328,12 +368,15 @@ def make_executor(
     evaluator_factory: Callable[[], Evaluator],
     workers: int = 1,
     ray_address: str | None = None,
+    per_gpu: int = 1,
 ) -> Executor:
-    """The executor called ``name``; workers of other processes build their own evaluator."""
+    """The executor called ``name``; workers of other processes build their own evaluator, up to
+    ``per_gpu`` of them on each GPU."""
+    check_per_gpu(per_gpu)
     if name == "inprocess":
         return InProcessExecutor(evaluator)
     if name == "process":
-        return ProcessPoolExecutor(evaluator_factory, workers)
+        return ProcessPoolExecutor(evaluator_factory, workers, per_gpu)
     if name == "ray":
-        return RayExecutor(evaluator_factory, workers, ray_address)
+        return RayExecutor(evaluator_factory, workers, ray_address, per_gpu)
     raise BioTuneError(f"unknown executor {name!r}; choose one of {', '.join(EXECUTORS)}")

@@ -257,7 +257,8 @@ class Evaluator:
     """Scores genomes for one model and dataset; holds the folds so every worker agrees on them.
 
     Each worker process builds its own evaluator, with its own feature cache; ``workers`` says
-    how many share this machine's memory (the "auto" cache budget is split between them).
+    how many share this machine's memory and ``per_gpu`` how many share one GPU (the "auto"
+    cache budget is split between them).
     """
 
     def __init__(
@@ -269,6 +270,7 @@ class Evaluator:
         fold_seed: int = 0,
         device: Any = None,
         workers: int = 1,
+        per_gpu: int = 1,
     ) -> None:
         self.model = model
         self.partition = partition
@@ -276,6 +278,7 @@ class Evaluator:
         self.protocol = protocol
         self.device = device or default_device()
         self.workers = workers
+        self.per_gpu = per_gpu
         targets = np.asarray(splits.train.targets)
         self.folds = (
             [np.arange(len(targets))]
@@ -297,7 +300,9 @@ class Evaluator:
         stages = block_chain(self.model, self.partition, sample)
         if stages is None:
             return None, f"off: cannot run {type(self.model).__name__} block by block"
-        budget, origin = cache_budget(self.protocol.cache_memory, self.device, self.workers)
+        budget, origin = cache_budget(
+            self.protocol.cache_memory, self.device, self.workers, self.per_gpu
+        )
         train = self.protocol.train
         return FeatureCache(
             self.model,

@@ -23,7 +23,7 @@ from biotune.core.plan import FineTunePlan
 from biotune.errors import BioTuneError
 from biotune.runner import _choose, _optimize, _start
 from biotune.runner.config import SearchConfig
-from biotune.runner.executors import check_reachable, make_executor
+from biotune.runner.executors import check_per_gpu, check_reachable, make_executor
 from biotune.runner.final import train_final
 from biotune.runner.rundir import EVALUATIONS, RunDirectory
 from biotune.runner.tradeoff import finish_pareto
@@ -65,7 +65,9 @@ class Search:
         executor: str = "inprocess",
         workers: int = 1,
         ray_address: str | None = None,
+        per_gpu: int = 1,
     ) -> None:
+        check_per_gpu(per_gpu)
         self.config = config
         self.run = RunDirectory(run_dir)
         self.bench = bench
@@ -74,6 +76,7 @@ class Search:
         self.callbacks = [*([progress] if progress is not None else []), *callbacks]
         self.executor = executor
         self.workers = workers
+        self.per_gpu = per_gpu
         self.ray_address = ray_address
         self._written: list[str] = []  # files a new search wrote (taken back if it fails early)
         self._sessions: list[dict[str, float]] = []  # search time per invocation (_optimize)
@@ -127,6 +130,7 @@ class Search:
             _start.evaluator_factory(self),
             workers=self.workers,
             ray_address=self.ray_address,
+            per_gpu=self.per_gpu,
         )
         try:
             _start.write_header(self, started, new)

@@ -170,9 +170,12 @@ def search_budget(
     return budget
 
 
-def evaluator_for(bench: Workbench, config: SearchConfig, workers: int = 1) -> Evaluator:
+def evaluator_for(
+    bench: Workbench, config: SearchConfig, workers: int = 1, per_gpu: int = 1
+) -> Evaluator:
     """Scores genomes on ``bench``'s model and data by ``config``'s protocol and folds;
-    ``workers``: how many evaluators share this machine's memory (the cache budget's split)."""
+    ``workers``: how many evaluators share this machine's memory, ``per_gpu``: how many share one
+    GPU (the cache budget's split)."""
     return Evaluator(
         bench.model,
         bench.partition,
@@ -180,12 +183,13 @@ def evaluator_for(bench: Workbench, config: SearchConfig, workers: int = 1) -> E
         config.protocol,
         fold_seed=config.seed,
         workers=workers,
+        per_gpu=per_gpu,
     )
 
 
-def build_evaluator(config: SearchConfig, workers: int = 1) -> Evaluator:
+def build_evaluator(config: SearchConfig, workers: int = 1, per_gpu: int = 1) -> Evaluator:
     """Everything a worker process needs to score genomes, rebuilt from the configuration."""
-    return evaluator_for(prepare(config.data), config, workers)
+    return evaluator_for(prepare(config.data), config, workers, per_gpu)
 
 
 def partition_record(bench: Workbench) -> dict[str, Any]:
