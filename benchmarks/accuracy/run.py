@@ -935,7 +935,9 @@ def report(records: Path, out: Path, datasets: list[str], wall: dict[str, Any]) 
     room = headroom(table, datasets)
     room_paper = headroom(table, datasets, PAPER_BASELINES)
     if room_paper is not None:
-        room_paper["over"] = "of the paper's baselines (LLRD and LP-FT pending)"
+        room_paper["over"] = "of the paper's six baselines" + (
+            " (LLRD and LP-FT pending)" if room is None else ""
+        )
     progress = count_records(records, datasets)
     machine = machine_description()
     date = time.strftime("%Y-%m-%d %H:%M")
