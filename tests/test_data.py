@@ -159,13 +159,15 @@ def test_in_memory_subset_keeps_targets_and_batches_through_a_dataloader() -> No
 
 
 def _fake_torchvision_class(num_classes: int, sizes: dict[str, int], label_attribute: str):
-    """Stands in for a downloaded torchvision dataset: same constructor, labels, classes."""
+    """Stands in for a downloaded torchvision dataset: same constructor, labels, classes, and
+    PIL images made from an array of pixels, as CIFAR10 or MNIST make them."""
 
     class Fake(torch.utils.data.Dataset):
         def __init__(self, root, download=False, transform=None, train=None, split=None, **_):
             part = split if split is not None else ("train" if train else "test")
             labels = np.arange(sizes[part]) % num_classes
             setattr(self, label_attribute, labels.tolist())
+            self.data = np.repeat(10 * labels.astype(np.uint8), 30 * 40).reshape(-1, 30, 40)
             self.classes = [f"kind{i}" for i in range(num_classes)]
             self.transform = transform
 
@@ -173,8 +175,10 @@ def _fake_torchvision_class(num_classes: int, sizes: dict[str, int], label_attri
             return len(getattr(self, label_attribute))
 
         def __getitem__(self, index: int):
-            label = getattr(self, label_attribute)[index]
-            return self.transform(Image.new("L", (40, 30), 10 * label)), label
+            image = Image.fromarray(self.data[index])
+            if self.transform is not None:
+                image = self.transform(image)
+            return image, getattr(self, label_attribute)[index]
 
     return Fake
 

@@ -142,7 +142,8 @@ def test_an_image_broken_before_decoding_is_a_one_line_error_naming_it(
 def test_a_search_evaluation_scores_the_same_from_the_store_as_from_the_files(
     tmp_path: Path, frozen: int
 ) -> None:
-    """Folds (subsets of the store) and the feature cache built from it, end to end."""
+    """Folds (subsets of the store) and the feature cache built from it, end to end (scored by
+    the likelihood, which any change of a pixel moves)."""
     folder = _photo_folder(tmp_path)
     torch.manual_seed(0)
     model = make_tiny_cnn()
@@ -150,7 +151,7 @@ def test_a_search_evaluation_scores_the_same_from_the_store_as_from_the_files(
     plan = FineTunePlan(
         tuple(BlockSetting(n, i >= frozen, 1.0) for i, n in enumerate(partition.names))
     )
-    train = TrainConfig(epochs=2, patience=2, batch_size=4, eval_batch_size=5)
+    train = TrainConfig(epochs=2, patience=2, batch_size=4, eval_batch_size=5, metric="likelihood")
     protocol = SearchProtocol(data_fraction=0.5, seeds=(0, 1), train=train, cache_features=True)
     records = []
     for decode_once in (False, True):

@@ -3,10 +3,10 @@
 Small offline datasets (shipped inside pip packages) are decoded, resized and normalised once
 into memory, because a search trains hundreds of small models on them and must not pay for
 decoding in every step. Folder and torchvision datasets get the paper's preprocessing (resize
-to size*232/224, centre crop, normalise): a folder's images are decoded, resized and cropped once
-into a uint8 store (``biotune.decoded``) and normalised per batch, torchvision datasets are read
-lazily. Augmentation, where a training asks for it, works on batches of those tensors
-(``random_resized_crop_flip``).
+to size*232/224, centre crop, normalise): their images are decoded, resized and cropped once into
+a uint8 store (``biotune.decoded``) and normalised per batch, so no training reads a file or
+needs a loader worker. Augmentation, where a training asks for it, works on batches of those
+tensors (``random_resized_crop_flip``).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import functools
 import gzip
+import hashlib
 import importlib.metadata
 import importlib.resources
 import math
@@ -37,7 +38,7 @@ from biotune.core.splits import (
     stratified_sample,
     stratified_split,
 )
-from biotune.decoded import DecodedImages, decode_images
+from biotune.decoded import DecodedImages, NoRoomForStore, decode_images, file_stats
 from biotune.errors import BioTuneError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -124,6 +125,36 @@ class _ImageFileDataset(Dataset):
         return _ImageFileDataset(
             [self.files[i] for i in indices], self.targets[indices], self.transform
         )
+
+
+class _TorchvisionImages(Dataset):
+    """Items of a torchvision dataset opened without a transform (PIL images, made as
+    torchvision makes them), through our transform: what ``_decode_splits`` decodes once."""
+
+    def __init__(
+        self, base: Dataset, indices: np.ndarray, targets: np.ndarray, transform: Callable
+    ):
+        self.base = base
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.targets = np.asarray(targets, dtype=np.int64)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = _torchvision_image((self.base, int(self.indices[index])))
+        return self.transform(image), int(self.targets[index])
+
+    def take(self, indices: np.ndarray) -> _TorchvisionImages:
+        return _TorchvisionImages(
+            self.base, self.indices[indices], self.targets[indices], self.transform
+        )
+
+    def files(self) -> list[Path] | None:
+        """Each item's image file, where the dataset reads files (None: it holds arrays)."""
+        names = getattr(self.base, "_image_files", None)
+        return None if names is None else [Path(names[i]) for i in self.indices]
 
 
 @dataclass
@@ -361,18 +392,14 @@ def _torchvision_targets(dataset: Dataset) -> np.ndarray:
 
 
 def _open_torchvision(
-    key: str,
-    spec: _TorchvisionSpec,
-    split: dict[str, Any],
-    root: Path,
-    download: bool,
-    transform: Callable,
+    key: str, spec: _TorchvisionSpec, split: dict[str, Any], root: Path, download: bool
 ) -> Dataset:
+    """One split as torchvision reads it, without a transform: items are PIL images."""
     import torchvision.datasets
 
     cls = getattr(torchvision.datasets, spec.cls)
     try:
-        return cls(str(root), download=download, transform=transform, **split)
+        return cls(str(root), download=download, **split)
     except (RuntimeError, OSError) as error:
         if download:
             reason = str(error).splitlines()[0] if str(error) else type(error).__name__
@@ -387,25 +414,28 @@ def _open_torchvision(
 
 def _load_torchvision(
     key: str, root: Path, download: bool, transform: Callable, seed: int
-) -> tuple[list[str], dict[str, _IndexedDataset]]:
+) -> tuple[list[str], dict[str, _TorchvisionImages]]:
     spec = _TORCHVISION[key]
-    train = _open_torchvision(key, spec, spec.train, root, download, transform)
-    test = _open_torchvision(key, spec, spec.test, root, download, transform)
+    train = _open_torchvision(key, spec, spec.train, root, download)
+    test = _open_torchvision(key, spec, spec.test, root, download)
     train_targets, test_targets = _torchvision_targets(train), _torchvision_targets(test)
+
+    def whole(ds: Dataset, targets: np.ndarray) -> _TorchvisionImages:
+        return _TorchvisionImages(ds, np.arange(len(targets)), targets, transform)
+
     if spec.val is not None:
-        val = _open_torchvision(key, spec, spec.val, root, download, transform)
-        val_targets = _torchvision_targets(val)
+        val = _open_torchvision(key, spec, spec.val, root, download)
         splits = {
-            "train": _IndexedDataset(train, np.arange(len(train_targets)), train_targets),
-            "val": _IndexedDataset(val, np.arange(len(val_targets)), val_targets),
+            "train": whole(train, train_targets),
+            "val": whole(val, _torchvision_targets(val)),
         }
     else:
         val_idx, train_idx = carve(train_targets, VAL_FRACTION, seed)
         splits = {
-            "train": _IndexedDataset(train, train_idx, train_targets[train_idx]),
-            "val": _IndexedDataset(train, val_idx, train_targets[val_idx]),
+            "train": _TorchvisionImages(train, train_idx, train_targets[train_idx], transform),
+            "val": _TorchvisionImages(train, val_idx, train_targets[val_idx], transform),
         }
-    splits["test"] = _IndexedDataset(test, np.arange(len(test_targets)), test_targets)
+    splits["test"] = whole(test, test_targets)
     num_classes = int(max(t.targets.max() for t in splits.values())) + 1
     classes = getattr(train, "classes", None) or [str(i) for i in range(num_classes)]
     return [str(c) for c in classes], splits
@@ -447,19 +477,76 @@ def _read_resized(path: Path, resize_crop: Callable) -> Image.Image:
     return resize_crop(rgb)
 
 
+def _torchvision_image(item: tuple[Dataset, int]) -> Image.Image:
+    """(dataset, index) -> that item of a torchvision dataset as it makes it (a PIL image); an
+    image file it cannot read is a one-line error naming the file."""
+    base, index = item
+    try:
+        image, _ = base[index]
+    except Exception as error:  # PIL raises many types for corrupt files
+        names = getattr(base, "_image_files", None)
+        what = f"'{names[index]}'" if names is not None else f"{type(base).__name__} item {index}"
+        raise BioTuneError(f"unreadable image {what}: {unreadable_reason(error)}") from error
+    return image
+
+
+def _read_torchvision(item: tuple[Dataset, int], resize_crop: Callable) -> Image.Image:
+    """One torchvision item through ``_resize_crop``, failing as a lazily read one does."""
+    return resize_crop(_torchvision_image(item))
+
+
+def _torchvision_identity(splits: Sequence[_TorchvisionImages]) -> list[Any] | None:
+    """What names the pixels of these items in a store's file name: the dataset's class (how it
+    makes a PIL image) and its image files (paths, sizes, times) or a hash of its arrays' rows;
+    None where it holds neither, which keeps it lazy."""
+    kinds = {type(ds.base).__name__ for ds in splits}
+    if len(kinds) != 1:
+        return None
+    kind = f"torchvision.{kinds.pop()}"
+    files = [ds.files() for ds in splits]
+    if all(f is not None for f in files):
+        return [kind, file_stats([path for f in files for path in f])]  # type: ignore[union-attr]
+    if any(getattr(ds.base, "data", None) is None for ds in splits):
+        return None
+    digest = hashlib.sha256()
+    for ds in splits:
+        rows = np.ascontiguousarray(np.asarray(ds.base.data)[ds.indices])  # type: ignore[attr-defined]
+        digest.update(f"{rows.dtype.str}{rows.shape}".encode())
+        digest.update(rows.data)
+    return [kind, digest.hexdigest()]
+
+
 def _decode_splits(
     datasets: dict[str, Dataset], size: int, mean: tuple[float, ...], std: tuple[float, ...]
 ) -> dict[str, Dataset]:
-    """Folder splits decoded once into one shared uint8 store (``biotune.decoded``)."""
-    files = [f for ds in datasets.values() for f in ds.files]  # type: ignore[attr-defined]
-    store = decode_images(
-        files, size, functools.partial(_read_resized, resize_crop=_resize_crop(size))
-    )
+    """Folder or torchvision splits decoded once into one shared uint8 store
+    (``biotune.decoded``); left as they are (read lazily) where they cannot be: a torchvision
+    dataset holding neither image files nor arrays, or a store the disk has no room for."""
+    parts = list(datasets.values())
+    resize_crop = _resize_crop(size)
+    if all(isinstance(ds, _ImageFileDataset) for ds in parts):
+        items: list[Any] = [f for ds in parts for f in ds.files]  # type: ignore[attr-defined]
+        read, identity = functools.partial(_read_resized, resize_crop=resize_crop), None
+        files = [ds.files for ds in parts]  # type: ignore[attr-defined]
+    elif all(isinstance(ds, _TorchvisionImages) for ds in parts):
+        identity = _torchvision_identity(parts)  # type: ignore[arg-type]
+        if identity is None:
+            return datasets
+        items = [(ds.base, int(i)) for ds in parts for i in ds.indices]  # type: ignore[attr-defined]
+        read = functools.partial(_read_torchvision, resize_crop=resize_crop)
+        files = [ds.files() for ds in parts]  # type: ignore[attr-defined]
+    else:
+        return datasets
+    try:
+        store = decode_images(items, size, read, identity=identity)
+    except NoRoomForStore as error:
+        warnings.warn(f"{error}; reading the images from their source every epoch", stacklevel=3)
+        return datasets
     out: dict[str, Dataset] = {}
     start = 0
-    for split, ds in datasets.items():
+    for (split, ds), names in zip(datasets.items(), files, strict=True):
         rows = np.arange(start, start + len(ds))  # type: ignore[arg-type]
-        out[split] = DecodedImages(store, rows, ds.targets, mean, std, ds.files)  # type: ignore[attr-defined]
+        out[split] = DecodedImages(store, rows, ds.targets, mean, std, names)  # type: ignore[attr-defined]
         start += len(rows)
     return out
 
@@ -666,7 +753,10 @@ def split_dataset(ds: Dataset, seed: int = 0) -> tuple[Dataset, Dataset, Dataset
 def subset(ds: Dataset, indices: Sequence[int] | np.ndarray) -> Dataset:
     """A subset that keeps ``.targets`` (and stays in memory for in-memory datasets)."""
     indices = np.asarray(indices, dtype=np.int64)
-    if isinstance(ds, (TensorImageDataset, _IndexedDataset, _ImageFileDataset, DecodedImages)):
+    if isinstance(
+        ds,
+        (TensorImageDataset, _IndexedDataset, _ImageFileDataset, _TorchvisionImages, DecodedImages),
+    ):
         return ds.take(indices)
     targets = np.asarray(ds.targets, dtype=np.int64)[indices]  # type: ignore[attr-defined]
     return _IndexedDataset(ds, indices, targets)
@@ -727,9 +817,10 @@ def load_dataset(
     Splits depend only on ``seed`` (not on the image size or on the other sizes asked for), and
     each requested size is a stratified subsample of its full split. Splits a search cannot use
     (a class with no training image, an empty split) are refused, and validation or test splits
-    with fewer than ``MIN_EVAL_PER_CLASS`` images of some class draw a warning. An image
-    folder's images are decoded and resized once (``decode_once``, ``biotune.decoded``), with
-    the same pixels as reading them on demand; False reads them on demand, every epoch.
+    with fewer than ``MIN_EVAL_PER_CLASS`` images of some class draw a warning. The images of
+    an image folder or a torchvision dataset are decoded and resized once (``decode_once``,
+    ``biotune.decoded``), with the same pixels as reading them on demand; False reads them on
+    demand, every epoch, as does a store the disk has no room for (with a warning).
     """
     if image_size < 1:
         raise BioTuneError(f"image size must be positive, got {image_size}")
@@ -818,7 +909,7 @@ def load_dataset(
             ds = ds.take(stratified_sample(ds.targets, sizes[split], rng))
         datasets[split] = ds
     _check_splits(label, classes, {s: d.targets for s, d in datasets.items()})
-    if decode_once and all(isinstance(d, _ImageFileDataset) for d in datasets.values()):
+    if decode_once:
         datasets = _decode_splits(datasets, image_size, mean3, std3)
     subsampled = [f"{s} {sizes[s]} of {len(parts[s])}" for s in _SPLITS if sizes[s] < len(parts[s])]
     if subsampled:

@@ -1,14 +1,15 @@
-"""Image files decoded once: uint8 pixels that every training of a search reads in batches.
+"""Images decoded once: uint8 pixels that every training of a search reads in batches.
 
 Decoding a JPEG photo and resizing it to 224 px costs about 7 ms, more than a training step
 spends on the image on a small machine, and a search reads each image in every epoch of every
-evaluation. So a folder's images go through the PIL part of the preprocessing (RGB, resize,
-centre crop) once, into one N x 3 x S x S uint8 store (a quarter of float32): in memory when it
-is small, else in a memory-mapped file in a cache folder, which other processes of the search
-(workers, a resumed run) open instead of decoding again. Batches are gathered from the store and
-normalised as ``ToTensor`` and ``Normalize`` would, element by element, so training from the
-store is bit-identical to reading the files. On a GPU the store moves to the device once where
-it fits, and batches are gathered and normalised there (no host work per step).
+evaluation. So the images of a folder or a torchvision dataset go through the PIL part of the
+preprocessing (RGB, resize, centre crop) once, into one N x 3 x S x S uint8 store (a quarter of
+float32): in memory when it is small, else in a memory-mapped file in a cache folder, which other
+processes of the search (workers, a resumed run) open instead of decoding again. Batches are
+gathered from the store and normalised as ``ToTensor`` and ``Normalize`` would, element by
+element, so training from the store is bit-identical to reading the images lazily. On a GPU the
+store moves to the device once where it fits, and batches are gathered and normalised there (no
+host work per step).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import shutil
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -35,8 +37,15 @@ IN_MEMORY_BYTES = 512 * 2**20
 DEFAULT_DECODED_DIR = Path.home() / ".cache" / "biotune" / "decoded"
 #: A store is copied to a GPU when it takes at most this share of the GPU's free memory.
 DEVICE_SHARE = 0.25
+#: Disk a file-backed store leaves free: writing a memory map on a full disk kills the process
+#: (SIGBUS) rather than raising an error.
+DISK_HEADROOM = 2**30
 #: Bump when the pixels a file decodes to change, so old store files are not reused.
 _FORMAT = 1
+
+
+class NoRoomForStore(BioTuneError):
+    """A file-backed store would not fit the free disk (the caller may read lazily instead)."""
 
 
 class PixelStore:
@@ -136,23 +145,26 @@ class DecodedImages(Dataset):
 
 
 def decode_images(
-    files: Sequence[Path],
+    items: Sequence[Any],
     size: int,
-    to_pixels: Callable[[Path], Any],
+    to_pixels: Callable[[Any], Any],
     folder: Path | None = None,
     workers: int | None = None,
+    identity: Any = None,
 ) -> PixelStore:
-    """Decode ``files`` once into a store; ``to_pixels(path)`` gives one H x W x 3 uint8 image
+    """Decode ``items`` once into a store; ``to_pixels(item)`` gives one H x W x 3 uint8 image
     of side ``size`` (a PIL image or an array).
 
     In memory up to ``IN_MEMORY_BYTES``, else a file in ``folder`` (``decoded_dir()`` if None)
-    named by the files' paths, sizes and times and the image size: an existing one is mapped,
-    not decoded again. ``workers``: decoding processes (None: one per spare core)."""
-    shape = (len(files), 3, size, size)
+    named by ``identity`` (a JSON value; None: the items are files, named by their paths, sizes
+    and times, ``file_stats``) and the image size: an existing one is mapped, not decoded again;
+    ``NoRoomForStore`` if a new one would not fit the disk. ``workers``: decoding processes
+    (None: one per spare core)."""
+    shape = (len(items), 3, size, size)
     nbytes = int(np.prod(shape))
-    key = _store_key(files, size)
     path = None
     if nbytes > IN_MEMORY_BYTES or folder is not None:
+        key = store_key(file_stats(items) if identity is None else identity, size)
         path = (folder or decoded_dir()) / f"{key}-{size}px.u8"
         if path.exists() and path.stat().st_size == nbytes:
             return PixelStore(np.memmap(path, np.uint8, "r", shape=shape), path)
@@ -160,12 +172,18 @@ def decode_images(
         pixels = np.empty(shape, dtype=np.uint8)
     else:
         path.parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(path.parent).free
+        if free < nbytes + DISK_HEADROOM:
+            raise NoRoomForStore(
+                f"the decoded images need {_gib(nbytes)} under '{path.parent}', which has "
+                f"{_gib(free)} free (BIOTUNE_DECODED_DIR moves them to a larger disk)"
+            )
         partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
         pixels = np.memmap(partial, np.uint8, "w+", shape=shape)
     loader = DataLoader(
-        _Pixels(files, to_pixels),
+        _Pixels(items, to_pixels),
         batch_size=None,
-        num_workers=_decode_workers(len(files)) if workers is None else workers,
+        num_workers=_decode_workers(len(items)) if workers is None else workers,
     )
     for i, image in enumerate(loader):
         if isinstance(image, str):  # a worker's error, as one line rather than its traceback
@@ -194,31 +212,42 @@ def decoded_dir() -> Path:
 
 
 class _Pixels(Dataset):
-    """One file -> H x W x 3 uint8 tensor (what a decoding worker returns), or the one-line
+    """One item -> H x W x 3 uint8 tensor (what a decoding worker returns), or the one-line
     error that names a file that could not be read."""
 
-    def __init__(self, files: Sequence[Path], to_pixels: Callable[[Path], Any]) -> None:
-        self.files = list(files)
+    def __init__(self, items: Sequence[Any], to_pixels: Callable[[Any], Any]) -> None:
+        self.items = list(items)
         self.to_pixels = to_pixels
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.items)
 
     def __getitem__(self, index: int) -> torch.Tensor | str:
         try:
-            image = self.to_pixels(self.files[index])
+            image = self.to_pixels(self.items[index])
         except BioTuneError as error:
             return str(error)
         return torch.from_numpy(np.array(image, dtype=np.uint8))
 
 
-def _store_key(files: Sequence[Path], size: int) -> str:
+def file_stats(files: Sequence[str | Path]) -> list[list[Any]]:
+    """Each file's resolved path, size and modification time: a store of files is named by
+    these, so that a changed file is decoded again."""
     stats = []
     for f in files:
         st = Path(f).stat()
         stats.append([str(Path(f).resolve()), st.st_size, st.st_mtime_ns])
-    text = json.dumps([_FORMAT, size, stats], separators=(",", ":"))
+    return stats
+
+
+def store_key(identity: Any, size: int) -> str:
+    """A store file's name: what its pixels are (``identity``, a JSON value) at side ``size``."""
+    text = json.dumps([_FORMAT, size, identity], separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def _gib(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.1f} GiB"
 
 
 def _decode_workers(n: int) -> int:

@@ -52,6 +52,7 @@ from biotune.training import (
     batches,
     device_of,
     fine_tune,
+    loader_options,
     reinit_head,
     seed_everything,
     to_device,
@@ -468,7 +469,8 @@ class FeatureCache:
 
         ``batch_sizes``: the sizes of the batches the features will be read in (default: this
         cache's batch size, in order, as evaluation reads them); on the CPU one table is computed
-        per size, on an accelerator one in all (``table_sizes``).
+        per size, on an accelerator one in all (``table_sizes``). A dataset read lazily is read
+        with the device's loader workers (``loader_options``), as training reads it.
         """
         if k < 1:
             raise ValueError("a cached prefix holds at least one block")
@@ -505,7 +507,8 @@ class FeatureCache:
             )
             done = 0
             with torch.no_grad(), self._eval():
-                for x, _ in batches(inputs, b, device=self.device):
+                passes = batches(inputs, b, device=self.device, **loader_options(self.device))
+                for x, _ in passes:
                     images[done : done + len(x)] = self._run(x, start, k)
                     done += len(x)
             tables[b] = images
