@@ -51,24 +51,19 @@ def share(text: str) -> float:
     return value / 100
 
 
-def positive_float(text: str) -> float:
+def positive_float(text: str, unit: str = "") -> float:
+    """A finite number > 0; ``unit`` (e.g. " of MB") goes into the error."""
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+        value = math.nan
     if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a positive number{unit}, got {text!r}")
     return value
 
 
 def megabytes(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of MB, got {text!r}") from None
-    if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a positive number of MB, got {text!r}")
-    return value
+    return positive_float(text, " of MB")
 
 
 def cache_memory(text: str) -> str | float:
