@@ -39,8 +39,9 @@ def _final(run_dir: Path) -> list[dict]:
 
 def _counted_cost(run_dir: Path) -> dict:
     cost = json.loads((run_dir / "search_summary.json").read_text())["cost"]
-    if "rerank" in cost:  # the re-ranking runs' time is not part of what is counted
-        cost["rerank"] = {k: v for k, v in cost["rerank"].items() if k != "seconds"}
+    for rung in ("promote", "rerank"):  # the rungs' time is not part of what is counted
+        if rung in cost:
+            cost[rung] = {k: v for k, v in cost[rung].items() if k != "seconds"}
     return {k: v for k, v in cost.items() if k not in ("seconds", "wall_seconds")}
 
 
