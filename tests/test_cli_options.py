@@ -343,3 +343,15 @@ def test_a_malformed_yaml_configuration_is_one_line(tmp_path):
     with pytest.raises(BioTuneError, match="config.yaml: malformed YAML at line") as caught:
         read_config(str(path))
     assert "\n" not in str(caught.value)
+
+
+def test_a_population_above_the_presets_initial_size_raises_it_unless_given():
+    from dataclasses import replace
+
+    base = preset("default")
+    base = replace(base, evolution=replace(base.evolution, initial_size=10))
+    assert search_config(_parse("search", "--population", "12"), base).evolution.initial_size == 12
+    assert search_config(_parse("search", "--population", "8"), base).evolution.initial_size == 10
+    assert search_config(_parse("search"), base).evolution.initial_size == 10
+    with pytest.raises(BioTuneError, match="initial_size"):
+        search_config(_parse("search", "--population", "12", "--initial-size", "11"), base)

@@ -49,6 +49,17 @@ PAPER_BASELINES = ("full", "linear", "autorgn", "lora", "l2sp", "l1sp")
 BASELINES = (*PAPER_BASELINES, "llrd", "lpft")
 #: LLRD's decays, each tried with every lr of the grid (15 runs, all counted in its cost).
 LLRD_DECAYS = (0.5, 0.65, 0.8)
+#: The default preset of 2026-11-30 (rotating folds, the basic anchors, no middle rung), which
+#: the first candidates changed: the preset itself became ``biotune-mf``'s settings later.
+#: Applied in order, after each entry's own middle rung and re-ranking (``_nested`` checks each
+#: step: rotating folds refuse re-ranking the whole search).
+OLD_DEFAULT: dict[str, Any] = {
+    "protocol.fold_policy": "rotate",
+    "evolution.anchor_set": "basic",
+    "evolution.initial_size": None,
+    "promote": 0,
+    "promote_epochs": 4,
+}
 #: Issue 25's candidate default, ``biotune-mf``: common random numbers (one fold, one seed), the
 #: wide anchors, the best 6 plans of the whole search trained 4 epochs on that fold (the fidelity
 #: benchmark's ``long``), the best 2 of them with the final recipe.
@@ -74,10 +85,19 @@ ARM: dict[str, Any] = {
 #: Each candidate's re-ranking is spelled out, so the preset's own (which became
 #: "biotune-winners2"'s on 2026-11-30) changes none of them.
 SEARCHES = {
-    "biotune": ("default", {"rerank": 0, "rerank_from": "last"}),
-    "biotune-rerank": ("default", {"rerank": 3, "rerank_from": "last"}),
-    "biotune-rerank2": ("default", {"rerank": 2, "rerank_from": "last"}),
-    "biotune-winners2": ("default", {"rerank": 2, "rerank_from": "winners"}),
+    "biotune": ("default", {"promote": 0, "rerank": 0, "rerank_from": "last", **OLD_DEFAULT}),
+    "biotune-rerank": (
+        "default",
+        {"promote": 0, "rerank": 3, "rerank_from": "last", **OLD_DEFAULT},
+    ),
+    "biotune-rerank2": (
+        "default",
+        {"promote": 0, "rerank": 2, "rerank_from": "last", **OLD_DEFAULT},
+    ),
+    "biotune-winners2": (
+        "default",
+        {"promote": 0, "rerank": 2, "rerank_from": "winners", **OLD_DEFAULT},
+    ),
     "biotune-paper": (
         "paper",
         {"population_size": 8, "generations": 3, "elite": 2, "seeds": (0,), "epochs": 4},

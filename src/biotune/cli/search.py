@@ -213,9 +213,25 @@ def _prune(args: argparse.Namespace, protocol: Any) -> Any:
     return protocol.prune
 
 
+def _evolution(args: argparse.Namespace, base: Any) -> Any:
+    """``base``'s evolution settings with the options given (--objective too, the budget
+    group's). A --population above a preset's initial size raises it unless --initial-size is
+    given: the initial generation scores at least a population."""
+    changes = field_changes(args, type(base))
+    population = changes.get("population_size")
+    if (
+        population is not None
+        and "initial_size" not in changes
+        and base.initial_size is not None
+        and base.initial_size < population
+    ):
+        changes["initial_size"] = population
+    return replace(base, **changes) if changes else base
+
+
 def search_config(args: argparse.Namespace, base: Any) -> Any:
     """``base`` (a ``SearchConfig``: a preset or the stored one) with the options given."""
-    evolution = apply_fields(args, base.evolution)  # --objective too (the budget group's)
+    evolution = _evolution(args, base.evolution)
     if args.children_batch is not None:  # 0: all children of a generation at once
         evolution = replace(evolution, children_batch=args.children_batch or None)
     protocol = apply_fields(args, base.protocol)
