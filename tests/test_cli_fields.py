@@ -73,7 +73,7 @@ SAMPLES = {
     "sampler": ("random", "random"),
     "max_ft_equivalents": ("2.5", 2.5),
     "fold_policy": ("fixed", "fixed"),
-    "anchor_set": ("wide", "wide"),
+    "anchor_set": ("basic", "basic"),
     "batch_size": ("16", 16),
     "base_lr": ("0.02", 0.02),
     "optimizer": ("sgd", "sgd"),
