@@ -99,3 +99,28 @@ def test_the_issue25_rule_adopts_the_candidate_only_if_close_on_validation_and_c
     assert bench.adopt_rule(rows(0.9700, 3.6), ["a"])["adopted"] is False  # dearer than grid
     incomplete = {"a": {"full": row(0.9, 3.5), bench.CURRENT_DEFAULT: row(0.96, 2.8)}}
     assert bench.adopt_rule(incomplete, ["a"])["adopted"] is None
+
+
+def test_the_structures_rule_needs_a_better_worst_search_on_validation(bench):
+    def row(vals: list[float], ft: float) -> dict:
+        runs = [{"seed": i, "val_balanced": v} for i, v in enumerate(vals)]
+        return {"runs": runs, "whole_ft": ft}
+
+    def rows(mfs: list[float], ft: float = 3.3) -> dict:
+        return {
+            "a": {
+                "full": row([0.95, 0.95], 3.5),
+                bench.DEFAULT_METHOD: row([0.97, 0.92], 3.2),
+                bench.STRUCTURES_METHOD: row(mfs, ft),
+            }
+        }
+
+    adopted = bench.adopt_structures(rows([0.959, 0.93]), ["a"])
+    assert adopted["adopted"] is True  # 0.05 points lower on average, a better worst search
+    assert adopted["worst_val"] == pytest.approx(-0.02)
+    assert adopted["current_worst_val"] == pytest.approx(-0.03)
+    assert bench.chosen_default(rows([0.959, 0.93]), ["a"]) == bench.STRUCTURES_METHOD
+    assert bench.adopt_structures(rows([0.98, 0.92]), ["a"])["adopted"] is False  # same worst
+    assert bench.adopt_structures(rows([0.954, 0.93]), ["a"])["adopted"] is False  # mean: -0.3
+    assert bench.adopt_structures(rows([0.97, 0.93], 3.6), ["a"])["adopted"] is False  # dear
+    assert bench.chosen_default(rows([0.98, 0.92]), ["a"]) == bench.DEFAULT_METHOD

@@ -89,9 +89,10 @@ class SearchScale:
 
     def apply(self, config: SearchConfig) -> SearchConfig:
         evo = config.evolution
+        if self.population is not None:
+            evo = evo.resized(self.population)
         evo = replace(
             evo,
-            population_size=self.population if self.population is not None else evo.population_size,
             generations=self.generations if self.generations is not None else evo.generations,
             elite=self.elite if self.elite is not None else evo.elite,
         )
