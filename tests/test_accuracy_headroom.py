@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -124,3 +125,15 @@ def test_the_structures_rule_needs_a_better_worst_search_on_validation(bench):
     assert bench.adopt_structures(rows([0.954, 0.93]), ["a"])["adopted"] is False  # mean: -0.3
     assert bench.adopt_structures(rows([0.97, 0.93], 3.6), ["a"])["adopted"] is False  # dear
     assert bench.chosen_default(rows([0.98, 0.92]), ["a"]) == bench.DEFAULT_METHOD
+
+
+def test_sittings_side_by_side_keep_each_others_wall_time(bench, tmp_path):
+    path = tmp_path / "wall.json"
+    first = bench.Sitting(path, {"sessions": []}, 1, ["a"], ["m"])
+    second = bench.Sitting(path, {"sessions": []}, 1, ["b"], ["n"])
+    first.end()  # written last by the first: the second's entry must survive it
+    second.end()
+    first.beat()
+    sessions = json.loads(path.read_text())["sessions"]
+    assert sorted(s["datasets"][0] for s in sessions) == ["a", "b"]
+    assert all(s["ended"] for s in sessions)

@@ -214,7 +214,9 @@ def _write(path: Path, data: dict[str, Any]) -> None:
 
 class Sitting:
     """This sitting's wall time in ``wall.json``, rewritten every minute while it runs, so a
-    sitting cut short (a session's end kills it) still counts, to its last beat."""
+    sitting cut short (a session's end kills it) still counts, to its last beat. Each beat
+    merges this sitting's entry into the file under a lock, so sittings that run side by side
+    (e.g. two method groups) keep each other's entries."""
 
     BEAT_SECONDS = 60.0
 
@@ -227,6 +229,7 @@ class Sitting:
         self.start = time.perf_counter()
         self.entry: dict[str, Any] = {
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "id": f"{os.getpid()}-{time.time_ns()}",
             "last_beat": time.strftime("%Y-%m-%d %H:%M:%S"),
             "seconds": 0.0,
             "ended": None,
@@ -241,9 +244,15 @@ class Sitting:
         self._thread.start()
 
     def beat(self) -> None:
+        from filelock import FileLock
+
         self.entry["seconds"] = time.perf_counter() - self.start
         self.entry["last_beat"] = time.strftime("%Y-%m-%d %H:%M:%S")
-        _write(self.path, self.wall)
+        with FileLock(str(self.path) + ".lock"):
+            on_disk = _read(self.path) or {"sessions": []}
+            others = [e for e in on_disk["sessions"] if e.get("id") != self.entry["id"]]
+            self.wall["sessions"] = [*others, self.entry]
+            _write(self.path, self.wall)
 
     def _beats(self) -> None:
         while not self._stop.wait(self.BEAT_SECONDS):
