@@ -67,7 +67,8 @@ def _assert_same_as_reference(run_dir: Path, reference: Path) -> None:
     got, want = _records(run_dir), _records(reference)
     ids = [r["candidate"] for r in got]
     assert len(ids) == len(set(ids)), "a finished evaluation ran twice"
-    assert sorted(got, key=lambda r: r["candidate"]) == want
+    # by candidate: a memoised evaluation is recorded before the trained ones of its ask
+    assert sorted(got, key=lambda r: r["candidate"]) == sorted(want, key=lambda r: r["candidate"])
     assert json.loads((run_dir / "best_plan.json").read_text()) == json.loads(
         (reference / "best_plan.json").read_text()
     )
