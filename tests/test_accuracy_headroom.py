@@ -56,7 +56,7 @@ def test_targets_report_the_worst_search_and_the_paired_gain_over_random_search(
         "a": {
             "full": {"runs": full, "whole_ft": 3.0},
             bench.DEFAULT_METHOD: {"runs": mf, "whole_ft": 2.0},
-            bench.RANDOM_ARM: {"runs": rnd, "whole_ft": 2.0},
+            "random-search": {"runs": rnd, "whole_ft": 2.0},
         }
     }
     comparisons = [
@@ -80,6 +80,14 @@ def test_targets_report_the_worst_search_and_the_paired_gain_over_random_search(
     assert out["checks"]["beats_random_search_at_equal_cost"]
     assert out["checks"]["whole_search_at_most_full_grid"]
     assert bench.targets(rows, comparisons, None, ["a"]) is None
+    # biotune-mfs is compared with the arms that run its rungs: until they exist, no verdict.
+    rows["a"][bench.STRUCTURES_METHOD] = rows["a"][bench.DEFAULT_METHOD]
+    comparisons[0]["method"] = bench.STRUCTURES_METHOD
+    mfs = bench.targets(rows, comparisons, room, ["a"], bench.STRUCTURES_METHOD)
+    assert "beats_random_search_at_equal_cost" not in mfs["checks"] and not mfs["vs_arms"]
+    rows["a"]["random-search-s"] = rows["a"]["random-search"]
+    mfs = bench.targets(rows, comparisons, room, ["a"], bench.STRUCTURES_METHOD)
+    assert mfs["vs_random_search"]["mean"] == pytest.approx(0.7)
 
 
 def test_the_issue25_rule_adopts_the_candidate_only_if_close_on_validation_and_cheaper(bench):
@@ -137,3 +145,20 @@ def test_sittings_side_by_side_keep_each_others_wall_time(bench, tmp_path):
     sessions = json.loads(path.read_text())["sessions"]
     assert sorted(s["datasets"][0] for s in sessions) == ["a", "b"]
     assert all(s["ended"] for s in sessions)
+
+
+def test_a_derived_method_reuses_its_sources_run_only_for_the_same_plan(bench, tmp_path):
+    from biotune.core.plan import FineTunePlan
+
+    data = bench.Dataset.__new__(bench.Dataset)  # only the records, no workbench
+    data.records, data.name, data.log = tmp_path, "a", lambda _: None
+    plan = FineTunePlan.full(["x", "y"])
+    source = {"method": "random-search", "seed": 3, "plan": plan.to_dict(), "test_top1": 0.9}
+    bench._write(tmp_path / "a" / "random-search" / "lr0.001-seed3.json", source)
+    data._same_run("random-search-s", 1e-3, 3, plan)
+    copied = json.loads((tmp_path / "a" / "random-search-s" / "lr0.001-seed3.json").read_text())
+    assert copied == {**source, "method": "random-search-s", "same_run_as": "random-search"}
+    other = FineTunePlan.head_only(["x", "y"])
+    bench._write(tmp_path / "a" / "random-search" / "lr0.001-seed4.json", {**source, "seed": 4})
+    data._same_run("random-search-s", 1e-3, 4, other)
+    assert not (tmp_path / "a" / "random-search-s" / "lr0.001-seed4.json").exists()

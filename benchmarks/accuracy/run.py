@@ -112,6 +112,20 @@ SEARCHES = {
     # Its follow-up (README, "One plan per structure"): the rungs take the best plan of each
     # set of trained blocks instead of the best plans.
     "biotune-mfs": ("default", {**MF, "rerank_from": "structures"}),
+    # The arms with biotune-mfs's rungs, derived from their run directories (README): run only
+    # if biotune-mfs is adopted.
+    "random-search-s": ("default", {**MF, **ARM, "rerank_from": "structures"}),
+    "tpe-s": ("default", {**MF, **ARM, "sampler": "tpe", "rerank_from": "structures"}),
+    "anchors-rerank-s": (
+        "default",
+        {
+            **MF,
+            "evolution.population_size": 7,
+            "evolution.initial_size": 7,
+            "evolution.generations": 0,
+            "rerank_from": "structures",
+        },
+    ),
     "anchors-rerank": (
         "default",
         {
@@ -132,10 +146,18 @@ DERIVED = {
     "biotune-rerank2": "biotune-rerank",
     "biotune-winners2": "biotune",
     "biotune-mfs": "biotune-mf",
+    "random-search-s": "random-search",
+    "tpe-s": "tpe",
+    "anchors-rerank-s": "anchors-rerank",
 }
 #: Equal-budget arms: each search of these stops proposing plans once its evaluations have cost
 #: what the named method's search of the same dataset and seed cost (issue 25's ablation).
-BUDGET_FROM = {"random-search": "biotune-mf", "tpe": "biotune-mf"}
+BUDGET_FROM = {
+    "random-search": "biotune-mf",
+    "tpe": "biotune-mf",
+    "random-search-s": "biotune-mf",
+    "tpe-s": "biotune-mf",
+}
 #: The cost entries of a search summary that are rungs above the evaluations.
 RUNGS = ("promote", "rerank")
 #: The candidate defaults the README's rule chooses from.
@@ -160,6 +182,9 @@ ORDER = (
     "tpe",
     "anchors-rerank",
     "biotune-mfs",
+    "random-search-s",
+    "tpe-s",
+    "anchors-rerank-s",
 )
 LABELS = {
     "full": "Full fine-tuning",
@@ -179,6 +204,9 @@ LABELS = {
     "random-search": "Random search (same rungs, equal cost)",
     "tpe": "TPE (Optuna, same rungs, equal cost)",
     "biotune-mfs": "BioTune (multi-fidelity, one plan per structure at the rungs)",
+    "random-search-s": "Random search (one plan per structure at the rungs, equal cost)",
+    "tpe-s": "TPE (one plan per structure at the rungs, equal cost)",
+    "anchors-rerank-s": "Wide anchors + rungs only (one plan per structure)",
     "anchors-rerank": "Wide anchors + rungs only (no search)",
 }
 
@@ -486,8 +514,22 @@ class Dataset:
                 f"({done['ft_equivalents']:.2f} FT-eq, {done['seconds']:.0f} s)"
             )
         plan = FineTunePlan.from_dict(done["plan"])
+        self._same_run(method, done["base_lr"], seed, plan)
         self.run(method, done["base_lr"], seed, plan=plan)
         return done
+
+    def _same_run(self, method: str, lr: float, seed: int, plan: Any) -> None:
+        """A derived method whose search chose its source's plan gets the source's run of that
+        plan (the same plan, lr, seed and data train the same model: training is
+        deterministic on the CPU), marked as such, instead of training it again."""
+        source = DERIVED.get(method)
+        path = _record_path(self.records, self.name, method, _run_name(lr, seed))
+        if source is None or path.exists():
+            return
+        record = _read(_record_path(self.records, self.name, source, _run_name(lr, seed)))
+        if record is not None and record.get("plan") == plan.to_dict():
+            _write(path, {**record, "method": method, "same_run_as": source})
+            self.log(f"{method} lr {lr:g} seed {seed}: {source}'s run of the same plan")
 
     def _derive(self, method: str, seed: int, config: Any, run_dir: Path) -> bool:
         """Start ``run_dir`` as a copy of the source method's finished search (``DERIVED``)."""
@@ -794,8 +836,8 @@ def claim(
 
 #: Issue 25's method under test, the arm it must beat at equal cost, the other arms, and the
 #: default it would replace.
-DEFAULT_METHOD, RANDOM_ARM = "biotune-mf", "random-search"
-ARMS = (RANDOM_ARM, "tpe", "anchors-rerank")
+DEFAULT_METHOD = "biotune-mf"
+ARMS = ("random-search", "tpe", "anchors-rerank")
 CURRENT_DEFAULT = "biotune-winners2"
 
 
@@ -860,6 +902,12 @@ def adopt_structures(
     return out
 
 
+def arms_of(method: str) -> tuple[str, ...]:
+    """The equal-cost arms ``method`` is compared with (random search first): the ones with its
+    rungs."""
+    return tuple(f"{a}-s" for a in ARMS) if method == STRUCTURES_METHOD else ARMS
+
+
 def chosen_default(rows: dict[str, dict[str, dict[str, Any]]], datasets: list[str]) -> str:
     """The method issue 25's targets are read for: ``biotune-mfs`` if its rule adopts it."""
     return STRUCTURES_METHOD if adopt_structures(rows, datasets)["adopted"] else DEFAULT_METHOD
@@ -903,11 +951,10 @@ def targets(
         "worst_search_within_1_point_of_full": out["worst_search"]["points"] >= -1.0,
         "whole_search_at_most_full_grid": out["whole_ft_mean"] <= out["full_grid_ft_mean"],
     }
-    if all(RANDOM_ARM in rows[d] for d in datasets):
+    arms = arms_of(method)
+    if all(arms[0] in rows[d] for d in datasets):
         pairs = [
-            r
-            for d in datasets
-            for r in _pairs(rows[d][method]["runs"], rows[d][RANDOM_ARM]["runs"])
+            r for d in datasets for r in _pairs(rows[d][method]["runs"], rows[d][arms[0]]["runs"])
         ]
         out["vs_random_search"] = _interval(pairs)
         checks["beats_random_search_at_equal_cost"] = out["vs_random_search"]["mean"] > 0
@@ -915,7 +962,7 @@ def targets(
         arm: _interval(
             [x for d in datasets for x in _pairs(rows[d][method]["runs"], rows[d][arm]["runs"])]
         )
-        for arm in ARMS
+        for arm in arms
         if all(arm in rows[d] for d in datasets)
     }
     out["checks"] = checks
