@@ -353,6 +353,8 @@ def test_a_population_above_the_presets_initial_size_raises_it_unless_given():
     assert search_config(_parse("search", "--population", "12"), base).evolution.initial_size == 12
     assert search_config(_parse("search", "--population", "8"), base).evolution.initial_size == 10
     assert search_config(_parse("search"), base).evolution.initial_size == 10
+    paper = search_config(_parse("search", "--population", "3", "--elite", "1"), preset("paper"))
+    assert (paper.evolution.population_size, paper.evolution.elite) == (3, 1)
     with pytest.raises(BioTuneError, match="initial_size"):
         search_config(_parse("search", "--population", "12", "--initial-size", "11"), base)
 

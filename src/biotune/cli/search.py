@@ -220,7 +220,7 @@ def _evolution(args: argparse.Namespace, base: Any) -> Any:
     changes = field_changes(args, type(base))
     population = changes.get("population_size")
     if population is not None and "initial_size" not in changes:
-        base = base.resized(changes.pop("population_size"))
+        return base.resized(changes.pop("population_size"), **changes)
     return replace(base, **changes) if changes else base
 
 

@@ -167,13 +167,14 @@ class EvolutionConfig:
             del settings["anchor_set"]
         return settings
 
-    def resized(self, population: int) -> EvolutionConfig:
-        """These settings with another population; an initial generation set smaller than it
-        grows to it (it scores at least a population), a larger one (the anchors' room) stays."""
+    def resized(self, population: int, **changes: Any) -> EvolutionConfig:
+        """These settings with another population (and ``changes``); an initial generation set
+        smaller than it grows to it (it scores at least a population), a larger one (the
+        anchors' room) stays."""
         initial = self.initial_size
         if initial is not None and initial < population:
             initial = population
-        return replace(self, population_size=population, initial_size=initial)
+        return replace(self, population_size=population, initial_size=initial, **changes)
 
     @property
     def initial_evaluations(self) -> int:
