@@ -62,7 +62,8 @@ def tiny_search_args(
     return [
         *("--image-size", "32", "--train-size", str(train_size)),
         *("--val-size", str(val), "--test-size", str(val)),
-        *("--population", str(population), "--generations", str(generations)),
+        *("--population", str(population), "--initial-size", str(population)),
+        *("--generations", str(generations)),
         *("--elite", "1", "--seeds", "1", "--epochs", "1"),
         *("--final-epochs", str(final_epochs), "--final-seeds", final_seeds),
     ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -55,7 +56,7 @@ def test_targets_report_the_worst_search_and_the_paired_gain_over_random_search(
         "a": {
             "full": {"runs": full, "whole_ft": 3.0},
             bench.DEFAULT_METHOD: {"runs": mf, "whole_ft": 2.0},
-            bench.RANDOM_ARM: {"runs": rnd, "whole_ft": 2.0},
+            "random-search": {"runs": rnd, "whole_ft": 2.0},
         }
     }
     comparisons = [
@@ -79,6 +80,14 @@ def test_targets_report_the_worst_search_and_the_paired_gain_over_random_search(
     assert out["checks"]["beats_random_search_at_equal_cost"]
     assert out["checks"]["whole_search_at_most_full_grid"]
     assert bench.targets(rows, comparisons, None, ["a"]) is None
+    # biotune-mfs is compared with the arms that run its rungs: until they exist, no verdict.
+    rows["a"][bench.STRUCTURES_METHOD] = rows["a"][bench.DEFAULT_METHOD]
+    comparisons[0]["method"] = bench.STRUCTURES_METHOD
+    mfs = bench.targets(rows, comparisons, room, ["a"], bench.STRUCTURES_METHOD)
+    assert "beats_random_search_at_equal_cost" not in mfs["checks"] and not mfs["vs_arms"]
+    rows["a"]["random-search-s"] = rows["a"]["random-search"]
+    mfs = bench.targets(rows, comparisons, room, ["a"], bench.STRUCTURES_METHOD)
+    assert mfs["vs_random_search"]["mean"] == pytest.approx(0.7)
 
 
 def test_the_issue25_rule_adopts_the_candidate_only_if_close_on_validation_and_cheaper(bench):
@@ -99,3 +108,57 @@ def test_the_issue25_rule_adopts_the_candidate_only_if_close_on_validation_and_c
     assert bench.adopt_rule(rows(0.9700, 3.6), ["a"])["adopted"] is False  # dearer than grid
     incomplete = {"a": {"full": row(0.9, 3.5), bench.CURRENT_DEFAULT: row(0.96, 2.8)}}
     assert bench.adopt_rule(incomplete, ["a"])["adopted"] is None
+
+
+def test_the_structures_rule_needs_a_better_worst_search_on_validation(bench):
+    def row(vals: list[float], ft: float) -> dict:
+        runs = [{"seed": i, "val_balanced": v} for i, v in enumerate(vals)]
+        return {"runs": runs, "whole_ft": ft}
+
+    def rows(mfs: list[float], ft: float = 3.3) -> dict:
+        return {
+            "a": {
+                "full": row([0.95, 0.95], 3.5),
+                bench.DEFAULT_METHOD: row([0.97, 0.92], 3.2),
+                bench.STRUCTURES_METHOD: row(mfs, ft),
+            }
+        }
+
+    adopted = bench.adopt_structures(rows([0.959, 0.93]), ["a"])
+    assert adopted["adopted"] is True  # 0.05 points lower on average, a better worst search
+    assert adopted["worst_val"] == pytest.approx(-0.02)
+    assert adopted["current_worst_val"] == pytest.approx(-0.03)
+    assert bench.chosen_default(rows([0.959, 0.93]), ["a"]) == bench.STRUCTURES_METHOD
+    assert bench.adopt_structures(rows([0.98, 0.92]), ["a"])["adopted"] is False  # same worst
+    assert bench.adopt_structures(rows([0.954, 0.93]), ["a"])["adopted"] is False  # mean: -0.3
+    assert bench.adopt_structures(rows([0.97, 0.93], 3.6), ["a"])["adopted"] is False  # dear
+    assert bench.chosen_default(rows([0.98, 0.92]), ["a"]) == bench.DEFAULT_METHOD
+
+
+def test_sittings_side_by_side_keep_each_others_wall_time(bench, tmp_path):
+    path = tmp_path / "wall.json"
+    first = bench.Sitting(path, {"sessions": []}, 1, ["a"], ["m"])
+    second = bench.Sitting(path, {"sessions": []}, 1, ["b"], ["n"])
+    first.end()  # written last by the first: the second's entry must survive it
+    second.end()
+    first.beat()
+    sessions = json.loads(path.read_text())["sessions"]
+    assert sorted(s["datasets"][0] for s in sessions) == ["a", "b"]
+    assert all(s["ended"] for s in sessions)
+
+
+def test_a_derived_method_reuses_its_sources_run_only_for_the_same_plan(bench, tmp_path):
+    from biotune.core.plan import FineTunePlan
+
+    data = bench.Dataset.__new__(bench.Dataset)  # only the records, no workbench
+    data.records, data.name, data.log = tmp_path, "a", lambda _: None
+    plan = FineTunePlan.full(["x", "y"])
+    source = {"method": "random-search", "seed": 3, "plan": plan.to_dict(), "test_top1": 0.9}
+    bench._write(tmp_path / "a" / "random-search" / "lr0.001-seed3.json", source)
+    data._same_run("random-search-s", 1e-3, 3, plan)
+    copied = json.loads((tmp_path / "a" / "random-search-s" / "lr0.001-seed3.json").read_text())
+    assert copied == {**source, "method": "random-search-s", "same_run_as": "random-search"}
+    other = FineTunePlan.head_only(["x", "y"])
+    bench._write(tmp_path / "a" / "random-search" / "lr0.001-seed4.json", {**source, "seed": 4})
+    data._same_run("random-search-s", 1e-3, 4, other)
+    assert not (tmp_path / "a" / "random-search-s" / "lr0.001-seed4.json").exists()

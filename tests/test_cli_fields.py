@@ -72,8 +72,8 @@ SAMPLES = {
     "promote_epochs": ("3", 3),
     "sampler": ("random", "random"),
     "max_ft_equivalents": ("2.5", 2.5),
-    "fold_policy": ("fixed", "fixed"),
-    "anchor_set": ("wide", "wide"),
+    "fold_policy": ("rotate", "rotate"),
+    "anchor_set": ("basic", "basic"),
     "batch_size": ("16", 16),
     "base_lr": ("0.02", 0.02),
     "optimizer": ("sgd", "sgd"),
@@ -82,7 +82,7 @@ SAMPLES = {
 
 
 #: What a sample value needs beside it to be a valid configuration.
-NEEDS = {"sampler": ["--fold-policy", "fixed"]}
+NEEDS: dict[str, list[str]] = {}
 
 
 def _subparser(name: str) -> argparse.ArgumentParser:

@@ -353,5 +353,27 @@ def test_a_population_above_the_presets_initial_size_raises_it_unless_given():
     assert search_config(_parse("search", "--population", "12"), base).evolution.initial_size == 12
     assert search_config(_parse("search", "--population", "8"), base).evolution.initial_size == 10
     assert search_config(_parse("search"), base).evolution.initial_size == 10
+    paper = search_config(_parse("search", "--population", "3", "--elite", "1"), preset("paper"))
+    assert (paper.evolution.population_size, paper.evolution.elite) == (3, 1)
     with pytest.raises(BioTuneError, match="initial_size"):
         search_config(_parse("search", "--population", "12", "--initial-size", "11"), base)
+
+
+def test_rotating_folds_make_a_presets_rerank_from_best_pick_winners_unless_given():
+    base = preset("default")
+    assert base.rerank_from == "best" and base.protocol.fold_policy == "fixed"
+    assert search_config(_parse("search"), base).rerank_from == "best"
+    rotated = search_config(_parse("search", "--fold-policy", "rotate"), base)
+    assert (rotated.protocol.fold_policy, rotated.rerank_from) == ("rotate", "winners")
+    with pytest.raises(BioTuneError, match="--rerank-from best .* --fold-policy fixed"):
+        search_config(_parse("search", "--fold-policy", "rotate", "--rerank-from", "best"), base)
+
+
+def test_rerank_below_two_drops_a_presets_middle_rung_unless_given():
+    base = preset("default")
+    assert base.promote > base.rerank >= 2
+    assert search_config(_parse("search", "--rerank", "0"), base).promote == 0
+    assert search_config(_parse("search", "--rerank", "1"), base).promote == 0
+    assert search_config(_parse("search", "--rerank", "3"), base).promote == base.promote
+    with pytest.raises(BioTuneError, match="--promote 4 needs --rerank 2 or more"):
+        search_config(_parse("search", "--rerank", "1", "--promote", "4"), base)

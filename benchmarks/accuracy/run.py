@@ -109,6 +109,23 @@ SEARCHES = {
         {**MF, **ARM},
     ),
     "tpe": ("default", {**MF, **ARM, "sampler": "tpe"}),
+    # Its follow-up (README, "One plan per structure"): the rungs take the best plan of each
+    # set of trained blocks instead of the best plans.
+    "biotune-mfs": ("default", {**MF, "rerank_from": "structures"}),
+    # The arms with biotune-mfs's rungs, derived from their run directories (README): run only
+    # if biotune-mfs is adopted.
+    "random-search-s": ("default", {**MF, **ARM, "rerank_from": "structures"}),
+    "tpe-s": ("default", {**MF, **ARM, "sampler": "tpe", "rerank_from": "structures"}),
+    "anchors-rerank-s": (
+        "default",
+        {
+            **MF,
+            "evolution.population_size": 7,
+            "evolution.initial_size": 7,
+            "evolution.generations": 0,
+            "rerank_from": "structures",
+        },
+    ),
     "anchors-rerank": (
         "default",
         {
@@ -128,10 +145,19 @@ DERIVED = {
     "biotune-rerank": "biotune",
     "biotune-rerank2": "biotune-rerank",
     "biotune-winners2": "biotune",
+    "biotune-mfs": "biotune-mf",
+    "random-search-s": "random-search",
+    "tpe-s": "tpe",
+    "anchors-rerank-s": "anchors-rerank",
 }
 #: Equal-budget arms: each search of these stops proposing plans once its evaluations have cost
 #: what the named method's search of the same dataset and seed cost (issue 25's ablation).
-BUDGET_FROM = {"random-search": "biotune-mf", "tpe": "biotune-mf"}
+BUDGET_FROM = {
+    "random-search": "biotune-mf",
+    "tpe": "biotune-mf",
+    "random-search-s": "biotune-mf",
+    "tpe-s": "biotune-mf",
+}
 #: The cost entries of a search summary that are rungs above the evaluations.
 RUNGS = ("promote", "rerank")
 #: The candidate defaults the README's rule chooses from.
@@ -155,6 +181,10 @@ ORDER = (
     "random-search",
     "tpe",
     "anchors-rerank",
+    "biotune-mfs",
+    "random-search-s",
+    "tpe-s",
+    "anchors-rerank-s",
 )
 LABELS = {
     "full": "Full fine-tuning",
@@ -173,6 +203,10 @@ LABELS = {
     "biotune-mf": "BioTune (multi-fidelity: CRN, wide anchors, middle rung)",
     "random-search": "Random search (same rungs, equal cost)",
     "tpe": "TPE (Optuna, same rungs, equal cost)",
+    "biotune-mfs": "BioTune (multi-fidelity, one plan per structure at the rungs)",
+    "random-search-s": "Random search (one plan per structure at the rungs, equal cost)",
+    "tpe-s": "TPE (one plan per structure at the rungs, equal cost)",
+    "anchors-rerank-s": "Wide anchors + rungs only (one plan per structure)",
     "anchors-rerank": "Wide anchors + rungs only (no search)",
 }
 
@@ -208,7 +242,9 @@ def _write(path: Path, data: dict[str, Any]) -> None:
 
 class Sitting:
     """This sitting's wall time in ``wall.json``, rewritten every minute while it runs, so a
-    sitting cut short (a session's end kills it) still counts, to its last beat."""
+    sitting cut short (a session's end kills it) still counts, to its last beat. Each beat
+    merges this sitting's entry into the file under a lock, so sittings that run side by side
+    (e.g. two method groups) keep each other's entries."""
 
     BEAT_SECONDS = 60.0
 
@@ -221,6 +257,7 @@ class Sitting:
         self.start = time.perf_counter()
         self.entry: dict[str, Any] = {
             "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "id": f"{os.getpid()}-{time.time_ns()}",
             "last_beat": time.strftime("%Y-%m-%d %H:%M:%S"),
             "seconds": 0.0,
             "ended": None,
@@ -235,9 +272,15 @@ class Sitting:
         self._thread.start()
 
     def beat(self) -> None:
+        from filelock import FileLock
+
         self.entry["seconds"] = time.perf_counter() - self.start
         self.entry["last_beat"] = time.strftime("%Y-%m-%d %H:%M:%S")
-        _write(self.path, self.wall)
+        with FileLock(str(self.path) + ".lock"):
+            on_disk = _read(self.path) or {"sessions": []}
+            others = [e for e in on_disk["sessions"] if e.get("id") != self.entry["id"]]
+            self.wall["sessions"] = [*others, self.entry]
+            _write(self.path, self.wall)
 
     def _beats(self) -> None:
         while not self._stop.wait(self.BEAT_SECONDS):
@@ -471,8 +514,22 @@ class Dataset:
                 f"({done['ft_equivalents']:.2f} FT-eq, {done['seconds']:.0f} s)"
             )
         plan = FineTunePlan.from_dict(done["plan"])
+        self._same_run(method, done["base_lr"], seed, plan)
         self.run(method, done["base_lr"], seed, plan=plan)
         return done
+
+    def _same_run(self, method: str, lr: float, seed: int, plan: Any) -> None:
+        """A derived method whose search chose its source's plan gets the source's run of that
+        plan (the same plan, lr, seed and data train the same model: training is
+        deterministic on the CPU), marked as such, instead of training it again."""
+        source = DERIVED.get(method)
+        path = _record_path(self.records, self.name, method, _run_name(lr, seed))
+        if source is None or path.exists():
+            return
+        record = _read(_record_path(self.records, self.name, source, _run_name(lr, seed)))
+        if record is not None and record.get("plan") == plan.to_dict():
+            _write(path, {**record, "method": method, "same_run_as": source})
+            self.log(f"{method} lr {lr:g} seed {seed}: {source}'s run of the same plan")
 
     def _derive(self, method: str, seed: int, config: Any, run_dir: Path) -> bool:
         """Start ``run_dir`` as a copy of the source method's finished search (``DERIVED``)."""
@@ -482,26 +539,7 @@ class Dataset:
         src = self.work / self.name / f"{source}-seed{seed}"
         if not (src / "search_summary.json").exists():
             return False
-        skip = {"model.safetensors", "finetuned.json", "final_runs.jsonl", "final.json"}
-        skip |= {"best_plan.json", "search_summary.json"}  # written when the search finishes
-        tmp = run_dir.with_name(run_dir.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for f in src.iterdir():
-            if f.is_file() and f.name not in skip and not f.name.startswith("."):
-                shutil.copy2(f, tmp / f.name)
-        stored = json.loads((tmp / "config.json").read_text())
-        stored["search"] = config.to_dict()
-        (tmp / "config.json").write_text(json.dumps(stored, indent=2) + "\n")
-        rerank = tmp / "rerank.jsonl"
-        if rerank.exists():
-            kept = [
-                line
-                for line in rerank.read_text().splitlines()
-                if line.strip() and json.loads(line)["rank"] < config.rerank
-            ]
-            rerank.write_text("".join(line + "\n" for line in kept))
-        tmp.rename(run_dir)
+        derive_run(src, run_dir, config)
         self.log(f"{method} search seed {seed}: derived from {src}")
         return True
 
@@ -518,6 +556,51 @@ class Dataset:
         plan = FineTunePlan.from_dict(done["plan"])
         for seed in SEEDS[1:]:
             self.run(method, done["base_lr"], seed, plan=plan)
+
+
+def derive_run(src: Path, run_dir: Path, config: Any) -> None:
+    """``run_dir``: a finished search's run directory ``src`` made the start of a search that
+    differs only in its rungs (``config``): the evaluations and sessions kept, the rungs' runs
+    kept only for the plans ``config``'s rungs pick (re-ranking alone: the first ranks), the
+    end results dropped. Resumed, it trains only the missing runs and ends as a search of
+    ``config`` from scratch would (a test checks it)."""
+    skip = {"model.safetensors", "finetuned.json", "final_runs.jsonl", "final.json"}
+    skip |= {"best_plan.json", "search_summary.json"}  # written when the search finishes
+    tmp = run_dir.with_name(run_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.is_file() and f.name not in skip and not f.name.startswith("."):
+            shutil.copy2(f, tmp / f.name)
+    stored = json.loads((tmp / "config.json").read_text())
+    stored["search"] = config.to_dict()
+    (tmp / "config.json").write_text(json.dumps(stored, indent=2) + "\n")
+    if config.promote:  # the rungs' runs of the plans this search's rungs also pick
+        picks = _promote_picks(tmp, config)
+        for name in ("promote.jsonl", "rerank.jsonl"):
+            _keep_lines(tmp / name, lambda r: r["candidate"] in picks)
+    else:
+        _keep_lines(tmp / "rerank.jsonl", lambda r: r["rank"] < config.rerank)
+    tmp.rename(run_dir)
+
+
+def _promote_picks(run_dir: Path, config: Any) -> set[int]:
+    """The candidates ``config``'s middle rung trains, from a search's evaluations."""
+    from biotune.runner.rerank import best_of_search
+
+    names = [b["name"] for b in json.loads((run_dir / "partition.json").read_text())["blocks"]]
+    lines = (run_dir / "evaluations.jsonl").read_text().splitlines()
+    evaluations = [json.loads(x) for x in lines if x.strip()]
+    structures = config.rerank_from == "structures"
+    picks = best_of_search(evaluations, names, config.promote, structures)
+    return {c.id for c, _, _ in picks}
+
+
+def _keep_lines(path: Path, keep: Any) -> None:
+    """Keep the JSON lines of ``path`` (if it exists) that ``keep`` accepts."""
+    if path.exists():
+        lines = [x for x in path.read_text().splitlines() if x.strip() and keep(json.loads(x))]
+        path.write_text("".join(line + "\n" for line in lines))
 
 
 def _first_trained(method: str, plan: Any, blocks: int) -> int:
@@ -753,8 +836,8 @@ def claim(
 
 #: Issue 25's method under test, the arm it must beat at equal cost, the other arms, and the
 #: default it would replace.
-DEFAULT_METHOD, RANDOM_ARM = "biotune-mf", "random-search"
-ARMS = (RANDOM_ARM, "tpe", "anchors-rerank")
+DEFAULT_METHOD = "biotune-mf"
+ARMS = ("random-search", "tpe", "anchors-rerank")
 CURRENT_DEFAULT = "biotune-winners2"
 
 
@@ -785,6 +868,49 @@ def adopt_rule(
         and out["whole_ft"] < out["grid_ft"]
     )
     return out
+
+
+#: The follow-up candidate (README, "One plan per structure at the rungs").
+STRUCTURES_METHOD = "biotune-mfs"
+
+
+def adopt_structures(
+    rows: dict[str, dict[str, dict[str, Any]]],
+    datasets: list[str],
+    method: str = STRUCTURES_METHOD,
+    current: str = DEFAULT_METHOD,
+) -> dict[str, Any]:
+    """The README's rule for ``biotune-mfs``, written before its records: it replaces
+    ``current`` if its mean validation balanced accuracy is at least ``current``'s minus 0.2
+    points, its worst search on validation (the lowest seed-run validation balanced accuracy
+    minus full fine-tuning's mean on that dataset) is better than ``current``'s, and its whole
+    search costs fewer FT-equivalents than full fine-tuning's grid, on average over the
+    datasets. ``adopted`` is None until both are complete."""
+    out = adopt_rule(rows, datasets, method, current)
+    if out["adopted"] is None:
+        return out
+
+    def worst(m: str) -> float:
+        return min(
+            r["val_balanced"] - mean_val(rows[d]["full"])
+            for d in datasets
+            for r in rows[d][m]["runs"]
+        )
+
+    out["worst_val"], out["current_worst_val"] = worst(method), worst(current)
+    out["adopted"] = out["adopted"] and out["worst_val"] > out["current_worst_val"]
+    return out
+
+
+def arms_of(method: str) -> tuple[str, ...]:
+    """The equal-cost arms ``method`` is compared with (random search first): the ones with its
+    rungs."""
+    return tuple(f"{a}-s" for a in ARMS) if method == STRUCTURES_METHOD else ARMS
+
+
+def chosen_default(rows: dict[str, dict[str, dict[str, Any]]], datasets: list[str]) -> str:
+    """The method issue 25's targets are read for: ``biotune-mfs`` if its rule adopts it."""
+    return STRUCTURES_METHOD if adopt_structures(rows, datasets)["adopted"] else DEFAULT_METHOD
 
 
 def targets(
@@ -825,11 +951,10 @@ def targets(
         "worst_search_within_1_point_of_full": out["worst_search"]["points"] >= -1.0,
         "whole_search_at_most_full_grid": out["whole_ft_mean"] <= out["full_grid_ft_mean"],
     }
-    if all(RANDOM_ARM in rows[d] for d in datasets):
+    arms = arms_of(method)
+    if all(arms[0] in rows[d] for d in datasets):
         pairs = [
-            r
-            for d in datasets
-            for r in _pairs(rows[d][method]["runs"], rows[d][RANDOM_ARM]["runs"])
+            r for d in datasets for r in _pairs(rows[d][method]["runs"], rows[d][arms[0]]["runs"])
         ]
         out["vs_random_search"] = _interval(pairs)
         checks["beats_random_search_at_equal_cost"] = out["vs_random_search"]["mean"] > 0
@@ -837,7 +962,7 @@ def targets(
         arm: _interval(
             [x for d in datasets for x in _pairs(rows[d][method]["runs"], rows[d][arm]["runs"])]
         )
-        for arm in ARMS
+        for arm in arms
         if all(arm in rows[d] for d in datasets)
     }
     out["checks"] = checks
@@ -971,7 +1096,10 @@ def report(records: Path, out: Path, datasets: list[str], wall: dict[str, Any]) 
         "comparisons": comparisons,
         "default_rule": rule,
         "default_rule_issue25": adopt_rule(rows, datasets),
-        "claim": targets(rows, comparisons, headroom(table, datasets), datasets),
+        "structures_rule": adopt_structures(rows, datasets),
+        "claim": targets(
+            rows, comparisons, headroom(table, datasets), datasets, chosen_default(rows, datasets)
+        ),
         "claim_issue13": [v for v in verdicts if v is not None],
         "headroom": room,
         "headroom_paper_baselines": room_paper,
@@ -981,7 +1109,9 @@ def report(records: Path, out: Path, datasets: list[str], wall: dict[str, Any]) 
     (out / "accuracy.json").write_text(json.dumps(result, indent=2) + "\n")
     md = markdown(table, comparisons, datasets, date, machine, wall)
     md += rule_markdown(rule, [v for v in verdicts if v is not None], room or room_paper, progress)
-    md += issue25_markdown(result["default_rule_issue25"], result["claim"])
+    md += issue25_markdown(
+        result["default_rule_issue25"], result["claim"], result["structures_rule"]
+    )
     (out / "accuracy.md").write_text(md)
     plots(table, datasets, out)
     return md
@@ -1082,9 +1212,25 @@ def count_records(records: Path, datasets: list[str]) -> dict[str, dict[str, str
     return out
 
 
-def issue25_markdown(rule: dict[str, Any], claim: dict[str, Any] | None) -> str:
-    """Issue 25's rule for the default and its targets, as far as their rows exist."""
+def issue25_markdown(
+    rule: dict[str, Any], claim: dict[str, Any] | None, structures: dict[str, Any]
+) -> str:
+    """Issue 25's rules for the default and its targets, as far as their rows exist."""
     lines = ["", "## Issue 25: the multi-fidelity default and its targets", ""]
+    if structures["adopted"] is None:
+        lines += [f"The rule for {LABELS[structures['method']]}: pending.", ""]
+    else:
+        lines += [
+            f"The rule for {LABELS[structures['method']]} (validation only): "
+            f"{100 * structures['val_balanced']:.2f} % against "
+            f"{100 * structures['current_val_balanced']:.2f} % (minus 0.2 allowed); worst search "
+            f"{100 * structures['worst_val']:+.2f} points against full fine-tuning's mean "
+            f"validation, {100 * structures['current_worst_val']:+.2f} for "
+            f"{LABELS[structures['current']]} (must be better); whole search "
+            f"{structures['whole_ft']:.2f} FT-eq (grid {structures['grid_ft']:.2f}): "
+            f"**{'adopted' if structures['adopted'] else 'not adopted'}**.",
+            "",
+        ]
     if rule["adopted"] is None:
         lines.append(f"The rule for the default: pending ({LABELS[rule['method']]} incomplete).")
     else:
@@ -1101,6 +1247,8 @@ def issue25_markdown(rule: dict[str, Any], claim: dict[str, Any] | None) -> str:
         return "\n".join(lines)
     worst = claim["worst_search"]
     lines += [
+        f"Targets, read for {LABELS[claim['method']]}:",
+        "",
         f"- mean gain over tuned full fine-tuning: {claim['mean_gain_over_full']:+.2f} points "
         f"(best baseline chosen on validation {claim['best_baseline_gain_validation']:+.2f}, "
         f"in hindsight {claim['best_baseline_gain_hindsight']:+.2f})",

@@ -118,7 +118,7 @@ def scaled(
     """``config`` made smaller or larger (None keeps a value); patience never exceeds epochs."""
     evolution, protocol, final = config.evolution, config.protocol, config.final
     if population is not None:
-        evolution = replace(evolution, population_size=population)
+        evolution = evolution.resized(population)
     if generations is not None:
         evolution = replace(evolution, generations=generations)
     if epochs is not None:

@@ -89,12 +89,15 @@ class SearchScale:
 
     def apply(self, config: SearchConfig) -> SearchConfig:
         evo = config.evolution
-        evo = replace(
-            evo,
-            population_size=self.population if self.population is not None else evo.population_size,
-            generations=self.generations if self.generations is not None else evo.generations,
-            elite=self.elite if self.elite is not None else evo.elite,
-        )
+        changes = {
+            k: v
+            for k, v in (("generations", self.generations), ("elite", self.elite))
+            if v is not None
+        }
+        if self.population is not None:
+            evo = evo.resized(self.population, **changes)
+        elif changes:
+            evo = replace(evo, **changes)
         protocol = config.protocol
         train = protocol.train
         if self.epochs is not None:

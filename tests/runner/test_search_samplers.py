@@ -85,6 +85,38 @@ def test_rerank_best_takes_the_best_distinct_plans_of_the_whole_search(tmp_path)
     assert result.best_plan in {FineTunePlan.from_dict(r["plan"]) for r in reranked}
 
 
+def test_rerank_structures_takes_the_best_plan_of_each_set_of_trained_blocks():
+    names = ["a", "b", "c"]
+
+    def record(candidate: int, genes: list[float], fitness: float) -> dict:
+        return {
+            "candidate": candidate,
+            "genes": genes,
+            "fitness": fitness,
+            "generation": 0,
+            "role": "initial",
+        }
+
+    records = [
+        record(0, [0.9, 0.1, 0.1, 0.5], 0.10),  # a x6.3
+        record(1, [0.8, 0.1, 0.1, 0.5], 0.12),  # a x4: its local variant
+        record(2, [0.9, 0.9, 0.9, 0.5], 0.30),  # a, b and c: full fine-tuning
+        record(3, [0.7, 0.6, 0.1, 0.5], 0.20),  # a and b
+        record(4, [0.1, 0.1, 0.1, 0.5], 0.05),  # nothing trained: never a pick
+    ]
+    best = best_of_search(records, names, 3)
+    assert [c.id for c, _, _ in best] == [0, 1, 3]
+    structures = best_of_search(records, names, 3, structures=True)
+    assert [c.id for c, _, _ in structures] == [0, 3, 2]
+    assert [p.trained for _, _, p in structures] == [("a",), ("a", "b"), ("a", "b", "c")]
+    with pytest.raises(BioTuneError, match="--rerank-from structures"):
+        replace(
+            default(),
+            protocol=replace(default().protocol, fold_policy="rotate"),
+            rerank_from="structures",
+        )
+
+
 @pytest.mark.parametrize("sampler", ["random", "tpe"])
 def test_other_samplers_run_through_the_same_runner_and_resume(tmp_path, sampler):
     config = _config(sampler=sampler)
@@ -122,7 +154,7 @@ def test_comparing_across_generations_needs_common_folds():
     with pytest.raises(BioTuneError, match="--rerank-from best"):
         replace(default(), protocol=rotate, rerank_from="best")
     with pytest.raises(BioTuneError, match="--sampler random"):
-        replace(default(), protocol=rotate, sampler="random")
+        replace(default(), protocol=rotate, rerank_from="winners", sampler="random")
     one_fold = replace(default().protocol, data_fraction=1.0)
     assert replace(default(), protocol=one_fold, sampler="tpe").sampler == "tpe"
     with pytest.raises(BioTuneError, match="max_ft_equivalents"):
@@ -133,9 +165,19 @@ def test_new_settings_round_trip_and_old_configurations_are_unchanged():
     config = _config(sampler="tpe", max_ft_equivalents=3.0)
     config = replace(config, evolution=replace(config.evolution, anchors=True, anchor_set="wide"))
     assert SearchConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
-    stored = default().to_dict()
+    # The default of 2026-11-30 (rotating folds, the basic anchors) is stored as it was.
+    old = default()
+    old = replace(
+        old,
+        evolution=replace(old.evolution, anchor_set="basic", initial_size=None),
+        protocol=replace(old.protocol, fold_policy="rotate"),
+        rerank_from="winners",
+        promote=0,
+    )
+    stored = old.to_dict()
     assert "sampler" not in stored and "fold_policy" not in stored["protocol"]
-    assert "anchor_set" not in stored["evolution"]
+    assert "anchor_set" not in stored["evolution"] and "promote" not in stored
+    assert SearchConfig.from_dict(stored) == old
 
 
 def test_a_middle_rung_narrows_the_plans_the_final_recipe_trains(tmp_path):
@@ -167,10 +209,49 @@ def test_a_middle_rung_narrows_the_plans_the_final_recipe_trains(tmp_path):
 
 def test_a_search_logs_what_its_feature_cache_held_and_refused(tmp_path, caplog):
     protocol = replace(_config().protocol, cache_features=True, cache_memory=0.001)
-    config = replace(_config(), protocol=protocol, rerank=0, rerank_from="last")
+    config = replace(_config(), protocol=protocol, rerank=0, rerank_from="last", promote=0)
     config = replace(config, evolution=replace(config.evolution, anchors=True))  # frozen prefixes
     with caplog.at_level("INFO", logger="biotune.search"):
         Search(config, tmp_path / "run", bench=_bench()).run_search(final=False)
     line = next(r.getMessage() for r in caplog.records if "feature cache:" in r.getMessage())
     assert "refused" in line and "over the budget" in line
     assert all(r["cached_prefix"] == 0 for r in _records(tmp_path / "run"))
+
+
+def _lines(path) -> dict[int, dict]:
+    """A rung's records by candidate, without their times (or the rank a derived run keeps)."""
+    records = [json.loads(x) for x in path.read_text().splitlines()]
+    return {
+        r["candidate"]: {k: v for k, v in r.items() if k not in ("seconds", "rank")}
+        for r in records
+    }
+
+
+def test_a_search_derived_for_other_rungs_ends_as_one_from_scratch(tmp_path):
+    """The accuracy benchmark derives ``biotune-mfs`` from ``biotune-mf``'s run directories."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "accuracy" / "run.py"
+    spec = importlib.util.spec_from_file_location("accuracy_run", path)
+    accuracy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(accuracy)
+
+    best = _config(promote=4, promote_epochs=2)
+    structures = replace(best, rerank_from="structures")
+    Search(best, tmp_path / "a", bench=_bench()).run_search(final=False)
+    scratch = Search(structures, tmp_path / "b", bench=_bench()).run_search(final=False)
+    accuracy.derive_run(tmp_path / "a", tmp_path / "c", structures)
+    kept = set(_lines(tmp_path / "c" / "promote.jsonl"))
+    derived = Search(structures, tmp_path / "c", bench=_bench()).run_search(
+        resume=True, final=False
+    )
+    promoted = _lines(tmp_path / "b" / "promote.jsonl")
+    assert kept and kept < set(promoted) < set(promoted) | set(
+        _lines(tmp_path / "a" / "promote.jsonl")
+    )
+    for rung in ("promote.jsonl", "rerank.jsonl"):
+        assert _lines(tmp_path / "c" / rung) == _lines(tmp_path / "b" / rung), rung
+    assert derived.best_plan == scratch.best_plan
+    cost = [json.loads((tmp_path / x / "search_summary.json").read_text())["cost"] for x in "bc"]
+    assert cost[0]["work_flops"] == cost[1]["work_flops"]

@@ -219,18 +219,19 @@ def _evolution(args: argparse.Namespace, base: Any) -> Any:
     given: the initial generation scores at least a population."""
     changes = field_changes(args, type(base))
     population = changes.get("population_size")
-    if (
-        population is not None
-        and "initial_size" not in changes
-        and base.initial_size is not None
-        and base.initial_size < population
-    ):
-        changes["initial_size"] = population
+    if population is not None and "initial_size" not in changes:
+        return base.resized(changes.pop("population_size"), **changes)
     return replace(base, **changes) if changes else base
 
 
 def search_config(args: argparse.Namespace, base: Any) -> Any:
-    """``base`` (a ``SearchConfig``: a preset or the stored one) with the options given."""
+    """``base`` (a ``SearchConfig``: a preset or the stored one) with the options given. Rotating
+    folds (--fold-policy rotate) make a preset's ``--rerank-from best`` pick each generation's
+    winners instead, unless --rerank-from is given: scores of different folds do not compare;
+    ``--rerank 0`` or ``1`` drops a preset's middle rung (--promote), which only narrows what the
+    final recipe re-ranks."""
+    from biotune.runner.config import ACROSS_GENERATIONS
+
     evolution = _evolution(args, base.evolution)
     if args.children_batch is not None:  # 0: all children of a generation at once
         evolution = replace(evolution, children_batch=args.children_batch or None)
@@ -246,11 +247,20 @@ def search_config(args: argparse.Namespace, base: Any) -> Any:
     if args.augment:
         final = replace(final, augment=True)
     final_seeds = seeds_from(args, "final-")
+    changes = field_changes(args, type(base))
+    if (
+        base.rerank_from in ACROSS_GENERATIONS
+        and "rerank_from" not in changes
+        and not protocol.comparable_across_generations
+    ):  # rotating folds: each generation's winner is the plan its own fold could judge
+        changes["rerank_from"] = "winners"
+    if changes.get("rerank", 2) < 2 and "promote" not in changes:
+        changes["promote"] = 0  # the middle rung only narrows what the final recipe re-ranks
     # One replace, so that checks between fields (e.g. --sampler with --fold-policy) see the
     # whole configuration.
     return replace(
         base,
-        **field_changes(args, type(base)),
+        **changes,
         data=data_config(args, base.data),
         evolution=evolution,
         protocol=protocol,

@@ -23,7 +23,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -166,6 +166,15 @@ class EvolutionConfig:
         if self.anchor_set == "basic":
             del settings["anchor_set"]
         return settings
+
+    def resized(self, population: int, **changes: Any) -> EvolutionConfig:
+        """These settings with another population (and ``changes``); an initial generation set
+        smaller than it grows to it (it scores at least a population), a larger one (the
+        anchors' room) stays."""
+        initial = self.initial_size
+        if initial is not None and initial < population:
+            initial = population
+        return replace(self, population_size=population, initial_size=initial, **changes)
 
     @property
     def initial_evaluations(self) -> int:

@@ -17,7 +17,9 @@ from biotune.runner.fitness import SearchProtocol
 from biotune.training import TrainConfig
 
 BAD_IMAGES = ("skip", "error")
-RERANK_FROM = ("last", "winners", "best")
+RERANK_FROM = ("last", "winners", "best", "structures")
+#: The choices of ``rerank_from`` that rank plans of different generations together.
+ACROSS_GENERATIONS = ("best", "structures")
 #: What proposes the genomes: the paper's evolution, or for comparison at equal cost, uniform
 #: random search or Optuna's TPE (``runner.samplers``).
 SAMPLERS = ("evolution", "random", "tpe")
@@ -141,8 +143,10 @@ class SearchConfig:
         choices=RERANK_FROM,
         help="where --rerank takes its plans: 'last', the best distinct plans of the last "
         "generation; 'winners', each generation's winner on its own fold, newest first, one "
-        "per set of trained blocks; 'best', the best distinct plans of the whole search (needs "
-        "scores that compare across generations: --fold-policy fixed, or one fold)",
+        "per set of trained blocks; 'best', the best distinct plans of the whole search; "
+        "'structures', the best plan of each set of trained blocks of the whole search, best "
+        "first (the last two need scores that compare across generations: --fold-policy "
+        "fixed, or one fold)",
     )
     promote: int = option(
         0,
@@ -151,7 +155,8 @@ class SearchConfig:
         metavar="M",
         help="a middle rung before --rerank: the search's M best plans (picked like --rerank's) "
         "train longer on the search's fold and seeds (--promote-epochs epochs), and the best "
-        "--rerank of them go on to the final recipe (0: no middle rung)",
+        "--rerank of them go on to the final recipe (0: no middle rung; needs --rerank 2 or "
+        "more)",
     )
     promote_epochs: int = option(
         4,
@@ -192,9 +197,10 @@ class SearchConfig:
                 f"sampler must be one of {', '.join(SAMPLERS)} (got {self.sampler!r})"
             )
         comparable = self.protocol.comparable_across_generations
-        if self.rerank_from == "best" and not comparable:
+        if self.rerank_from in ACROSS_GENERATIONS and not comparable:
             raise BioTuneError(
-                "--rerank-from best compares plans of different generations: it needs "
+                f"--rerank-from {self.rerank_from} compares plans of different generations: it "
+                "needs "
                 "--fold-policy fixed (or --data-fraction 1)"
             )
         if self.sampler != "evolution" and not comparable:
@@ -206,6 +212,11 @@ class SearchConfig:
             raise BioTuneError(f"--sampler {self.sampler} ranks by accuracy only (no pareto)")
         if not isinstance(self.promote, int) or self.promote < 0:
             raise BioTuneError(f"promote must be a whole number >= 0 (got {self.promote!r})")
+        if self.promote and self.rerank < 2:
+            raise BioTuneError(
+                f"--promote {self.promote} needs --rerank 2 or more: the middle rung narrows "
+                "the plans the final recipe re-ranks"
+            )
         if self.promote and self.promote <= self.rerank:
             raise BioTuneError(
                 f"--promote {self.promote} must exceed --rerank {self.rerank}: the middle rung "

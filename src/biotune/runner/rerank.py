@@ -106,18 +106,28 @@ def _candidate_of(record: dict[str, Any]) -> Candidate:
 
 
 def best_of_search(
-    evaluations: Sequence[dict[str, Any]], names: Sequence[str], k: int
+    evaluations: Sequence[dict[str, Any]],
+    names: Sequence[str],
+    k: int,
+    structures: bool = False,
 ) -> list[tuple[Any, float, FineTunePlan]]:
     """The ``k`` best distinct plans of the whole search (lowest fitness first, ties: the earlier
-    candidate). Only for scores that compare across generations (``fold_policy="fixed"`` or one
-    fold), which ``SearchConfig`` checks."""
+    candidate); with ``structures``, only the best plan of each set of trained blocks. Only for
+    scores that compare across generations (``fold_policy="fixed"`` or one fold), which
+    ``SearchConfig`` checks.
+
+    An evolution's best plans are mostly local variants of its elites (in the accuracy
+    benchmark, the 6 best of a search held 1 to 3 sets of trained blocks), so the best plans
+    alone give the longer rungs near-copies of one plan to choose from; one per structure keeps
+    the plans a short evaluation under-rates, such as full fine-tuning, in the running."""
     out: list[tuple[Any, float, FineTunePlan]] = []
     seen: set[tuple] = set()
     for record in sorted(evaluations, key=lambda r: (r["fitness"], r["candidate"])):
         plan = decode_genome(record["genes"], names)
-        if not plan.trained or plan.key() in seen:
+        key = plan.trained if structures else plan.key()
+        if not plan.trained or key in seen:
             continue
-        seen.add(plan.key())
+        seen.add(key)
         out.append((_candidate_of(record), float(record["fitness"]), plan))
         if len(out) == k:
             break
@@ -141,12 +151,17 @@ def rerank_plans(
     names, k = bench.partition.names, max(search.config.rerank, search.config.promote)
     if search.config.rerank_from == "winners":
         picks = generation_winners(evo.history, search.run.evaluations(), evo.population, names, k)
-    elif search.config.rerank_from == "best":
-        picks = best_of_search(search.run.evaluations(), names, k)
+    elif search.config.rerank_from in ("best", "structures"):
+        structures = search.config.rerank_from == "structures"
+        picks = best_of_search(search.run.evaluations(), names, k, structures)
     else:
         picks = candidates(evo.population, names, k)
     if search.config.promote > search.config.rerank:  # the middle rung narrows them first
         picks = promote.narrow(search, evaluator, picks)
+    # A run recorded earlier keeps its training; its rank is its place among these picks (ties
+    # on validation go to the better rank).
+    ranks = {c.id: rank for rank, (c, _, _) in enumerate(picks)}
+    done = {i: {**r, "rank": ranks[i]} if i in ranks else r for i, r in done.items()}
     finished = [done[c.id] for c, _, _ in picks if c.id in done]
     best = choose(finished) if finished else None
     for rank, (candidate, fitness, plan) in enumerate(picks):
