@@ -361,8 +361,8 @@ def test_a_population_above_the_presets_initial_size_raises_it_unless_given():
 
 def test_rotating_folds_make_a_presets_rerank_from_best_pick_winners_unless_given():
     base = preset("default")
-    assert base.rerank_from == "best" and base.protocol.fold_policy == "fixed"
-    assert search_config(_parse("search"), base).rerank_from == "best"
+    assert base.rerank_from == "structures" and base.protocol.fold_policy == "fixed"
+    assert search_config(_parse("search"), base).rerank_from == "structures"
     rotated = search_config(_parse("search", "--fold-policy", "rotate"), base)
     assert (rotated.protocol.fold_policy, rotated.rerank_from) == ("rotate", "winners")
     with pytest.raises(BioTuneError, match="--rerank-from best .* --fold-policy fixed"):

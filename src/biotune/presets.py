@@ -33,10 +33,11 @@ def default() -> SearchConfig:
     """Our default: the same algorithm at a fraction of the cost (one seed, short training,
     feature caching, early termination, memoisation) followed as a multi-fidelity search. Every
     evaluation trains on the same fold with the same seed (common random numbers), so scores
-    compare across the search; it starts from anchor plans at several learning rates; its 6
-    best plans train 4 epochs on that fold (the proxy that ranks plans like the final recipe,
-    ``benchmarks/fidelity``) and the best 2 of them with the final recipe. Chosen on validation
-    by a rule written before its runs (``benchmarks/accuracy/README.md``)."""
+    compare across the search; it starts from anchor plans at several learning rates; the best
+    plan of each of its 6 best sets of trained blocks trains 4 epochs on that fold (the proxy
+    that ranks plans like the final recipe, ``benchmarks/fidelity``) and the best 2 of them
+    with the final recipe. Chosen on validation by rules written before their runs
+    (``benchmarks/accuracy/README.md``)."""
     return SearchConfig(
         data=DataConfig(),
         evolution=EvolutionConfig(
@@ -58,7 +59,7 @@ def default() -> SearchConfig:
         final=FINAL_TRAINING,
         final_seeds=(0, 1, 2),
         rerank=2,
-        rerank_from="best",
+        rerank_from="structures",
         promote=6,
         promote_epochs=4,
     )
