@@ -35,8 +35,10 @@ def test_tiny_search_with_real_pretrained_weights(tmp_path):
     best = json.loads((run / "best_plan.json").read_text())
     assert biotune.FineTunePlan.from_dict(best) == result.best_plan
     assert result.best_plan.trained
-    last_generation = [r for r in records if r["generation"] == 1]
-    assert result.best_fitness == min(r["fitness"] for r in last_generation)
+    # the re-ranking may choose a plan of any generation (one per set of trained blocks); its
+    # search fitness is the one its evaluation recorded
+    chosen = [r for r in records if r["candidate"] == best["candidate"]]
+    assert result.best_fitness in {r["fitness"] for r in chosen}
     final = json.loads((run / "final.json").read_text())
     assert len(final["runs"]) == 2
     assert 0.0 <= final["test_top1"]["mean"] <= 1.0
