@@ -207,9 +207,23 @@ def configs(args: argparse.Namespace, seed: int = 0) -> dict[str, SearchConfig]:
     return out
 
 
+def _digest(config: dict[str, Any]) -> str:
+    return hashlib.sha1(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
+
+
 def _run_dir(root: Path, name: str, config: SearchConfig) -> Path:
-    digest = hashlib.sha1(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()
-    return root / f"{name}-{digest[:10]}"
+    return root / f"{name}-{_digest(config.to_dict())}"
+
+
+def _earlier_names(name: str, config: SearchConfig) -> list[str]:
+    """The names the same search had before the feature cache's memory became a machine
+    setting (2026-12-02): its configuration then held ``cache_budget_mb: 1024.0``, which no
+    search result depends on. Keeps the paper sides recorded before (hours each) found."""
+    stored = config.to_dict()
+    if "cache_memory" in stored["protocol"]:  # a budget set by hand: never keyed the old way
+        return []
+    stored["protocol"]["cache_budget_mb"] = 1024.0
+    return [f"{name}-{_digest(stored)}"]
 
 
 def run_side(name: str, config: SearchConfig, args: argparse.Namespace, unit_epochs: int) -> dict:
@@ -217,7 +231,8 @@ def run_side(name: str, config: SearchConfig, args: argparse.Namespace, unit_epo
     run_dir = _run_dir(args.runs, name, config)
     finished = run_dir / "benchmark_side.json"
     record = args.records / f"{run_dir.name}.json"  # committed: survives a fresh machine
-    for path in (record, finished):
+    earlier = [args.records / f"{n}.json" for n in _earlier_names(name, config)]
+    for path in (record, finished, *earlier):
         if path.exists() and not args.redo:
             side = json.loads(path.read_text())
             print(f"{name}: reusing the side finished on {side['date']} ({path})", flush=True)
