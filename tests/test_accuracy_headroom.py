@@ -162,3 +162,42 @@ def test_a_derived_method_reuses_its_sources_run_only_for_the_same_plan(bench, t
     bench._write(tmp_path / "a" / "random-search" / "lr0.001-seed4.json", {**source, "seed": 4})
     data._same_run("random-search-s", 1e-3, 4, other)
     assert not (tmp_path / "a" / "random-search-s" / "lr0.001-seed4.json").exists()
+
+
+def test_the_last_rule_prefers_the_cheapest_method_that_is_as_good_on_validation(bench):
+    anchors, random_search, evolution = bench.FINAL_CANDIDATES
+
+    def row(vals: list[float], ft: float) -> dict:
+        return {
+            "runs": [{"seed": i, "val_balanced": v} for i, v in enumerate(vals)],
+            "whole_ft": ft,
+        }
+
+    def rows(a: list[float], r: list[float], e: list[float], a_ft: float = 1.8) -> dict:
+        return {
+            "x": {
+                "full": row([0.95, 0.95], 3.5),
+                anchors: row(a, a_ft),
+                random_search: row(r, 3.2),
+                evolution: row(e, 3.1),
+            }
+        }
+
+    assert (
+        bench.random_search_rule(rows([0.96, 0.95], [0.96, 0.95], [0.96, 0.95]), ["x"])["chosen"]
+        == anchors
+    )
+    # the anchors 0.5 points lower on average: random search and the evolution tie, no change
+    tie = bench.random_search_rule(rows([0.955, 0.945], [0.96, 0.95], [0.96, 0.95]), ["x"])
+    assert tie["chosen"] == evolution
+    assert not tie["candidates"][anchors]["qualifies"]
+    # the evolution's worst search 1.5 points below random search's: random search
+    worse = bench.random_search_rule(rows([0.9, 0.9], [0.96, 0.95], [0.975, 0.935]), ["x"])
+    assert worse["candidates"][evolution]["worst_val"] == pytest.approx(-0.015)
+    assert worse["chosen"] == random_search
+    # the anchors as good but dearer than full fine-tuning's grid: not them
+    dear = rows([0.96, 0.95], [0.96, 0.95], [0.96, 0.95], a_ft=3.6)
+    assert bench.random_search_rule(dear, ["x"])["chosen"] == evolution
+    incomplete = rows([0.96, 0.95], [0.96, 0.95], [0.96, 0.95])
+    del incomplete["x"][anchors]
+    assert bench.random_search_rule(incomplete, ["x"])["chosen"] is None

@@ -913,6 +913,59 @@ def chosen_default(rows: dict[str, dict[str, dict[str, Any]]], datasets: list[st
     return STRUCTURES_METHOD if adopt_structures(rows, datasets)["adopted"] else DEFAULT_METHOD
 
 
+#: The last rule's candidates (README, "The evolution against random search"), the cheapest
+#: first: the anchors alone, random search at the evolution's cost, the evolution.
+FINAL_CANDIDATES = ("anchors-rerank-s", "random-search-s", STRUCTURES_METHOD)
+
+
+def random_search_rule(
+    rows: dict[str, dict[str, dict[str, Any]]], datasets: list[str]
+) -> dict[str, Any]:
+    """The README's rule after the evolution did not beat random search, written before the
+    anchors' records: a candidate qualifies if its mean validation balanced accuracy is at
+    least the best candidate's minus 0.2 points, its worst search on validation (as in
+    ``adopt_structures``) at most 1 point below the best worst search, and its whole search
+    cheaper than full fine-tuning's grid. The anchors alone win if they qualify; random search
+    if it qualifies and the evolution does not; otherwise the evolution stays. ``chosen`` is
+    None until every candidate is complete."""
+    out: dict[str, Any] = {"candidates": {}, "chosen": None}
+    if any(m not in rows[d] for d in datasets for m in (*FINAL_CANDIDATES, "full")):
+        return out
+
+    def mean(f: Any) -> float:
+        return sum(f(d) for d in datasets) / len(datasets)
+
+    grid = mean(lambda d: rows[d]["full"]["whole_ft"])
+    table = {
+        m: {
+            "val_balanced": mean(lambda d, m=m: mean_val(rows[d][m])),
+            "worst_val": min(
+                r["val_balanced"] - mean_val(rows[d]["full"])
+                for d in datasets
+                for r in rows[d][m]["runs"]
+            ),
+            "whole_ft": mean(lambda d, m=m: rows[d][m]["whole_ft"]),
+        }
+        for m in FINAL_CANDIDATES
+    }
+    best_val = max(c["val_balanced"] for c in table.values())
+    best_worst = max(c["worst_val"] for c in table.values())
+    for c in table.values():
+        c["qualifies"] = (
+            c["val_balanced"] >= best_val - 0.002
+            and c["worst_val"] >= best_worst - 0.01
+            and c["whole_ft"] < grid
+        )
+    anchors, random_search, evolution = FINAL_CANDIDATES
+    if table[anchors]["qualifies"]:
+        chosen = anchors
+    elif table[random_search]["qualifies"] and not table[evolution]["qualifies"]:
+        chosen = random_search
+    else:
+        chosen = evolution
+    return {"candidates": table, "grid_ft": grid, "chosen": chosen}
+
+
 def targets(
     rows: dict[str, dict[str, dict[str, Any]]],
     comparisons: list[dict[str, Any]],
@@ -1097,6 +1150,7 @@ def report(records: Path, out: Path, datasets: list[str], wall: dict[str, Any]) 
         "default_rule": rule,
         "default_rule_issue25": adopt_rule(rows, datasets),
         "structures_rule": adopt_structures(rows, datasets),
+        "random_search_rule": random_search_rule(rows, datasets),
         "claim": targets(
             rows, comparisons, headroom(table, datasets), datasets, chosen_default(rows, datasets)
         ),
@@ -1110,7 +1164,10 @@ def report(records: Path, out: Path, datasets: list[str], wall: dict[str, Any]) 
     md = markdown(table, comparisons, datasets, date, machine, wall)
     md += rule_markdown(rule, [v for v in verdicts if v is not None], room or room_paper, progress)
     md += issue25_markdown(
-        result["default_rule_issue25"], result["claim"], result["structures_rule"]
+        result["default_rule_issue25"],
+        result["claim"],
+        result["structures_rule"],
+        result["random_search_rule"],
     )
     (out / "accuracy.md").write_text(md)
     plots(table, datasets, out)
@@ -1213,10 +1270,30 @@ def count_records(records: Path, datasets: list[str]) -> dict[str, dict[str, str
 
 
 def issue25_markdown(
-    rule: dict[str, Any], claim: dict[str, Any] | None, structures: dict[str, Any]
+    rule: dict[str, Any],
+    claim: dict[str, Any] | None,
+    structures: dict[str, Any],
+    last: dict[str, Any] | None = None,
 ) -> str:
     """Issue 25's rules for the default and its targets, as far as their rows exist."""
     lines = ["", "## Issue 25: the multi-fidelity default and its targets", ""]
+    if last is not None and last["chosen"] is None:
+        lines += ["The rule after the comparison with random search: pending.", ""]
+    elif last is not None:
+        lines += [
+            "The rule after the comparison with random search (validation only; qualifies: "
+            "mean within 0.2 points of the best, worst search within 1 point of the best worst, "
+            f"whole search under full fine-tuning's grid, {last['grid_ft']:.2f} FT-eq):",
+            "",
+            "| method | val balanced % | worst search, points | whole search FT-eq | qualifies |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {LABELS[m]} | {100 * c['val_balanced']:.2f} | {100 * c['worst_val']:+.2f} | "
+            f"{c['whole_ft']:.2f} | {'yes' if c['qualifies'] else 'no'} |"
+            for m, c in last["candidates"].items()
+        ]
+        lines += ["", f"Chosen: **{LABELS[last['chosen']]}**.", ""]
     if structures["adopted"] is None:
         lines += [f"The rule for {LABELS[structures['method']]}: pending.", ""]
     else:
