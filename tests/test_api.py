@@ -9,12 +9,12 @@ import torch
 
 import biotune
 from biotune.core.evolution import EvolutionConfig
-from biotune.presets import default
+from biotune.presets import default, evolution
 from biotune.training import TrainConfig
 
 
 def _tiny_config():
-    config = default()
+    config = evolution()
     return replace(
         config,
         data=replace(config.data, image_size=32, train_size=60, val_size=30, test_size=30),
@@ -43,6 +43,20 @@ def test_tiny_search_with_real_pretrained_weights(tmp_path):
     assert len(final["runs"]) == 2
     assert 0.0 <= final["test_top1"]["mean"] <= 1.0
     assert 0 < final["trainable_share"] <= 1
+
+
+def test_the_default_search_draws_random_plans_until_its_evaluations_cost_its_limit(tmp_path):
+    config = replace(_tiny_config(), sampler=default().sampler, max_ft_equivalents=1.5)
+    one_at_a_time = replace(config.evolution, generations=10, children_batch=1)
+    config = replace(config, evolution=one_at_a_time)
+    result = biotune.search(tmp_path / "run", config, progress=False, final=False)
+    records = result.evaluations
+    unit = result.cost["ft_work_flops"]
+    spent = [r.get("work", 0.0) + r.get("cache_work", 0.0) for r in records]
+    assert sum(spent[:-1]) / unit < 1.5 <= sum(spent) / unit  # stopped at the first past it
+    assert len(records) < config.evolution.total_evaluations
+    assert {r["role"] for r in records} == {"initial"}  # no elites, no children: random plans
+    assert result.cost["rerank"]["plans"] == 2  # then the same rungs as the evolution's
 
 
 def test_a_plan_applies_in_a_users_own_loop():

@@ -238,7 +238,9 @@ def test_cli_budget_options_reach_the_configuration():
             "4",
         ]
     )
-    config = search_config(args, preset("default"))
+    with pytest.raises(BioTuneError, match="pareto needs the evolution .--preset evolution"):
+        search_config(args, preset("default"))  # random search ranks by accuracy only
+    config = search_config(args, preset("evolution"))
     assert config.budget == BudgetConfig(0.1, 512.0, "memory", 4)
     assert config.evolution.objective == "pareto"
     args = build_parser().parse_args(["search", "--max-trainable", "2.5"])

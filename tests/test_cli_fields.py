@@ -15,7 +15,7 @@ from biotune.cli.compare import RECIPE as COMPARE_RECIPE
 from biotune.cli.search import search_config
 from biotune.core.budget import BudgetConfig
 from biotune.core.evolution import EvolutionConfig
-from biotune.presets import FINAL_TRAINING, default, paper
+from biotune.presets import FINAL_TRAINING, default, evolution, paper
 from biotune.runner.config import DataConfig, SearchConfig
 from biotune.runner.fitness import PruneConfig, SearchProtocol
 from biotune.training import TrainConfig
@@ -146,7 +146,7 @@ def test_search_help_quotes_each_presets_default(cls, prefix, where, field):
 
 @pytest.mark.parametrize(("cls", "prefix", "where", "field"), _search_cases())
 def test_parsing_a_search_flag_sets_its_field(cls, prefix, where, field):
-    base = PRESETS["default preset"]
+    base = evolution()  # every field of the evolution's search can change alone
     owner = where(base) if where(base) is not None else cls()
     assert _expected(field, owner) != getattr(owner, field.name)  # else the test cannot fail
     args = build_parser().parse_args(["search", *_argv(field, prefix, owner)])

@@ -360,7 +360,9 @@ def test_a_population_above_the_presets_initial_size_raises_it_unless_given():
 
 
 def test_rotating_folds_make_a_presets_rerank_from_best_pick_winners_unless_given():
-    base = preset("default")
+    with pytest.raises(BioTuneError, match="rotating folds need the evolution .--preset evolution"):
+        search_config(_parse("search", "--fold-policy", "rotate"), preset("default"))
+    base = preset("evolution")
     assert base.rerank_from == "structures" and base.protocol.fold_policy == "fixed"
     assert search_config(_parse("search"), base).rerank_from == "structures"
     rotated = search_config(_parse("search", "--fold-policy", "rotate"), base)

@@ -85,17 +85,17 @@ ARM: dict[str, Any] = {
 #: Each candidate's re-ranking is spelled out, so the preset's own (which became
 #: "biotune-winners2"'s on 2026-11-30) changes none of them.
 SEARCHES = {
-    "biotune": ("default", {"promote": 0, "rerank": 0, "rerank_from": "last", **OLD_DEFAULT}),
+    "biotune": ("evolution", {"promote": 0, "rerank": 0, "rerank_from": "last", **OLD_DEFAULT}),
     "biotune-rerank": (
-        "default",
+        "evolution",
         {"promote": 0, "rerank": 3, "rerank_from": "last", **OLD_DEFAULT},
     ),
     "biotune-rerank2": (
-        "default",
+        "evolution",
         {"promote": 0, "rerank": 2, "rerank_from": "last", **OLD_DEFAULT},
     ),
     "biotune-winners2": (
-        "default",
+        "evolution",
         {"promote": 0, "rerank": 2, "rerank_from": "winners", **OLD_DEFAULT},
     ),
     "biotune-paper": (
@@ -103,21 +103,21 @@ SEARCHES = {
         {"population_size": 8, "generations": 3, "elite": 2, "seeds": (0,), "epochs": 4},
     ),
     # Issue 25 (README, "A search that earns its keep"): the candidate and its ablation arms.
-    "biotune-mf": ("default", MF),
+    "biotune-mf": ("evolution", MF),
     "random-search": (
-        "default",
+        "evolution",
         {**MF, **ARM},
     ),
-    "tpe": ("default", {**MF, **ARM, "sampler": "tpe"}),
+    "tpe": ("evolution", {**MF, **ARM, "sampler": "tpe"}),
     # Its follow-up (README, "One plan per structure"): the rungs take the best plan of each
     # set of trained blocks instead of the best plans.
-    "biotune-mfs": ("default", {**MF, "rerank_from": "structures"}),
+    "biotune-mfs": ("evolution", {**MF, "rerank_from": "structures"}),
     # The arms with biotune-mfs's rungs, derived from their run directories (README): run only
     # if biotune-mfs is adopted.
-    "random-search-s": ("default", {**MF, **ARM, "rerank_from": "structures"}),
-    "tpe-s": ("default", {**MF, **ARM, "sampler": "tpe", "rerank_from": "structures"}),
+    "random-search-s": ("evolution", {**MF, **ARM, "rerank_from": "structures"}),
+    "tpe-s": ("evolution", {**MF, **ARM, "sampler": "tpe", "rerank_from": "structures"}),
     "anchors-rerank-s": (
-        "default",
+        "evolution",
         {
             **MF,
             "evolution.population_size": 7,
@@ -127,7 +127,7 @@ SEARCHES = {
         },
     ),
     "anchors-rerank": (
-        "default",
+        "evolution",
         {
             **MF,
             "evolution.population_size": 7,
@@ -905,11 +905,17 @@ def adopt_structures(
 def arms_of(method: str) -> tuple[str, ...]:
     """The equal-cost arms ``method`` is compared with (random search first): the ones with its
     rungs."""
-    return tuple(f"{a}-s" for a in ARMS) if method == STRUCTURES_METHOD else ARMS
+    if method == STRUCTURES_METHOD or method in FINAL_CANDIDATES:
+        return tuple(a for a in (f"{a}-s" for a in ARMS) if a != method)
+    return ARMS
 
 
 def chosen_default(rows: dict[str, dict[str, dict[str, Any]]], datasets: list[str]) -> str:
-    """The method issue 25's targets are read for: ``biotune-mfs`` if its rule adopts it."""
+    """The method issue 25's targets are read for: the last rule's choice once it is made
+    (``random_search_rule``), else ``biotune-mfs`` if its rule adopts it."""
+    last = random_search_rule(rows, datasets)["chosen"]
+    if last is not None:
+        return last
     return STRUCTURES_METHOD if adopt_structures(rows, datasets)["adopted"] else DEFAULT_METHOD
 
 
@@ -1005,7 +1011,7 @@ def targets(
         "whole_search_at_most_full_grid": out["whole_ft_mean"] <= out["full_grid_ft_mean"],
     }
     arms = arms_of(method)
-    if all(arms[0] in rows[d] for d in datasets):
+    if arms[0].startswith("random-search") and all(arms[0] in rows[d] for d in datasets):
         pairs = [
             r for d in datasets for r in _pairs(rows[d][method]["runs"], rows[d][arms[0]]["runs"])
         ]
@@ -1154,6 +1160,8 @@ def report(records: Path, out: Path, datasets: list[str], wall: dict[str, Any]) 
         "claim": targets(
             rows, comparisons, headroom(table, datasets), datasets, chosen_default(rows, datasets)
         ),
+        # the evolution's own targets, beside the default's when the last rule chose another
+        "claim_evolution": targets(rows, comparisons, room, datasets, STRUCTURES_METHOD),
         "claim_issue13": [v for v in verdicts if v is not None],
         "headroom": room,
         "headroom_paper_baselines": room_paper,
@@ -1169,6 +1177,9 @@ def report(records: Path, out: Path, datasets: list[str], wall: dict[str, Any]) 
         result["structures_rule"],
         result["random_search_rule"],
     )
+    chosen, evolution = result["claim"], result["claim_evolution"]
+    if chosen and evolution and chosen["method"] != STRUCTURES_METHOD:
+        md += "\n" + targets_markdown(result["claim_evolution"])
     (out / "accuracy.md").write_text(md)
     plots(table, datasets, out)
     return md
@@ -1322,8 +1333,13 @@ def issue25_markdown(
     if claim is None:
         lines += ["Targets: pending (the method or a baseline is incomplete).", ""]
         return "\n".join(lines)
+    return "\n".join(lines) + "\n" + targets_markdown(claim)
+
+
+def targets_markdown(claim: dict[str, Any]) -> str:
+    """Issue 25's targets for one method (``targets``), as a list and a table."""
     worst = claim["worst_search"]
-    lines += [
+    lines = [
         f"Targets, read for {LABELS[claim['method']]}:",
         "",
         f"- mean gain over tuned full fine-tuning: {claim['mean_gain_over_full']:+.2f} points "

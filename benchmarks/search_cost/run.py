@@ -243,7 +243,9 @@ def run_side(name: str, config: SearchConfig, args: argparse.Namespace, unit_epo
         config,
         run_dir,
         bench=bench,
-        progress=SearchProgress(metric=config.protocol.train.metric),
+        progress=SearchProgress(
+            metric=config.protocol.train.metric, budget=config.max_ft_equivalents
+        ),
         executor=args.executor,
         workers=args.workers,
     )

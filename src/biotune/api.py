@@ -114,9 +114,14 @@ def scaled(
     epochs: int | None = None,
     final_epochs: int | None = None,
     final_seeds: Sequence[int] | None = None,
+    max_ft_equivalents: float | None = None,
 ) -> SearchConfig:
-    """``config`` made smaller or larger (None keeps a value); patience never exceeds epochs."""
+    """``config`` made smaller or larger (None keeps a value); patience never exceeds epochs.
+    ``max_ft_equivalents`` is what the evaluations may cost (the default preset's random search
+    stops there; see ``SearchConfig``)."""
     evolution, protocol, final = config.evolution, config.protocol, config.final
+    if max_ft_equivalents is not None:
+        config = replace(config, max_ft_equivalents=max_ft_equivalents)
     if population is not None:
         evolution = evolution.resized(population)
     if generations is not None:
@@ -159,16 +164,19 @@ def search(
     epochs: int | None = None,
     final_epochs: int | None = None,
     final_seeds: Sequence[int] | None = None,
+    max_ft_equivalents: float | None = None,
     **data: Any,
 ) -> SearchResult:
     """Search a fine-tuning plan (then train and test it, and save the model, unless
     ``final=False``).
 
     ``data`` overrides fields of :class:`DataConfig` (``image_size=``, ``train_size=``, ...) of
-    ``config`` or of the named preset ("default" or "paper"). A search is made smaller or larger
-    by ``population``, ``generations`` and ``epochs`` (at most, per evaluation), its final
-    training by ``final_epochs`` and ``final_seeds``; every other setting goes through
-    ``config`` (a :class:`SearchConfig`, e.g. a preset changed with ``dataclasses.replace``).
+    ``config`` or of the named preset ("default", "evolution" or "paper"). A search is made
+    smaller or larger by ``max_ft_equivalents`` (what its evaluations may cost; the default's
+    random search stops there), ``population``, ``generations`` and ``epochs`` (at most, per
+    evaluation), its final training by ``final_epochs`` and ``final_seeds``; every other
+    setting goes through ``config`` (a :class:`SearchConfig`, e.g. a preset changed with
+    ``dataclasses.replace``).
     ``callbacks`` watch the search (:mod:`biotune.callbacks`). ``executor`` ("inprocess",
     "process" or "ray"), ``workers`` and ``per_gpu`` (evaluations sharing each GPU) say where
     evaluations run, which changes their speed, not what they compute (on a GPU no run is
@@ -183,7 +191,13 @@ def search(
     from biotune.runner.search import Search
 
     config = scaled(
-        config or named_preset(preset), population, generations, epochs, final_epochs, final_seeds
+        config or named_preset(preset),
+        population,
+        generations,
+        epochs,
+        final_epochs,
+        final_seeds,
+        max_ft_equivalents,
     )
     budget = {
         k: v
@@ -210,7 +224,11 @@ def search(
         config,
         run_dir,
         bench=bench,
-        progress=SearchProgress(metric=config.protocol.train.metric) if progress else None,
+        progress=SearchProgress(
+            metric=config.protocol.train.metric, budget=config.max_ft_equivalents
+        )
+        if progress
+        else None,
         callbacks=callbacks,
         executor=executor,
         workers=workers,

@@ -248,7 +248,9 @@ class SearchProgress(TrainingProgress):
     """A search and then its final training (see ``TrainingProgress``).
 
     Its "best" is the best of the latest finished generation: the plan the search would return
-    now, the winner once the search ends. ``metric`` (the protocol's) names the score.
+    now, the winner once the search ends. ``metric`` (the protocol's) names the score. With a
+    ``budget`` (``max_ft_equivalents``) the cost, not the count, ends the search: its lines give
+    no count to reach and no time left.
     """
 
     def __init__(
@@ -256,10 +258,12 @@ class SearchProgress(TrainingProgress):
         console: Console | None = None,
         metric: str | None = None,
         bars: bool | None = None,
+        budget: float | None = None,
     ) -> None:
         from biotune.reports import score_name
 
         super().__init__(metric or "balanced", "final training", console, bars)
+        self._budget = budget
         self._score = f"val {score_name(metric)}" if metric else "val score"
         self._search: Any = None
         self._total = self._done = self._seen = 0
@@ -281,7 +285,14 @@ class SearchProgress(TrainingProgress):
         if self.bars:
             self._search = self._add("search", total, done)
         earlier = f", {done} done earlier" if done else ""
-        self._say(f"search: {total} evaluations{earlier}", always=True)
+        if self._budget is None:
+            self._say(f"search: {total} evaluations{earlier}", always=True)
+        else:
+            self._say(
+                f"search: until its evaluations cost {self._budget:g} FT-equivalents (at most "
+                f"{total}){earlier}",
+                always=True,
+            )
 
     def on_evaluation(self, record: dict[str, Any]) -> None:
         self._done += 1
@@ -297,8 +308,11 @@ class SearchProgress(TrainingProgress):
         self._update(self._search, advance=1, status=self._last + (f" | {best}" if best else ""))
         elapsed = time.perf_counter() - self._start
         later = eta(elapsed, self._seen, self._seen + self._total - self._done)
+        count = f"{self._done}/{self._total}"
+        if self._budget is not None:  # the cost ends the search: no count to reach, no eta
+            count, later = str(self._done), ""
         self._say(
-            f"evaluation {self._done}/{self._total} (generation {record['generation']}, fold "
+            f"evaluation {count} (generation {record['generation']}, fold "
             f"{record['fold']}, {record['role']}): {record['status']}, {self._score} "
             f"{1 - fitness:.4f} in {record['seconds']:.1f}s{reused}"
             + (f" | {best}" if best else "")

@@ -135,6 +135,7 @@ def test_ray_missing_gives_an_install_hint(monkeypatch):
 PROCESS_SEARCH = [
     *tiny_search_args(generations=3),
     *("--executor", "process", "--workers", "2", "--quiet"),
+    *("--children-batch", "0"),  # the random plans of a generation at once: both workers busy
 ]
 
 

@@ -14,7 +14,7 @@ from biotune.core.evolution import Candidate, EvolutionConfig
 from biotune.core.plan import BlockSetting, FineTunePlan, encode_plan
 from biotune.data import DatasetSplits
 from biotune.models import LoadedModel
-from biotune.presets import default
+from biotune.presets import evolution
 from biotune.runner.rerank import candidates, choose, generation_winners
 from biotune.runner.search import Search
 from biotune.runner.workbench import Workbench
@@ -92,9 +92,9 @@ def test_generation_winners_go_back_through_the_generations_one_per_structure():
 @pytest.mark.parametrize(("k", "source"), [(3, "last"), (2, "winners")])
 def test_a_search_with_rerank_chooses_on_validation_and_reuses_the_winning_run(tmp_path, k, source):
     config = replace(
-        default(),
+        evolution(),
         evolution=EvolutionConfig(population_size=4, generations=1, elite=1),
-        protocol=replace(default().protocol, seeds=(0,), train=replace(TINY, epochs=1)),
+        protocol=replace(evolution().protocol, seeds=(0,), train=replace(TINY, epochs=1)),
         final=TINY,
         final_seeds=(0, 1),
         rerank=k,
@@ -152,9 +152,9 @@ def _without_seconds(path) -> list[dict]:
 
 def test_a_search_stopped_after_the_winning_rerank_run_never_trains_it_again(tmp_path):
     config = replace(
-        default(),
+        evolution(),
         evolution=EvolutionConfig(population_size=4, generations=1, elite=1),
-        protocol=replace(default().protocol, seeds=(0,), train=replace(TINY, epochs=1)),
+        protocol=replace(evolution().protocol, seeds=(0,), train=replace(TINY, epochs=1)),
         final=TINY,
         final_seeds=(0, 1),
         rerank=2,

@@ -17,7 +17,7 @@ from biotune.core.plan import FineTunePlan
 from biotune.data import DatasetSplits
 from biotune.errors import BioTuneError
 from biotune.models import LoadedModel
-from biotune.presets import default
+from biotune.presets import evolution
 from biotune.runner.config import SearchConfig
 from biotune.runner.rerank import best_of_search
 from biotune.runner.search import Search
@@ -46,9 +46,9 @@ def _bench() -> Workbench:
 
 
 def _config(**changes) -> SearchConfig:
-    protocol = replace(default().protocol, seeds=(0,), train=TINY, fold_policy="fixed")
+    protocol = replace(evolution().protocol, seeds=(0,), train=TINY, fold_policy="fixed")
     return replace(
-        default(),
+        evolution(),
         evolution=EvolutionConfig(population_size=4, generations=2, elite=1),
         protocol=protocol,
         final=replace(TINY, epochs=2, patience=2),
@@ -111,8 +111,8 @@ def test_rerank_structures_takes_the_best_plan_of_each_set_of_trained_blocks():
     assert [p.trained for _, _, p in structures] == [("a",), ("a", "b"), ("a", "b", "c")]
     with pytest.raises(BioTuneError, match="--rerank-from structures"):
         replace(
-            default(),
-            protocol=replace(default().protocol, fold_policy="rotate"),
+            evolution(),
+            protocol=replace(evolution().protocol, fold_policy="rotate"),
             rerank_from="structures",
         )
 
@@ -150,15 +150,15 @@ def test_a_cost_limit_stops_the_proposals(tmp_path):
 
 
 def test_comparing_across_generations_needs_common_folds():
-    rotate = replace(default().protocol, fold_policy="rotate")
+    rotate = replace(evolution().protocol, fold_policy="rotate")
     with pytest.raises(BioTuneError, match="--rerank-from best"):
-        replace(default(), protocol=rotate, rerank_from="best")
+        replace(evolution(), protocol=rotate, rerank_from="best")
     with pytest.raises(BioTuneError, match="--sampler random"):
-        replace(default(), protocol=rotate, rerank_from="winners", sampler="random")
-    one_fold = replace(default().protocol, data_fraction=1.0)
-    assert replace(default(), protocol=one_fold, sampler="tpe").sampler == "tpe"
+        replace(evolution(), protocol=rotate, rerank_from="winners", sampler="random")
+    one_fold = replace(evolution().protocol, data_fraction=1.0)
+    assert replace(evolution(), protocol=one_fold, sampler="tpe").sampler == "tpe"
     with pytest.raises(BioTuneError, match="max_ft_equivalents"):
-        replace(default(), max_ft_equivalents=0)
+        replace(evolution(), max_ft_equivalents=0)
 
 
 def test_new_settings_round_trip_and_old_configurations_are_unchanged():
@@ -166,7 +166,7 @@ def test_new_settings_round_trip_and_old_configurations_are_unchanged():
     config = replace(config, evolution=replace(config.evolution, anchors=True, anchor_set="wide"))
     assert SearchConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     # The default of 2026-11-30 (rotating folds, the basic anchors) is stored as it was.
-    old = default()
+    old = evolution()
     old = replace(
         old,
         evolution=replace(old.evolution, anchor_set="basic", initial_size=None),

@@ -33,11 +33,14 @@ from biotune.errors import BioTuneError
 
 
 def _preset_help() -> str:
-    from biotune.presets import paper
+    from biotune.presets import DEFAULT_BUDGET, paper
 
     c = paper()
     return (
-        f"'default': our cheap search; 'paper': the paper's protocol (population "
+        "'default': random search over plans, with anchors, a short evaluation and longer "
+        f"training for the best few, until the evaluations cost {DEFAULT_BUDGET:g} "
+        "FT-equivalents; 'evolution': the same with the paper's evolutionary algorithm "
+        "proposing the plans; 'paper': the paper's protocol (population "
         f"{c.evolution.population_size}, {c.evolution.generations} generations, "
         f"{len(c.protocol.seeds)} seeds, up to {c.protocol.train.epochs} epochs); "
         "default: 'default'"
@@ -47,7 +50,7 @@ def _preset_help() -> str:
 def add_search_parser(sub: Any) -> argparse.ArgumentParser:
     """``biotune search``: sets ``func=cmd_search``; help texts quote both presets' values."""
     from biotune.core.evolution import EvolutionConfig
-    from biotune.presets import default, paper
+    from biotune.presets import PRESETS, default, paper
     from biotune.runner.config import SearchConfig
     from biotune.runner.fitness import PruneConfig, SearchProtocol
 
@@ -55,12 +58,14 @@ def add_search_parser(sub: Any) -> argparse.ArgumentParser:
     s = sub.add_parser(
         "search",
         help="search a fine-tuning plan, then train and test it",
-        description="Search a fine-tuning plan with the evolutionary algorithm, "
-        "train the best plan on the whole training split with several seeds and "
+        description="Search a fine-tuning plan (by default random search over BioTune's "
+        "plans, which did as well as its evolution at equal cost; --preset evolution for "
+        "the evolutionary algorithm), train the best plan on the whole training split with "
+        "several seeds and "
         "test it once. With no options: EfficientNet-Lite0 (offline ImageNet "
         "weights) on Animal-Shape.",
     )
-    s.add_argument("--preset", choices=["default", "paper"], help=_preset_help())
+    s.add_argument("--preset", choices=list(PRESETS), help=_preset_help())
     s.add_argument("--run-dir", help="where records go (default runs/DATASET-MODEL-TIME)")
     s.add_argument(
         "--config",
@@ -411,7 +416,9 @@ def cmd_search(args: argparse.Namespace) -> int:
         search = Search(
             config,
             run_dir,
-            progress=None if args.quiet else SearchProgress(metric=metric),
+            progress=None
+            if args.quiet
+            else SearchProgress(metric=metric, budget=config.max_ft_equivalents),
             callbacks=loggers,
             executor=args.executor,
             workers=args.workers,

@@ -205,11 +205,15 @@ class SearchConfig:
             )
         if self.sampler != "evolution" and not comparable:
             raise BioTuneError(
-                f"--sampler {self.sampler} ranks every plan it has seen: it needs "
-                "--fold-policy fixed (or --data-fraction 1)"
+                f"--sampler {self.sampler} (the default preset's is random) ranks every plan it "
+                "has seen: it needs --fold-policy fixed (or --data-fraction 1); rotating folds "
+                "need the evolution (--preset evolution)"
             )
         if self.sampler != "evolution" and self.evolution.objective != "accuracy":
-            raise BioTuneError(f"--sampler {self.sampler} ranks by accuracy only (no pareto)")
+            raise BioTuneError(
+                f"--sampler {self.sampler} (the default preset's is random) ranks by accuracy "
+                "only: --objective pareto needs the evolution (--preset evolution)"
+            )
         if not isinstance(self.promote, int) or self.promote < 0:
             raise BioTuneError(f"promote must be a whole number >= 0 (got {self.promote!r})")
         if self.promote and self.rerank < 2:
