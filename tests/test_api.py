@@ -49,7 +49,16 @@ def test_the_default_search_draws_random_plans_until_its_evaluations_cost_its_li
     config = replace(_tiny_config(), sampler=default().sampler, max_ft_equivalents=1.5)
     one_at_a_time = replace(config.evolution, generations=10, children_batch=1)
     config = replace(config, evolution=one_at_a_time)
-    result = biotune.search(tmp_path / "run", config, progress=False, final=False)
+    ends: list[bool] = []
+
+    class End:
+        def on_search_end(self, finished: bool) -> None:
+            ends.append(finished)
+
+    result = biotune.search(
+        tmp_path / "run", config, progress=False, final=False, callbacks=[End()]
+    )
+    assert ends == [True]  # reaching the cost limit finishes a search: not "stopped"
     records = result.evaluations
     unit = result.cost["ft_work_flops"]
     spent = [r.get("work", 0.0) + r.get("cache_work", 0.0) for r in records]

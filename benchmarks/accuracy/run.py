@@ -204,7 +204,10 @@ LABELS = {
     "random-search": "Random search (same rungs, equal cost)",
     "tpe": "TPE (Optuna, same rungs, equal cost)",
     "biotune-mfs": "BioTune (multi-fidelity, one plan per structure at the rungs)",
-    "random-search-s": "Random search (one plan per structure at the rungs, equal cost)",
+    "random-search-s": (
+        "Random search (one plan per structure at the rungs, equal cost; the default since "
+        "2026-12-04)"
+    ),
     "tpe-s": "TPE (one plan per structure at the rungs, equal cost)",
     "anchors-rerank-s": "Wide anchors + rungs only (one plan per structure)",
     "anchors-rerank": "Wide anchors + rungs only (no search)",

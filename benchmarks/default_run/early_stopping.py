@@ -89,7 +89,7 @@ def main() -> int:
     for dataset in DATASETS:
         bench = prepare(DataConfig(dataset=dataset, image_size=32))
         plans = {
-            "biotune-plan": (FineTunePlan.load(HERE / "best_plan.json"), 1e-3),
+            "biotune-plan": (FineTunePlan.load(HERE / "early_stopping" / "plan.json"), 1e-3),
             "full-lr3e-3": (FineTunePlan.full(bench.partition.names), 3e-3),
         }
         for name, (plan, lr) in plans.items():

@@ -86,7 +86,8 @@ def optimize(
     finally:
         with contextlib.suppress(BioTuneError):  # the error that stopped it says more
             _tick(search)
-        emit(search.callbacks, "on_search_end", evo.done)
+        # a search that reached its cost limit is done, not stopped
+        emit(search.callbacks, "on_search_end", evo.done or spent(search, done, evaluator))
     return done
 
 
