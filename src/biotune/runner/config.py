@@ -125,7 +125,9 @@ class SearchConfig:
     protocol: SearchProtocol = field(default_factory=SearchProtocol)
     final: TrainConfig = field(default_factory=TrainConfig)
     final_seeds: tuple[int, ...] = (0, 1, 2)
-    seed: int = option(0, flag="--seed", help="seed of the evolution and the folds")
+    seed: int = option(
+        0, flag="--seed", help="seed of the plans proposed (evolution, random or TPE) and the folds"
+    )
     # Re-rank the best k distinct plans of the last generation with the final recipe and choose
     # on validation (``runner.rerank``); 0 or 1: the search's best plan as it is.
     rerank: int = option(
