@@ -480,8 +480,11 @@ def test_command_line_logs_one_line_per_evaluation_and_final_epoch(tmp_path, cap
     assert any(
         re.match(stamp + r"search: until its evaluations cost 10 FT-equivalents", x) for x in lines
     )
-    numbered = [x for x in lines if re.match(stamp + r"evaluation \d+ \(generation", x)]
+    numbered = [x for x in lines if re.match(stamp + r"evaluation \d+ \(fold 0\)", x)]
     assert len(numbered) == len(records) and not any("eta" in x for x in numbered)
+    # random search has no generations: its summaries count the plans scored
+    assert not any("generation" in x for x in lines)
+    assert any(re.match(stamp + r"\d+ plans scored: best val balanced", x) for x in lines)
     assert sum(bool(re.match(stamp + r"final training seed 0: epoch \d/2", x)) for x in lines) >= 1
     assert any(re.match(stamp + "run directory: ", x) for x in lines)
     stored = (tmp_path / "run" / "config.json").read_text()
@@ -529,5 +532,5 @@ def test_compare_logs_a_line_per_method_and_its_searchs_progress(tmp_path, caplo
     lines = [r.getMessage() for r in caplog.records]
     assert any(x.startswith("compare: linear done (1/2) in ") and "| eta " in x for x in lines)
     assert any(x.startswith("compare: biotune done (2/2) in ") for x in lines)
-    assert any(re.match(r"evaluation 1 \(generation 0", x) for x in lines)
+    assert any(re.match(r"evaluation 1 \(fold 0\)", x) for x in lines)
     assert any(x.startswith("[linear] lr 0.01 chosen on validation") for x in lines)

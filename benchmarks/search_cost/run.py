@@ -244,7 +244,9 @@ def run_side(name: str, config: SearchConfig, args: argparse.Namespace, unit_epo
         run_dir,
         bench=bench,
         progress=SearchProgress(
-            metric=config.protocol.train.metric, budget=config.max_ft_equivalents
+            metric=config.protocol.train.metric,
+            budget=config.max_ft_equivalents,
+            sampler=config.sampler,
         ),
         executor=args.executor,
         workers=args.workers,

@@ -225,7 +225,9 @@ def search(
         run_dir,
         bench=bench,
         progress=SearchProgress(
-            metric=config.protocol.train.metric, budget=config.max_ft_equivalents
+            metric=config.protocol.train.metric,
+            budget=config.max_ft_equivalents,
+            sampler=config.sampler,
         )
         if progress
         else None,

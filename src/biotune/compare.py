@@ -183,7 +183,11 @@ def _search_plan(
     )
     start = time.perf_counter()
     display = (
-        SearchProgress(metric=config.protocol.train.metric, budget=config.max_ft_equivalents)
+        SearchProgress(
+            metric=config.protocol.train.metric,
+            budget=config.max_ft_equivalents,
+            sampler=config.sampler,
+        )
         if progress
         else None
     )

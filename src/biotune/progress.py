@@ -250,7 +250,8 @@ class SearchProgress(TrainingProgress):
     Its "best" is the best of the latest finished generation: the plan the search would return
     now, the winner once the search ends. ``metric`` (the protocol's) names the score. With a
     ``budget`` (``max_ft_equivalents``) the cost, not the count, ends the search: its lines give
-    no count to reach and no time left.
+    no count to reach and no time left. A ``sampler`` other than the evolution has no
+    generations, so its lines name none.
     """
 
     def __init__(
@@ -259,11 +260,14 @@ class SearchProgress(TrainingProgress):
         metric: str | None = None,
         bars: bool | None = None,
         budget: float | None = None,
+        sampler: str = "evolution",
     ) -> None:
         from biotune.reports import score_name
 
         super().__init__(metric or "balanced", "final training", console, bars)
         self._budget = budget
+        # random search and TPE have no generations: their lines count plans instead
+        self._evolution = sampler == "evolution"
         self._score = f"val {score_name(metric)}" if metric else "val score"
         self._search: Any = None
         self._total = self._done = self._seen = 0
@@ -277,7 +281,8 @@ class SearchProgress(TrainingProgress):
         g = self._generation
         if g is None:
             return ""
-        return f"best {self._score} {1 - g['best']:.3f} (gen {g['generation']})"
+        where = f" (gen {g['generation']})" if self._evolution else ""
+        return f"best {self._score} {1 - g['best']:.3f}{where}"
 
     def on_search_start(self, total: int, done: int) -> None:
         self._total, self._done, self._seen = total, done, 0
@@ -300,9 +305,13 @@ class SearchProgress(TrainingProgress):
         fitness = record["fitness"]
         twin = record.get("reused_from")
         reused = "" if twin is None else f", as candidate {twin} (memoised)"
+        where = (
+            f"generation {record['generation']}, fold {record['fold']}, {record['role']}"
+            if self._evolution
+            else f"fold {record['fold']}"
+        )
         self._last = (
-            f"gen {record['generation']} fold {record['fold']} | last: "
-            f"{record['status']} {1 - fitness:.3f} ({record['seconds']:.1f}s)"
+            f"{where} | last: {record['status']} {1 - fitness:.3f} ({record['seconds']:.1f}s)"
         )
         best = self.best_text()
         self._update(self._search, advance=1, status=self._last + (f" | {best}" if best else ""))
@@ -312,8 +321,7 @@ class SearchProgress(TrainingProgress):
         if self._budget is not None:  # the cost ends the search: no count to reach, no eta
             count, later = str(self._done), ""
         self._say(
-            f"evaluation {count} (generation {record['generation']}, fold "
-            f"{record['fold']}, {record['role']}): {record['status']}, {self._score} "
+            f"evaluation {count} ({where}): {record['status']}, {self._score} "
             f"{1 - fitness:.4f} in {record['seconds']:.1f}s{reused}"
             + (f" | {best}" if best else "")
             + f" | {duration(elapsed)} elapsed"
@@ -324,12 +332,13 @@ class SearchProgress(TrainingProgress):
         self._generation = summary
         self._update(self._search, status=self._last + f" | {self.best_text()}")
         plan = plan_text(summary.get("best_plan") or {})
-        self._say(
+        head = (
             f"generation {summary['generation']} done: best {self._score} "
             f"{1 - summary['best']:.4f}, mean {1 - summary['mean']:.4f}"
-            + (f"; best plan {plan}" if plan else ""),
-            always=True,
+            if self._evolution
+            else f"{self._done} plans scored: best {self._score} {1 - summary['best']:.4f}"
         )
+        self._say(head + (f"; best plan {plan}" if plan else ""), always=True)
 
     def _rerank_key(self, rank: int) -> str:
         return f"re-rank {rank + 1}/{self._reranks}"

@@ -418,7 +418,9 @@ def cmd_search(args: argparse.Namespace) -> int:
             run_dir,
             progress=None
             if args.quiet
-            else SearchProgress(metric=metric, budget=config.max_ft_equivalents),
+            else SearchProgress(
+                metric=metric, budget=config.max_ft_equivalents, sampler=config.sampler
+            ),
             callbacks=loggers,
             executor=args.executor,
             workers=args.workers,
