@@ -873,6 +873,18 @@ def adopt_rule(
     return out
 
 
+def worst_val(
+    rows: dict[str, dict[str, dict[str, Any]]], datasets: list[str], method: str
+) -> float:
+    """A method's worst search on validation: the lowest seed-run validation balanced accuracy
+    minus full fine-tuning's mean on that dataset."""
+    return min(
+        r["val_balanced"] - mean_val(rows[d]["full"])
+        for d in datasets
+        for r in rows[d][method]["runs"]
+    )
+
+
 #: The follow-up candidate (README, "One plan per structure at the rungs").
 STRUCTURES_METHOD = "biotune-mfs"
 
@@ -892,15 +904,8 @@ def adopt_structures(
     out = adopt_rule(rows, datasets, method, current)
     if out["adopted"] is None:
         return out
-
-    def worst(m: str) -> float:
-        return min(
-            r["val_balanced"] - mean_val(rows[d]["full"])
-            for d in datasets
-            for r in rows[d][m]["runs"]
-        )
-
-    out["worst_val"], out["current_worst_val"] = worst(method), worst(current)
+    out["worst_val"] = worst_val(rows, datasets, method)
+    out["current_worst_val"] = worst_val(rows, datasets, current)
     out["adopted"] = out["adopted"] and out["worst_val"] > out["current_worst_val"]
     return out
 
@@ -908,7 +913,7 @@ def adopt_structures(
 def arms_of(method: str) -> tuple[str, ...]:
     """The equal-cost arms ``method`` is compared with (random search first): the ones with its
     rungs."""
-    if method == STRUCTURES_METHOD or method in FINAL_CANDIDATES:
+    if method in FINAL_CANDIDATES:  # biotune-mfs and the other methods of the last rule
         return tuple(a for a in (f"{a}-s" for a in ARMS) if a != method)
     return ARMS
 
@@ -948,11 +953,7 @@ def random_search_rule(
     table = {
         m: {
             "val_balanced": mean(lambda d, m=m: mean_val(rows[d][m])),
-            "worst_val": min(
-                r["val_balanced"] - mean_val(rows[d]["full"])
-                for d in datasets
-                for r in rows[d][m]["runs"]
-            ),
+            "worst_val": worst_val(rows, datasets, m),
             "whole_ft": mean(lambda d, m=m: rows[d][m]["whole_ft"]),
         }
         for m in FINAL_CANDIDATES
@@ -1182,7 +1183,7 @@ def report(records: Path, out: Path, datasets: list[str], wall: dict[str, Any]) 
     )
     chosen, evolution = result["claim"], result["claim_evolution"]
     if chosen and evolution and chosen["method"] != STRUCTURES_METHOD:
-        md += "\n" + targets_markdown(result["claim_evolution"])
+        md += "\n" + targets_markdown(evolution)
     (out / "accuracy.md").write_text(md)
     plots(table, datasets, out)
     return md

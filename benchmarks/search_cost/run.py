@@ -243,11 +243,7 @@ def run_side(name: str, config: SearchConfig, args: argparse.Namespace, unit_epo
         config,
         run_dir,
         bench=bench,
-        progress=SearchProgress(
-            metric=config.protocol.train.metric,
-            budget=config.max_ft_equivalents,
-            sampler=config.sampler,
-        ),
+        progress=SearchProgress.for_search(config),
         executor=args.executor,
         workers=args.workers,
     )

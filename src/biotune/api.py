@@ -224,13 +224,7 @@ def search(
         config,
         run_dir,
         bench=bench,
-        progress=SearchProgress(
-            metric=config.protocol.train.metric,
-            budget=config.max_ft_equivalents,
-            sampler=config.sampler,
-        )
-        if progress
-        else None,
+        progress=SearchProgress.for_search(config) if progress else None,
         callbacks=callbacks,
         executor=executor,
         workers=workers,

@@ -182,15 +182,7 @@ def _search_plan(
         f"seed{'s' if len(config.protocol.seeds) != 1 else ''})"
     )
     start = time.perf_counter()
-    display = (
-        SearchProgress(
-            metric=config.protocol.train.metric,
-            budget=config.max_ft_equivalents,
-            sampler=config.sampler,
-        )
-        if progress
-        else None
-    )
+    display = SearchProgress.for_search(config) if progress else None
     result = Search(config, run_dir, bench=bench, progress=display).run_search(
         resume=resume, final=False
     )

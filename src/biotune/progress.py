@@ -276,6 +276,17 @@ class SearchProgress(TrainingProgress):
         self._last = ""
         self._reranks = 0
 
+    @classmethod
+    def for_search(cls, config: Any, **options: Any) -> SearchProgress:
+        """The progress of a search of ``config`` (a ``SearchConfig``): its score, cost limit
+        and sampler."""
+        return cls(
+            metric=config.protocol.train.metric,
+            budget=config.max_ft_equivalents,
+            sampler=config.sampler,
+            **options,
+        )
+
     def best_text(self) -> str:
         """'best val balanced accuracy 0.653 (gen 3)', or '' before a generation finished."""
         g = self._generation

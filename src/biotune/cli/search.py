@@ -416,11 +416,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         search = Search(
             config,
             run_dir,
-            progress=None
-            if args.quiet
-            else SearchProgress(
-                metric=metric, budget=config.max_ft_equivalents, sampler=config.sampler
-            ),
+            progress=None if args.quiet else SearchProgress.for_search(config),
             callbacks=loggers,
             executor=args.executor,
             workers=args.workers,
